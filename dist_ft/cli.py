@@ -1,0 +1,149 @@
+"""Command line: `dist-ft {train,launch,check,demo}`.
+
+    dist-ft check RECIPE.yaml [section.key=value ...]     validate; print the resolved recipe; exit 2 on errors
+    dist-ft train RECIPE.yaml [overrides]                 train here (one process, or one rank of a launcher)
+    dist-ft launch RECIPE.yaml --nproc-per-node N [...]   start the ranks (torchrun's machinery) and train
+    dist-ft demo [--nproc-per-node N] [--output-dir D]    the embedded real fine-tune (SmolLM2 on WordNet)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from .config import RecipeError, describe_schema, dump_recipe, load_recipe
+from .data.sources import DataError
+
+
+def _fail(exc: Exception) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+def cmd_check(args) -> int:
+    from .preflight import preflight
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        preflight(recipe, source=args.recipe, check_output=not args.ignore_output_dir)
+    except RecipeError as exc:
+        return _fail(exc)
+    print(dump_recipe(recipe), end="")
+    print(f"# ok: {args.recipe} is valid", file=sys.stderr)
+    return 0
+
+
+def cmd_schema(args) -> int:
+    for key, tp, default, help_ in describe_schema():
+        print(f"{key:42} {tp:40} default {default!r}\n{'':42} {help_}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .trainer import run_training
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        result = run_training(recipe, source=args.recipe)
+    except (RecipeError, DataError) as exc:
+        return _fail(exc)
+    if result.eval_after and os.environ.get("RANK", "0") == "0":
+        print(f"[dist_ft] done: {result.steps} steps in {result.seconds:.1f} s; eval_loss "
+              f"{result.eval_before.get('eval_loss', float('nan')):.4f} -> {result.eval_after['eval_loss']:.4f}",
+              flush=True)
+    return 0
+
+
+def launch(recipe_path: str, overrides: list[str], *, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
+           rdzv_endpoint: str | None = None, max_restarts: int = 0) -> int:
+    """Start `nproc_per_node` ranks of `dist-ft train` through torchrun's elastic agent; return the exit status."""
+    from torch.distributed.run import get_args_parser, run
+
+    from .distributed.topology import free_port
+
+    argv = [f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}", f"--max-restarts={max_restarts}"]
+    if nnodes > 1:
+        if not rdzv_endpoint:
+            raise RecipeError(["--rdzv-endpoint HOST:PORT is needed with --nnodes > 1"], "command line")
+        argv += [f"--node-rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
+                 f"--rdzv-id=dist-ft-{Path(recipe_path).stem}"]
+    else:
+        argv += ["--standalone"] if rdzv_endpoint is None else [f"--rdzv-endpoint={rdzv_endpoint}"]
+        argv += [f"--master-port={free_port()}"] if rdzv_endpoint is None else []
+    argv += ["--module", "dist_ft", "train", recipe_path, *overrides]
+    try:
+        run(get_args_parser().parse_args(argv))
+    except Exception as exc:  # torchrun's ChildFailedError carries the failing rank and its error
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_launch(args) -> int:
+    from .preflight import preflight
+
+    try:  # validate once here, before starting any process
+        recipe = load_recipe(args.recipe, args.overrides)
+        preflight(recipe, source=args.recipe)
+    except RecipeError as exc:
+        return _fail(exc)
+    return launch(args.recipe, args.overrides, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
+                  node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint)
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(nproc=args.nproc_per_node, output_dir=args.output_dir, overrides=args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dist-ft", description="Distributed fine-tuning from one YAML recipe.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_recipe(name: str, help_: str):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("recipe", help="path to the YAML recipe")
+        s.add_argument("overrides", nargs="*", help="section.key=value overrides")
+        return s
+
+    c = with_recipe("check", "validate a recipe and print it resolved")
+    c.add_argument("--ignore-output-dir", action="store_true", help="do not complain about an existing output_dir")
+    c.set_defaults(fn=cmd_check)
+    sub.add_parser("schema", help="list every recipe key with its type, default and meaning").set_defaults(
+        fn=cmd_schema)
+    with_recipe("train", "train in this process (or as one rank of a launcher)").set_defaults(fn=cmd_train)
+    la = with_recipe("launch", "start the ranks and train")
+    la.add_argument("--nproc-per-node", type=int, default=1)
+    la.add_argument("--nnodes", type=int, default=1)
+    la.add_argument("--node-rank", type=int, default=0)
+    la.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous (multi-node)")
+    la.set_defaults(fn=cmd_launch)
+    d = sub.add_parser("demo", help="fine-tune the bundled SmolLM2 on WordNet definitions, then ask it something")
+    d.add_argument("--nproc-per-node", type=int, default=None, help="default: GPUs if any, else 2 CPU processes")
+    d.add_argument("--output-dir", default=None)
+    d.add_argument("overrides", nargs="*")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    from ._quiet import quiet_third_party
+
+    quiet_third_party(main_rank=os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0")
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+def packaged_recipe(name: str) -> Path:
+    return Path(str(resources.files("dist_ft") / "recipes" / name))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

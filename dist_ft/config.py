@@ -1,0 +1,357 @@
+"""The recipe: a tree of typed sections, loaded strictly from YAML.
+
+Every default lives here, in the schema, and nowhere else. Loading reports every problem at once (unknown keys
+with a "did you mean", wrong types, values out of range, impossible combinations), each naming the field and the
+fix, before any process group starts or any model loads.
+
+    recipe = load_recipe("configs/demo.yaml", overrides=["training.max_steps=20"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, **bounds: Any) -> Any:
+    """A schema field: its default, a one-line description and optional numeric bounds (ge, gt, le)."""
+    meta = {"help": help, **bounds}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+Task = Literal["causal_lm", "sequence_classification"]
+DataFormat = Literal["text", "instruction", "chat", "classification"]
+MethodKind = Literal["full", "lora"]
+Strategy = Literal["ddp", "fsdp", "zero1", "zero2", "zero3"]
+Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-true"]
+Scheduler = Literal["cosine", "linear", "constant"]
+AttnImpl = Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"]
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("smollm2-135m-instruct", "A local Hugging Face model folder, or a built-in alias "
+                   "(smollm2-135m-instruct, minilm-l6-v2).")
+    task: Task = _f("causal_lm", "What the model learns: next-token prediction or sequence classification.")
+    num_labels: Optional[int] = _f(None, "Number of classes for sequence_classification (None: taken from the "
+                                   "data's labels).", ge=2)
+    attn_implementation: AttnImpl = _f("auto", "Attention kernel; auto picks flash-attention on capable GPUs, "
+                                       "SDPA elsewhere.")
+    trust_remote_code: bool = _f(False, "Run the model folder's own Python code. Off unless you trust the folder.")
+
+
+@dataclass
+class DataColumns:
+    text: str = _f("text", "Column holding the text (format: text, classification).")
+    prompt: str = _f("prompt", "Column holding the instruction (format: instruction).")
+    response: str = _f("response", "Column holding the answer (format: instruction).")
+    messages: str = _f("messages", "Column holding the list of {role, content} turns (format: chat).")
+    label: str = _f("label", "Column holding the class, a name or an integer (format: classification).")
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("builtin:wordnet-definitions", "Training data: a .jsonl/.json/.csv/.parquet/.txt file or "
+                    "builtin:NAME (wordnet-definitions, wordnet-categories, fortunes, pydoc).")
+    eval: Optional[str] = _f(None, "Held-out data in the same forms; if unset, eval_fraction of train is held out.")
+    eval_fraction: float = _f(0.05, "Fraction of train held out for evaluation when eval is unset.", ge=0.0, lt=1.0)
+    format: DataFormat = _f("instruction", "How records become tokens.")
+    columns: DataColumns = _f(factory=DataColumns, help="Column names in the data files.")
+    max_length: int = _f(256, "Longest sequence in tokens.", ge=8)
+    too_long: Literal["truncate", "drop"] = _f("truncate", "What to do with samples longer than max_length "
+                                               "(counted in the log either way).")
+    packing: bool = _f(False, "Pack several samples into one max_length row (no attention across samples).")
+    max_train_samples: Optional[int] = _f(None, "Use only the first N training records after shuffling.", ge=1)
+    max_eval_samples: Optional[int] = _f(None, "Use only the first N evaluation records.", ge=1)
+    system_prompt: Optional[str] = _f(None, "System turn prepended to chat/instruction samples "
+                                      "(None: the chat template's own default).")
+    use_chat_template: bool = _f(True, "Render instruction data through the tokenizer's chat template when it "
+                                 "has one.")
+
+
+@dataclass
+class LoraConfig:
+    r: int = _f(16, "LoRA rank.", ge=1)
+    alpha: float = _f(32.0, "LoRA scaling numerator (scale = alpha / r).", gt=0)
+    dropout: float = _f(0.05, "Dropout on the LoRA input.", ge=0.0, lt=1.0)
+    target_modules: Union[str, list[str]] = _f("all-linear", "Module names to adapt, or all-linear.")
+    use_rslora: bool = _f(False, "Rank-stabilised scaling alpha / sqrt(r).")
+    use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
+
+
+@dataclass
+class MethodConfig:
+    kind: MethodKind = _f("lora", "What is trained: every weight, or a LoRA adapter.")
+    lora: LoraConfig = _f(factory=LoraConfig, help="LoRA settings (kind: lora).")
+    modules_to_save: list[str] = _f(factory=list, help="Modules trained in full beside an adapter "
+                                    "(the classification head is added automatically).")
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: int = _f(100, "Optimizer steps to take.", ge=1)
+    micro_batch_size: int = _f(4, "Samples (or packed rows) per rank per forward pass.", ge=1)
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", ge=1)
+    learning_rate: float = _f(2e-4, "Peak learning rate.", gt=0.0, le=1.0)
+    lr_scheduler: Scheduler = _f("cosine", "Decay after warm-up.")
+    warmup_steps: int = _f(0, "Linear warm-up steps.", ge=0)
+    min_lr_ratio: float = _f(0.0, "Final learning rate as a fraction of the peak.", ge=0.0, le=1.0)
+    weight_decay: float = _f(0.0, "AdamW decoupled weight decay (not applied to biases and norms).", ge=0.0)
+    adam_beta1: float = _f(0.9, "AdamW beta1.", ge=0.0, lt=1.0)
+    adam_beta2: float = _f(0.999, "AdamW beta2.", ge=0.0, lt=1.0)
+    adam_eps: float = _f(1e-8, "AdamW epsilon.", gt=0.0)
+    max_grad_norm: Optional[float] = _f(1.0, "Clip the global gradient norm to this (None: no clipping).", gt=0.0)
+    eval_every: int = _f(0, "Evaluate every N steps (0: only before and after training).", ge=0)
+    early_stopping_patience: int = _f(0, "Stop after N evaluations without a better eval_loss (0: never).", ge=0)
+    log_every: int = _f(1, "Write a training record to metrics.jsonl every N steps.", ge=1)
+
+
+@dataclass
+class DistributedConfig:
+    strategy: Strategy = _f("ddp", "How the model is spread over processes.")
+    precision: Precision = _f("fp32", "Numeric precision of compute and weights.")
+    activation_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    timeout_seconds: int = _f(300, "Collective timeout: a dead or stuck rank ends the job after this long.", ge=10)
+    threads_per_process: Optional[int] = _f(None, "CPU threads per process (None: cores / local processes).", ge=1)
+
+
+@dataclass
+class Recipe:
+    output_dir: str = _f("runs/default", "Run directory: config.yaml, metrics.jsonl, final/.")
+    seed: int = _f(0, "Seed for weights that start random, data order and dropout.", ge=0)
+    overwrite_output_dir: bool = _f(False, "Allow writing into a non-empty output_dir (its files are replaced).")
+    model: ModelConfig = _f(factory=ModelConfig, help="What is fine-tuned.")
+    data: DataConfig = _f(factory=DataConfig, help="What it learns from.")
+    method: MethodConfig = _f(factory=MethodConfig, help="Which weights are trained.")
+    training: TrainingConfig = _f(factory=TrainingConfig, help="The optimisation.")
+    distributed: DistributedConfig = _f(factory=DistributedConfig, help="Sharding and precision.")
+
+
+class RecipeError(ValueError):
+    """Every problem found in a recipe, one line each."""
+
+    def __init__(self, problems: list[str], source: str = "recipe"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
+
+
+# ---------------------------------------------------------------------------------------------- strict loading
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    """Check `value` against the annotation `tp`; return the (lightly coerced) value or record a problem."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a section (mapping), got {value!r}")
+            return tp()
+        return _build(tp, value, path, problems)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            trial: list[str] = []
+            out = _convert(value, arg, path, trial)
+            if not trial:
+                return out
+        problems.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        return None
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            fix = f" (did you mean {hint[0]!r}?)" if hint else ""
+            problems.append(f"{path}: {value!r} is not one of {' | '.join(map(str, choices))}{fix}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list, got {value!r}")
+            return []
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{path}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str) or not value:
+            problems.append(f"{path}: expected a non-empty string, got {value!r}")
+        return value
+    raise TypeError(f"schema type {tp} at {path} is not supported")  # a bug in the schema, not in the recipe
+
+
+def _check_bounds(value: Any, meta: dict, path: str, problems: list[str]) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    for key, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                          ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+        if key in meta and not ok(value, meta[key]):
+            problems.append(f"{path}: must be {word} {meta[key]}, got {value!r}")
+
+
+def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            fix = f"did you mean {hint[0]!r}?" if hint else f"known keys: {', '.join(fields)}"
+            problems.append(f"{path}: unknown key ({fix})")
+            continue
+        before = len(problems)
+        converted = _convert(value, hints[key], path, problems)
+        if len(problems) == before:
+            _check_bounds(converted, dict(fields[key].metadata), path, problems)
+        kwargs[key] = converted
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - all fields have defaults
+        problems.append(f"{prefix or 'recipe'}: {exc}")
+        return cls()
+
+
+def _cross_checks(r: Recipe) -> list[str]:
+    """Checks that need more than one field. Each message names the fields and the fix."""
+    p = []
+    if r.model.task == "sequence_classification" and r.data.format != "classification":
+        p.append("data.format: model.task is sequence_classification, so data.format must be classification")
+    if r.data.format == "classification" and r.model.task != "sequence_classification":
+        p.append("model.task: data.format is classification, so model.task must be sequence_classification")
+    if r.data.packing and r.data.format == "classification":
+        p.append("data.packing: packing applies to causal_lm data; set it to false for classification")
+    if r.training.warmup_steps > r.training.max_steps:
+        p.append(f"training.warmup_steps: {r.training.warmup_steps} is more than training.max_steps "
+                 f"({r.training.max_steps}); lower it")
+    if r.training.early_stopping_patience and not r.training.eval_every:
+        p.append("training.early_stopping_patience: needs periodic evaluation; set training.eval_every > 0")
+    if r.data.eval is None and r.data.eval_fraction == 0 and r.training.eval_every:
+        p.append("training.eval_every: no evaluation data; set data.eval or data.eval_fraction > 0")
+    if r.method.kind == "lora" and isinstance(r.method.lora.target_modules, list) \
+            and not r.method.lora.target_modules:
+        p.append("method.lora.target_modules: empty list; name modules (e.g. [q_proj, v_proj]) or use all-linear")
+    if r.model.attn_implementation in ("flash_attention_2", "flash_attention_3") \
+            and r.distributed.precision == "fp32":
+        p.append(f"model.attn_implementation: {r.model.attn_implementation} needs bf16 or fp16 weights; set "
+                 "distributed.precision to bf16-mixed, or use sdpa")
+    return p
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, problems: list[str]) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            problems.append(f"override {dotted}: {part} is not a section")
+            return
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str], problems: list[str]) -> dict:
+    """`section.key=value` strings to a nested dict; values are read as YAML (so 3e-4, true, [a, b] work)."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            problems.append(f"override {item!r}: expected section.key=value")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value, problems)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise RecipeError([f"the top level must be a mapping of sections, got {type(data).__name__}"], source)
+    recipe = _build(Recipe, data, "", problems)
+    if not problems:
+        problems.extend(_cross_checks(recipe))
+    if problems:
+        raise RecipeError(problems, source)
+    return recipe
+
+
+def load_recipe(path: Union[str, Path, None], overrides: Optional[list[str]] = None) -> Recipe:
+    """Read a YAML recipe (or only defaults when path is None), apply overrides, and validate everything."""
+    problems: list[str] = []
+    data: dict = {}
+    source = str(path) if path else "recipe"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError([f"{p}: no such recipe file"], source)
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise RecipeError([f"{p}: not valid YAML ({exc})"], source) from None
+        if not isinstance(data, dict):
+            raise RecipeError([f"{p}: the top level must be a mapping of sections"], source)
+    extra = parse_overrides(overrides or [], problems)
+    if problems:
+        raise RecipeError(problems, source)
+    return recipe_from_dict(_merge(data, extra), source)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+
+
+def describe_schema(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) for every leaf: used by `dist-ft check --schema` and the README."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(describe_schema(hints[f.name], key + "."))
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((key, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,129 @@
+"""Packing, the global sample order, and collation into tensors.
+
+The order is defined over *global* sample positions: position k of the run is row `perm_e[k % n]` of epoch
+e = k // n, with `perm_e` a permutation seeded by (seed, e). Optimizer step s reads positions
+[s*G, (s+1)*G) with G = micro_batch * world_size * accumulation, and rank r's micro-step m takes the slice
+[m*B*W + r*B, m*B*W + (r+1)*B). So the same global batch is seen whatever the number of ranks, and the data
+position saved in a checkpoint is a single number of global samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .formats import IGNORE, Example
+
+
+@dataclass
+class PackedRow:
+    input_ids: np.ndarray
+    labels: np.ndarray
+    position_ids: np.ndarray
+
+
+def pack(examples: list[Example], max_length: int) -> list[PackedRow]:
+    """Greedy, order-preserving packing into rows of at most max_length tokens.
+
+    Position ids restart at 0 for every sample: attention backends read the restarts as sample boundaries, so no
+    token attends across samples. The first token of each sample carries no target, so no sample learns to
+    predict its first token from the previous sample's last one.
+    """
+    rows: list[PackedRow] = []
+    ids, labels, pos = [], [], []
+
+    def flush():
+        if ids:
+            rows.append(PackedRow(np.concatenate(ids), np.concatenate(labels), np.concatenate(pos)))
+            ids.clear(), labels.clear(), pos.clear()
+
+    used = 0
+    for ex in examples:
+        n = len(ex.input_ids)
+        if used + n > max_length:
+            flush()
+            used = 0
+        lab = ex.labels.copy()
+        lab[0] = IGNORE
+        ids.append(ex.input_ids), labels.append(lab), pos.append(np.arange(n, dtype=np.int32))
+        used += n
+    flush()
+    return rows
+
+
+@dataclass(frozen=True)
+class SampleOrder:
+    """Which dataset row each global sample position reads."""
+    num_rows: int
+    seed: int
+
+    def rows(self, start: int, count: int) -> list[int]:
+        out = []
+        for k in range(start, start + count):
+            epoch, i = divmod(k, self.num_rows)
+            out.append(int(self._perm(epoch)[i]))
+        return out
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        cache = self.__dict__.setdefault("_cache", {})
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+        return cache[epoch]
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    micro_batch: int
+    world_size: int
+    accumulation: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.world_size * self.accumulation
+
+    def micro_positions(self, step: int, micro: int, rank: int) -> tuple[int, int]:
+        """(first global sample position, count) that `rank` reads in micro-step `micro` of optimizer step `step`."""
+        start = step * self.global_batch + micro * self.micro_batch * self.world_size + rank * self.micro_batch
+        return start, self.micro_batch
+
+
+def collate(items: list, pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a micro-batch to its longest member. Packed rows get no attention mask (position ids mark the
+    samples) and their padding is one more sample of its own, so it attends to nothing real."""
+    if isinstance(items[0], Example) and items[0].is_classification:
+        T = max(len(e.input_ids) for e in items)
+        ids = torch.full((len(items), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), T), dtype=torch.long)
+        for i, e in enumerate(items):
+            ids[i, : len(e.input_ids)] = torch.from_numpy(e.input_ids.astype(np.int64))
+            mask[i, : len(e.input_ids)] = 1
+        labels = torch.tensor([int(e.labels[0]) for e in items], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    T = max(len(e.input_ids) for e in items)
+    ids = torch.full((len(items), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), T), IGNORE, dtype=torch.long)
+    packed = isinstance(items[0], PackedRow)
+    extra = torch.zeros((len(items), T), dtype=torch.long)
+    for i, e in enumerate(items):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.from_numpy(e.input_ids.astype(np.int64))
+        labels[i, :n] = torch.from_numpy(e.labels.astype(np.int64))
+        if packed:
+            extra[i, :n] = torch.from_numpy(e.position_ids.astype(np.int64))
+            extra[i, n:] = torch.arange(T - n)
+        else:
+            extra[i, :n] = 1
+    if packed:
+        return {"input_ids": ids, "labels": labels, "position_ids": extra}
+    return {"input_ids": ids, "labels": labels, "attention_mask": extra}
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens (or samples, for classification) that carry a loss in this micro-batch."""
+    labels = batch["labels"]
+    if labels.dim() == 1:
+        return int(labels.numel())
+    return int((labels[:, 1:] != IGNORE).sum())

@@ -1,0 +1,217 @@
+"""Records to tokens, one function per data format.
+
+- text: every token is a target.
+- instruction: prompt and response rendered through the tokenizer's chat template (when it has one); only the
+  response tokens are targets (prompt masking).
+- chat: a list of {role, content} turns through the chat template; only assistant turns are targets.
+- classification: the text, and the label as a class index.
+
+Templates are rendered to text and tokenized once; the split between prompt and answer is found by rendering the
+conversation up to each assistant turn, which only needs the template to render prefixes of a conversation as
+prefixes of its text. A template that does not is refused with a clear error instead of a silently wrong mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .sources import DataError
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    input_ids: np.ndarray  # int32 [T]
+    labels: np.ndarray  # int32 [T], IGNORE where no loss; for classification a single class index
+    is_classification: bool = False
+
+
+@dataclass
+class FormatStats:
+    """What tokenization did to the data; logged so that nothing is removed silently."""
+    records: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_no_target: int = 0
+    dropped_no_assistant: int = 0
+    dropped_empty: int = 0
+
+    def summary(self) -> str:
+        parts = [f"{self.kept}/{self.records} kept"]
+        for name in ("truncated", "dropped_too_long", "dropped_no_target", "dropped_no_assistant", "dropped_empty"):
+            if getattr(self, name):
+                parts.append(f"{name.replace('_', ' ')}: {getattr(self, name)}")
+        return ", ".join(parts)
+
+
+@dataclass
+class FormatSpec:
+    format: str
+    max_length: int
+    too_long: str
+    columns: dict
+    system_prompt: str | None
+    use_chat_template: bool
+    label_names: list[str] = field(default_factory=list)  # classification: index -> name
+    num_labels: int | None = None
+
+
+def _column(record: dict, name: str, where: str, fmt: str) -> object:
+    if name not in record:
+        have = ", ".join(sorted(map(str, record))) or "none"
+        raise DataError(f"{where}: format {fmt!r} needs column {name!r} but the record has {have}; rename the "
+                        f"column or set data.columns to point at it")
+    return record[name]
+
+
+def _as_text(value: object, where: str, column: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: column {column!r} must be text, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _chat_prefix_ids(tok, messages: list[dict], where: str) -> list[tuple[list[int], int, int]]:
+    """Token ids of the whole chat and the [start, end) span of every assistant turn."""
+    full = tok.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        upto = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not full.startswith(before) or not full.startswith(upto):
+            raise DataError(f"{where}: the tokenizer's chat template does not render a conversation's beginning "
+                            "as the beginning of its text, so answer tokens cannot be located; use a template "
+                            "without history rewriting or data.format: text")
+        spans.append((before, upto))
+    ids = tok(full, add_special_tokens=False)["input_ids"]
+    out = []
+    for before, upto in spans:
+        start = len(tok(before, add_special_tokens=False)["input_ids"]) if before else 0
+        end = len(tok(upto, add_special_tokens=False)["input_ids"])
+        out.append((start, end))
+    return [(ids, s, e) for s, e in out]
+
+
+def _render_chat(tok, messages: list[dict], system: str | None, where: str) -> tuple[list[int], list[int]]:
+    if system is not None and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": system}] + messages
+    spans = _chat_prefix_ids(tok, messages, where)
+    ids = spans[0][0]
+    labels = [IGNORE] * len(ids)
+    for _, start, end in spans:
+        labels[start:end] = ids[start:end]
+    return ids, labels
+
+
+def _plain_instruction(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    # Without a chat template: "prompt\n" then the answer and EOS; BOS (if the tokenizer adds one) stays in front.
+    p_ids = tok(prompt + "\n", add_special_tokens=True)["input_ids"]
+    r_ids = tok(response, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if tok.eos_token_id is not None
+                                                                     else [])
+    return p_ids + r_ids, [IGNORE] * len(p_ids) + r_ids
+
+
+def _messages(value: object, where: str, column: str) -> list[dict]:
+    if not isinstance(value, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                              and isinstance(m.get("content"), str) for m in value):
+        raise DataError(f"{where}: column {column!r} must be a list of {{\"role\": ..., \"content\": ...}} turns")
+    return value
+
+
+def tokenize_record(tok, record: dict, spec: FormatSpec, where: str) -> tuple[list[int], list[int]] | None:
+    """One record to (input_ids, labels); None when the record has nothing to learn from (counted by caller)."""
+    c = spec.columns
+    fmt = spec.format
+    if fmt == "text":
+        text = _as_text(_column(record, c["text"], where, fmt), where, c["text"])
+        if not text.strip():
+            return None
+        ids = tok(text, add_special_tokens=True)["input_ids"]
+        if tok.eos_token_id is not None:
+            ids = ids + [tok.eos_token_id]
+        return ids, list(ids)
+    if fmt == "instruction":
+        prompt = _as_text(_column(record, c["prompt"], where, fmt), where, c["prompt"])
+        response = _as_text(_column(record, c["response"], where, fmt), where, c["response"])
+        if not response.strip():
+            return None
+        if spec.use_chat_template and getattr(tok, "chat_template", None):
+            msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            return _render_chat(tok, msgs, spec.system_prompt, where)
+        return _plain_instruction(tok, prompt, response)
+    if fmt == "chat":
+        msgs = _messages(_column(record, c["messages"], where, fmt), where, c["messages"])
+        if not any(m["role"] == "assistant" for m in msgs):
+            return [], []  # signals "no assistant turn" to the caller, which counts it
+        if not getattr(tok, "chat_template", None):
+            raise DataError(f"{where}: format 'chat' needs a tokenizer with a chat template; this one has none")
+        return _render_chat(tok, msgs, spec.system_prompt, where)
+    raise AssertionError(f"unhandled format {fmt}")
+
+
+def class_index(value: object, spec: FormatSpec, where: str) -> int:
+    if isinstance(value, bool):
+        raise DataError(f"{where}: label {value!r} is a boolean; use a class name or an integer")
+    if isinstance(value, (int, np.integer)) or (isinstance(value, str) and value.strip().lstrip("-").isdigit()
+                                                 and not spec.label_names):
+        idx = int(value)
+        limit = spec.num_labels if spec.num_labels is not None else len(spec.label_names) or None
+        if idx < 0 or (limit is not None and idx >= limit):
+            raise DataError(f"{where}: label {idx} is outside 0..{(limit or 1) - 1}; fix the data or raise "
+                            "model.num_labels")
+        return idx
+    if isinstance(value, str):
+        if value not in spec.label_names:
+            raise DataError(f"{where}: label {value!r} does not occur in the training data's labels "
+                            f"({len(spec.label_names)} classes); fix the label")
+        return spec.label_names.index(value)
+    raise DataError(f"{where}: label must be a class name or an integer, got {type(value).__name__}")
+
+
+def tokenize_records(tok, records: list[dict], spec: FormatSpec, source: str) -> tuple[list[Example], FormatStats]:
+    stats = FormatStats(records=len(records))
+    examples: list[Example] = []
+    for n, record in enumerate(records):
+        where = f"{source} record {n + 1}"
+        if spec.format == "classification":
+            text = _as_text(_column(record, spec.columns["text"], where, "classification"), where,
+                            spec.columns["text"])
+            label = class_index(_column(record, spec.columns["label"], where, "classification"), spec, where)
+            if not text.strip():
+                stats.dropped_empty += 1
+                continue
+            ids = tok(text, add_special_tokens=True)["input_ids"]
+            if len(ids) > spec.max_length:
+                if spec.too_long == "drop":
+                    stats.dropped_too_long += 1
+                    continue
+                stats.truncated += 1
+                ids = ids[: spec.max_length]
+            examples.append(Example(np.asarray(ids, np.int32), np.asarray([label], np.int32), True))
+            continue
+        out = tokenize_record(tok, record, spec, where)
+        if out is None:
+            stats.dropped_empty += 1
+            continue
+        ids, labels = out
+        if not ids:
+            stats.dropped_no_assistant += 1
+            continue
+        if len(ids) > spec.max_length:
+            if spec.too_long == "drop":
+                stats.dropped_too_long += 1
+                continue
+            stats.truncated += 1
+            ids, labels = ids[: spec.max_length], labels[: spec.max_length]
+        # A causal LM predicts token t+1 from t: the first label is never a target, so at least one later one must be.
+        if not any(lab != IGNORE for lab in labels[1:]):
+            stats.dropped_no_target += 1
+            continue
+        examples.append(Example(np.asarray(ids, np.int32), np.asarray(labels, np.int32)))
+    stats.kept = len(examples)
+    return examples, stats

@@ -1,0 +1,43 @@
+"""DDP: every rank holds the whole model; gradients are averaged with one all-reduce per step."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from .activation_checkpointing import enable_activation_checkpointing
+from .strategy import ModelFactory, OptimizerFactory, Strategy
+
+
+class DDPStrategy(Strategy):
+    name = "ddp"
+
+    def setup(self, build_model: ModelFactory, make_optimizer: OptimizerFactory) -> None:
+        model = build_model().to(self.topo.device)
+        if self.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        self._module = model
+        # Always wrapped, also on one rank: the same code path (and numerics) on 1 and N processes.
+        kwargs = {"device_ids": [self.topo.device.index]} if self.topo.device.type == "cuda" else {}
+        self.model = DistributedDataParallel(model, **kwargs)
+        self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+
+    def unwrap(self) -> torch.nn.Module:
+        return self._module
+
+    def sync_context(self, sync: bool):
+        # nanoGPT's trick, through DDP's own API: skip the all-reduce on all but the last micro-step.
+        return super().sync_context(sync) if sync else self.model.no_sync()
+
+    def full_state_dict(self, trainable_only: bool = False):
+        if not self.topo.is_main:
+            return None
+        return {k: v.detach().cpu() for k, v in _named_state(self._module, trainable_only).items()}
+
+
+def _named_state(module: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    state = module.state_dict()
+    if not trainable_only:
+        return state
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if k in names}

@@ -1,0 +1,58 @@
+"""Mixed precision, mapped in one place: the recipe's precision to parameter dtype, autocast dtype and loss scaling.
+
+- fp32: everything in float32.
+- bf16-mixed: float32 master weights, bfloat16 compute under autocast (FSDP2 and DeepSpeed express the same
+  thing through their own policies, built from this table).
+- fp16-mixed: float32 master weights, float16 compute and a dynamic loss scale; CUDA only.
+- bf16-true: weights, gradients and optimizer state in bfloat16 (half the memory, less accurate updates).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    name: str
+    param_dtype: torch.dtype  # dtype the weights are stored and updated in
+    compute_dtype: torch.dtype  # dtype matmuls run in
+    needs_scaler: bool
+
+    @property
+    def autocast(self) -> bool:
+        return self.compute_dtype != self.param_dtype
+
+    def autocast_context(self, device: torch.device):
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.compute_dtype)
+
+
+PLANS = {
+    "fp32": PrecisionPlan("fp32", torch.float32, torch.float32, False),
+    "bf16-mixed": PrecisionPlan("bf16-mixed", torch.float32, torch.bfloat16, False),
+    "fp16-mixed": PrecisionPlan("fp16-mixed", torch.float32, torch.float16, True),
+    "bf16-true": PrecisionPlan("bf16-true", torch.bfloat16, torch.bfloat16, False),
+}
+
+
+def precision_plan(name: str) -> PrecisionPlan:
+    return PLANS[name]
+
+
+def hardware_problem(name: str, *, cuda_available: bool | None = None, bf16_supported: bool | None = None) -> str | None:
+    """Why this machine cannot run `name` (None when it can). Checked before any work starts."""
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if name == "fp16-mixed" and not cuda:
+        return ("distributed.precision: fp16-mixed needs a CUDA GPU (loss scaling of float16 is not supported on "
+                "CPU); use bf16-mixed or fp32")
+    if name in ("bf16-mixed", "bf16-true") and cuda:
+        ok = torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported
+        if not ok:
+            return (f"distributed.precision: {name} needs a GPU with bfloat16 (compute capability 8.0+, e.g. A100, "
+                    "H100); use fp16-mixed on this GPU")
+    return None

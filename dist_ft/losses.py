@@ -1,0 +1,23 @@
+"""Summed losses over target tokens (or samples). Normalisation happens once, by the global target count, in the
+training step; evaluation divides the same sums by the same counts, so the two can never drift apart."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .data.formats import IGNORE
+
+
+def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return model(**inputs).logits
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of cross-entropies: over shifted tokens for a causal LM ([B, T, V] logits), over samples for
+    classification ([B, C] logits)."""
+    if logits.dim() == 2:
+        return F.cross_entropy(logits.float(), labels, reduction="sum")
+    shifted = logits[:, :-1].reshape(-1, logits.size(-1)).float()
+    return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")

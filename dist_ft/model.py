@@ -1,0 +1,108 @@
+"""Load the tokenizer and the model, choose the attention kernel, and apply the fine-tuning method.
+
+Single-device code: nothing here knows about processes or sharding (the strategy does that).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import Recipe
+
+
+@dataclass
+class ParamCounts:
+    trainable: int
+    total: int
+
+    def describe(self) -> str:
+        return f"trainable parameters {self.trainable:,} of {self.total:,} ({100 * self.trainable / self.total:.2f}%)"
+
+
+def count_parameters(model: torch.nn.Module) -> ParamCounts:
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:  # tied weights count once
+            continue
+        seen.add(id(p))
+        n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return ParamCounts(trainable, total)
+
+
+def load_tokenizer(path: Path, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def flash_attention_problem(impl: str, *, precision: str) -> str | None:
+    """Why `impl` (a flash-attention kernel) cannot run here; None when it can."""
+    pkg = "flash_attn_interface" if impl == "flash_attention_3" else "flash_attn"
+    if not torch.cuda.is_available():
+        return (f"model.attn_implementation: {impl} needs a CUDA GPU and this machine has none; use sdpa (or auto)")
+    if importlib.util.find_spec(pkg) is None:
+        return (f"model.attn_implementation: {impl} needs the {pkg} package: pip install 'dist-ft[flash-attn]'; "
+                "or use sdpa")
+    major, _ = torch.cuda.get_device_capability()
+    if major < 8 or (impl == "flash_attention_3" and major != 9):
+        need = "Hopper (sm90)" if impl == "flash_attention_3" else "Ampere or newer (sm80+)"
+        return f"model.attn_implementation: {impl} needs a {need} GPU; use sdpa"
+    if precision == "fp32":
+        return f"model.attn_implementation: {impl} runs in bf16/fp16 only; set distributed.precision: bf16-mixed"
+    return None
+
+
+def resolve_attention(requested: str, *, precision: str) -> tuple[str, str]:
+    """(implementation, reason). `auto` prefers flash-attention where it can run, SDPA elsewhere."""
+    if requested == "auto":
+        why_not = flash_attention_problem("flash_attention_2", precision=precision)
+        if why_not is None:
+            return "flash_attention_2", "auto: flash-attn is installed and the GPU and dtype support it"
+        return "sdpa", "auto: " + why_not.split(": ", 1)[1].split(";")[0]
+    return requested, "set in the recipe"
+
+
+def load_model(recipe: Recipe, path: Path, *, num_labels: int | None, label_names: list[str], pad_token_id: int,
+               dtype: torch.dtype, attn_implementation: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    common = dict(dtype=dtype, trust_remote_code=recipe.model.trust_remote_code,
+                  attn_implementation=attn_implementation)
+    if recipe.model.task == "causal_lm":
+        model = AutoModelForCausalLM.from_pretrained(path, **common)
+    else:
+        id2label = {i: n for i, n in enumerate(label_names)} if label_names else None
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, id2label=id2label, label2id={n: i for i, n in (id2label or {}).items()}
+            or None, **common)
+    # A KV cache during training makes transformers skip the per-sample masks of packed rows (samples would
+    # attend to each other) and wastes memory: training never needs it.
+    model.config.use_cache = False
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def apply_method(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
+    m = recipe.method
+    if m.kind == "full":
+        model.requires_grad_(True)
+        return model
+    if m.kind == "lora":
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        task = TaskType.CAUSAL_LM if recipe.model.task == "causal_lm" else TaskType.SEQ_CLS
+        cfg = LoraConfig(task_type=task, r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
+                         target_modules=m.lora.target_modules, use_rslora=m.lora.use_rslora,
+                         use_dora=m.lora.use_dora, modules_to_save=list(m.modules_to_save) or None)
+        return get_peft_model(model, cfg)
+    raise ValueError(f"method.kind: {m.kind!r} is not supported")

@@ -1,0 +1,124 @@
+"""Checks that look outside the recipe (files, installed packages, the hardware), all reported at once and all
+done before any process group starts or any model loads. `dist-ft check` runs exactly these."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .assets import alias_available, is_alias
+from .config import Recipe, RecipeError
+from .data.sources import FILE_SUFFIXES, check_spec
+from .distributed.precision import hardware_problem
+from .model import flash_attention_problem
+
+_NEEDED_COLUMNS = {"text": ("text",), "instruction": ("prompt", "response"), "chat": ("messages",),
+                   "classification": ("text", "label")}
+
+
+def _peek_records(path: Path, n: int = 5) -> list[dict]:
+    """The first few records of a local file, for a cheap column check (full reading reports the rest)."""
+    if path.suffix == ".jsonl":
+        out = []
+        with path.open("rb") as fh:
+            for raw in fh:
+                if raw.strip():
+                    try:
+                        obj = json.loads(raw)
+                    except (json.JSONDecodeError, UnicodeDecodeError):
+                        return out  # reported with its line number when the data is read
+                    if isinstance(obj, dict):
+                        out.append(obj)
+                if len(out) >= n:
+                    break
+        return out
+    if path.suffix == ".csv":
+        import csv
+        with path.open(encoding="utf-8", errors="replace", newline="") as fh:
+            return [row for _, row in zip(range(n), csv.DictReader(fh))]
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        try:
+            names = pq.read_schema(path).names
+        except Exception:
+            return []
+        return [{name: None for name in names}]
+    if path.suffix == ".txt":
+        return [{"text": ""}]
+    if path.suffix == ".json" and path.stat().st_size < 50_000_000:
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return []
+        obj = obj.get("data", obj) if isinstance(obj, dict) else obj
+        return [o for o in obj[:n] if isinstance(o, dict)] if isinstance(obj, list) else []
+    return []
+
+
+def data_problems(recipe: Recipe) -> list[str]:
+    problems = []
+    columns = {k: getattr(recipe.data.columns, k) for k in ("text", "prompt", "response", "messages", "label")}
+    for field in ("train", "eval"):
+        spec = getattr(recipe.data, field)
+        if spec is None:
+            continue
+        problem = check_spec(spec)
+        if problem:
+            problems.append(f"data.{field}: {problem}")
+            continue
+        path = Path(spec)
+        if spec.startswith("builtin:") or path.suffix not in FILE_SUFFIXES:
+            continue
+        for rec in _peek_records(path)[:1]:
+            for role in _NEEDED_COLUMNS[recipe.data.format]:
+                if columns[role] not in rec:
+                    have = ", ".join(map(str, rec)) or "none"
+                    problems.append(f"data.{field}: {spec} has no column {columns[role]!r} that format "
+                                    f"{recipe.data.format!r} needs (columns: {have}); rename it in the file or set "
+                                    f"data.columns.{role}")
+    return problems
+
+
+def model_problems(recipe: Recipe) -> list[str]:
+    path = recipe.model.path
+    if is_alias(path):
+        problem = alias_available(path)
+        return [f"model.path: {problem}"] if problem else []
+    p = Path(path)
+    if not p.is_dir():
+        return [f"model.path: {path} is not a local folder or a built-in alias (smollm2-135m-instruct, "
+                "minilm-l6-v2); models are never downloaded at run time"]
+    if not (p / "config.json").is_file():
+        return [f"model.path: {path} has no config.json; point it at a Hugging Face model folder"]
+    return []
+
+
+def hardware_problems(recipe: Recipe) -> list[str]:
+    problems = []
+    hw = hardware_problem(recipe.distributed.precision)
+    if hw:
+        problems.append(hw)
+    impl = recipe.model.attn_implementation
+    if impl in ("flash_attention_2", "flash_attention_3"):
+        fa = flash_attention_problem(impl, precision=recipe.distributed.precision)
+        if fa:
+            problems.append(fa)
+    return problems
+
+
+def output_problems(recipe: Recipe) -> list[str]:
+    out = Path(recipe.output_dir)
+    if out.exists() and not out.is_dir():
+        return [f"output_dir: {out} exists and is not a folder; choose another output_dir"]
+    if out.is_dir() and any(out.iterdir()) and not recipe.overwrite_output_dir:
+        return [f"output_dir: {out} already holds files; choose a new output_dir, or set overwrite_output_dir: true "
+                "to replace them"]
+    return []
+
+
+def preflight(recipe: Recipe, *, source: str = "recipe", check_output: bool = True) -> None:
+    problems = model_problems(recipe) + data_problems(recipe) + hardware_problems(recipe)
+    if check_output:
+        problems += output_problems(recipe)
+    if problems:
+        raise RecipeError(problems, source)

@@ -1,0 +1,99 @@
+"""Tiny, randomly initialised model folders built from a config, for tests and benchmarks (no downloads).
+
+    python -m dist_ft.testing /tmp/tiny-llama --arch llama
+    python -m dist_ft.testing /tmp/llama-130m --arch llama --size 130m
+
+The tokenizer is a small byte-level BPE trained in a second on CPython's own docs, with a ChatML chat template,
+so that every data format (chat included) works against these models exactly as against a real one.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+SIZES = {
+    # name: (hidden, layers, heads, kv_heads, intermediate)
+    "tiny": (64, 2, 4, 2, 128),
+    "small": (128, 4, 4, 2, 256),
+    "130m": (768, 12, 12, 12, 2048),   # ~130M parameters with a 32k vocabulary, Llama-shaped
+    "1.1b": (2048, 22, 32, 4, 5632),   # TinyLlama's dimensions
+}
+
+
+def make_tokenizer(out: Path, vocab_size: int = 512):
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(topics.values()), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<pad>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(out)
+    return fast
+
+
+def make_model(out: str | Path, *, arch: str = "llama", size: str = "tiny", vocab_size: int | None = None,
+               num_labels: int | None = None, seed: int = 0, tokenizer_from: str | Path | None = None) -> Path:
+    """Write a random model folder (config, safetensors weights, tokenizer) and return its path."""
+    import torch
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GPT2Config,
+                              LlamaConfig, Qwen2Config)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer_from is not None:
+        tok = AutoTokenizer.from_pretrained(tokenizer_from)
+        tok.save_pretrained(out)
+    else:
+        tok = make_tokenizer(out, vocab_size or 512)
+    hidden, layers, heads, kv, inter = SIZES[size]
+    vocab = max(vocab_size or 0, len(tok))
+    common = dict(vocab_size=vocab, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, use_cache=False)
+    if arch == "llama":
+        cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                          num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=2048,
+                          tie_word_embeddings=size in ("tiny", "small"), **common)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                          num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=2048,
+                          tie_word_embeddings=True, **common)
+    elif arch == "gpt2":
+        cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=inter, n_positions=2048, **common)
+    else:
+        raise ValueError(f"unknown arch {arch!r}: llama, qwen2 or gpt2")
+    torch.manual_seed(seed)
+    if num_labels:
+        cfg.num_labels = num_labels
+        model = AutoModelForSequenceClassification.from_config(cfg)
+    else:
+        model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out")
+    p.add_argument("--arch", default="llama", choices=["llama", "qwen2", "gpt2"])
+    p.add_argument("--size", default="tiny", choices=list(SIZES))
+    p.add_argument("--vocab-size", type=int, default=None)
+    p.add_argument("--num-labels", type=int, default=None)
+    a = p.parse_args(argv)
+    print(make_model(a.out, arch=a.arch, size=a.size, vocab_size=a.vocab_size, num_labels=a.num_labels))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

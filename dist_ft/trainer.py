@@ -1,0 +1,259 @@
+"""The training loop. It names no backend: the strategy builds, shards, steps and gathers.
+
+Order of work (cheap and checkable first): validate the recipe and everything it points at; load the tokenizer;
+tokenize (cached) before any process group exists; start the process group; build the model through the
+strategy; evaluate, train, evaluate; save `final/`.
+
+    python -m dist_ft train configs/demo.yaml training.max_steps=10
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .assets import resolve_model_path
+from .config import Recipe, dump_recipe
+from .data.batching import BatchLayout, SampleOrder, collate, count_targets, pack
+from .data.dataset import prepare_data
+from .distributed.precision import precision_plan
+from .distributed.strategy import Strategy, make_strategy
+from .distributed.topology import Topology, init_distributed, shutdown
+from .evaluation import evaluate
+from .losses import forward_logits, loss_sum
+from .model import apply_method, count_parameters, load_model, load_tokenizer, resolve_attention
+from .preflight import preflight
+from .schedule import make_scheduler
+from .telemetry import MetricsFile, Progress
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float]
+    eval_before: dict
+    eval_after: dict
+    final_dir: Path | None
+    stopped_early: bool
+    seconds: float
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def train_step(strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]], max_grad_norm: float | None):
+    """One optimizer step over this rank's micro-batches.
+
+    The loss is normalised by the number of target tokens in the whole global batch (all micro-steps, all ranks),
+    so every token weighs the same however the batch is split. Backends average gradients over ranks, so each
+    rank's sum is scaled by world_size / global_targets. Gradients are synchronised on the last micro-step only.
+    """
+    topo = strategy.topo
+    local_targets = sum(count_targets(mb) for mb in micro_batches)
+    (global_targets,) = _all_reduce_sum([local_targets], topo.device)
+    scale = topo.world_size / max(global_targets, 1.0)
+    local_loss = 0.0
+    for i, mb in enumerate(micro_batches):
+        mb = {k: v.to(topo.device, non_blocking=True) for k, v in mb.items()}
+        with strategy.sync_context(sync=i == len(micro_batches) - 1):
+            with strategy.forward_context():
+                logits = forward_logits(strategy.model, mb)
+            total = loss_sum(logits, mb["labels"])
+            strategy.backward(total * scale)
+        local_loss += float(total.detach())
+    result = strategy.step(max_grad_norm)
+    (loss_total,) = _all_reduce_sum([local_loss], topo.device)
+    return loss_total / max(global_targets, 1.0), int(global_targets), result
+
+
+def _make_optimizer(recipe: Recipe):
+    t = recipe.training
+
+    def make(params):
+        params = list(params)
+        # Decoupled weight decay on matrices only: biases and norm scales are not decayed.
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.learning_rate,
+                                 betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+
+    return make
+
+
+def _prepare_output(recipe: Recipe, topo: Topology) -> Path:
+    out = Path(recipe.output_dir)
+    if topo.is_main:
+        if recipe.overwrite_output_dir and out.is_dir():
+            for child in out.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+    return out
+
+
+def _log(topo: Topology | None, msg: str) -> None:
+    if topo is None or topo.is_main:
+        print(msg, flush=True)
+
+
+def run_training(recipe: Recipe, *, source: str = "recipe") -> TrainResult:
+    t_start = time.perf_counter()
+    rank_env = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    quiet = rank_env != 0
+    # 1. Everything that can be wrong with the recipe, its files and this machine, before any real work.
+    preflight(recipe, source=source)
+    model_path = resolve_model_path(recipe.model.path)
+    tok = load_tokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
+    # 2. Tokenize before the process group exists: no collective can time out while one rank tokenizes.
+    data = prepare_data(recipe, tok, log=(lambda m: None) if quiet else print)
+    # 3. Processes and devices.
+    topo = init_distributed(timeout_seconds=recipe.distributed.timeout_seconds,
+                            threads_per_process=recipe.distributed.threads_per_process)
+    try:
+        return _train(recipe, topo, tok, data, model_path, t_start)
+    finally:
+        shutdown()
+
+
+def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start: float) -> TrainResult:
+    t = recipe.training
+    _log(topo, f"[dist_ft] {topo.describe()}; world size {topo.world_size}")
+    if topo.world_size > 1 and not topo.is_main:
+        print(f"[dist_ft] {topo.describe()}", flush=True)
+    out = _prepare_output(recipe, topo)
+    dist.barrier()
+    seed_everything(recipe.seed)
+    precision = precision_plan(recipe.distributed.precision)
+    attn, why = resolve_attention(recipe.model.attn_implementation, precision=recipe.distributed.precision)
+    _log(topo, f"[dist_ft] attention: {attn} ({why}); precision {precision.name}; strategy "
+               f"{recipe.distributed.strategy}; method {recipe.method.kind}")
+
+    def build_model():
+        model = load_model(recipe, model_path, num_labels=data.num_labels, label_names=data.label_names,
+                           pad_token_id=tok.pad_token_id, dtype=precision.param_dtype, attn_implementation=attn)
+        return apply_method(model, recipe)
+
+    strategy = make_strategy(recipe.distributed.strategy, topo=topo, precision=precision,
+                             activation_checkpointing=recipe.distributed.activation_checkpointing, recipe=recipe)
+    strategy.setup(build_model, _make_optimizer(recipe))
+    counts = count_parameters(strategy.unwrap())
+    _log(topo, f"[dist_ft] {counts.describe()}")
+    scheduler = make_scheduler(strategy.optimizer, warmup=t.warmup_steps, total=t.max_steps, kind=t.lr_scheduler,
+                               min_ratio=t.min_lr_ratio)
+
+    rows = pack(data.train, recipe.data.max_length) if recipe.data.packing else data.train
+    if recipe.data.packing:
+        _log(topo, f"[data] packed {len(data.train)} samples into {len(rows)} rows of <= {recipe.data.max_length}")
+    order = SampleOrder(len(rows), recipe.seed)
+    layout = BatchLayout(t.micro_batch_size, topo.world_size, t.gradient_accumulation_steps)
+    pad_id = tok.pad_token_id
+    metrics = MetricsFile(out / "metrics.jsonl" if topo.is_main else None)
+    metrics.write({"event": "start", "world_size": topo.world_size, "trainable_params": counts.trainable,
+                   "total_params": counts.total, "global_batch": layout.global_batch, "attention": attn})
+
+    def run_eval(step: int) -> dict:
+        if not data.eval:
+            return {}
+        res = evaluate(strategy, data.eval, micro_batch=t.micro_batch_size, pad_id=pad_id,
+                       num_labels=data.num_labels if data.train[0].is_classification else None)
+        metrics.write({"step": step, **res})
+        return res
+
+    eval_before = run_eval(0)
+    if eval_before:
+        _log(topo, "[eval] before training: " + _fmt_metrics(eval_before))
+    progress = Progress(total=t.max_steps, enabled=topo.is_main)
+    losses: list[float] = []
+    best, bad_evals, stopped_early, last_eval = math.inf, 0, False, eval_before
+    skipped_in_a_row = 0
+    strategy.train(True)
+    step = 0
+    for step in range(1, t.max_steps + 1):
+        t0 = time.perf_counter()
+        micro = []
+        for m in range(t.gradient_accumulation_steps):
+            start, count = layout.micro_positions(step - 1, m, topo.rank)
+            micro.append(collate([rows[i] for i in order.rows(start, count)], pad_id))
+        loss, n_targets, result = train_step(strategy, micro, t.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        dt = time.perf_counter() - t0
+        tokens = sum(int(mb["input_ids"].numel()) for mb in micro)
+        (global_tokens,) = _all_reduce_sum([tokens], topo.device)
+        losses.append(loss)
+        if result.skipped:
+            skipped_in_a_row += 1
+            _log(topo, f"[train] step {step}: non-finite gradient norm, update skipped")
+            if skipped_in_a_row >= 5:
+                raise FloatingPointError("5 steps in a row had non-finite gradients; lower training.learning_rate "
+                                         "or use distributed.precision: fp32/bf16-mixed")
+        else:
+            skipped_in_a_row = 0
+        if step % t.log_every == 0 or step == t.max_steps:
+            metrics.write({"step": step, "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
+                           "targets": n_targets, "tokens": int(global_tokens), "step_time": dt,
+                           "tokens_per_s": global_tokens / dt})
+        progress.update(step=step, loss=loss, tokens_per_s=global_tokens / dt)
+        if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
+            last_eval = run_eval(step)
+            progress.write(f"[eval] step {step}: " + _fmt_metrics(last_eval))
+            if last_eval["eval_loss"] < best - 1e-12:
+                best, bad_evals = last_eval["eval_loss"], 0
+            else:
+                bad_evals += 1
+                if t.early_stopping_patience and bad_evals >= t.early_stopping_patience:
+                    progress.write(f"[train] early stop at step {step}: eval_loss did not improve for "
+                                   f"{bad_evals} evaluations (best {best:.4f})")
+                    stopped_early = True
+                    break
+    progress.close()
+    eval_after = run_eval(step) if not (stopped_early and last_eval) else last_eval
+    if eval_after:
+        _log(topo, f"[eval] after {step} steps: " + _fmt_metrics(eval_after))
+    final = _save_final(strategy, tok, out / "final", topo)
+    seconds = time.perf_counter() - t_start
+    metrics.write({"event": "end", "step": step, "seconds": seconds})
+    metrics.close()
+    strategy.close()
+    return TrainResult(step, losses, eval_before, eval_after, final, stopped_early, seconds)
+
+
+def _fmt_metrics(m: dict) -> str:
+    return ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in m.items())
+
+
+def _save_final(strategy: Strategy, tok, final: Path, topo: Topology) -> Path | None:
+    """A folder `from_pretrained` loads (or a PEFT adapter folder), written atomically by rank 0."""
+    model = strategy.unwrap()
+    is_peft = hasattr(model, "peft_config")
+    state = strategy.full_state_dict()  # a collective: every rank calls it
+    if topo.is_main:
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _log(topo, f"[dist_ft] saved {'adapter' if is_peft else 'model'} to {final}")
+    dist.barrier()
+    return final
