@@ -75,6 +75,10 @@ def launch(recipe_path: str, overrides: list[str], *, nproc_per_node: int, nnode
         argv += ["--standalone"] if rdzv_endpoint is None else [f"--rdzv-endpoint={rdzv_endpoint}"]
         argv += [f"--master-port={free_port()}"] if rdzv_endpoint is None else []
     argv += ["--module", "dist_ft", "train", recipe_path, *overrides]
+    import torch
+    if not torch.cuda.is_available():
+        # Share the cores between the ranks (torchrun would set 1 thread each and warn about it).
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
     try:
         run(get_args_parser().parse_args(argv))
     except Exception as exc:  # torchrun's ChildFailedError carries the failing rank and its error

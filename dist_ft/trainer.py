@@ -184,7 +184,9 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
         _log(topo, "[eval] before training: " + _fmt_metrics(eval_before))
     progress = Progress(total=t.max_steps, enabled=topo.is_main)
     losses: list[float] = []
-    best, bad_evals, stopped_early, last_eval = math.inf, 0, False, eval_before
+    # The evaluation before training is the first "best": a run that only gets worse stops early too.
+    best = eval_before.get("eval_loss", math.inf)
+    bad_evals, stopped_early, last_eval = 0, False, eval_before
     skipped_in_a_row = 0
     strategy.train(True)
     step = 0

@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny random models built from a config (no downloads), small data files, and a helper that
+runs the real CLI in subprocesses (several ranks through `dist-ft launch`, i.e. torchrun, on gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.device_count() >= 1:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA GPUs (run on a GPU box: bash scripts/test.sh -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    from dist_ft.testing import make_model
+    return make_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory, tiny_llama) -> Path:
+    from dist_ft.testing import make_model
+    return make_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", arch="qwen2", tokenizer_from=tiny_llama)
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory, tiny_llama) -> Path:
+    from dist_ft.testing import make_model
+    return make_model(tmp_path_factory.mktemp("models") / "tiny-cls", arch="llama", num_labels=3,
+                      tokenizer_from=tiny_llama)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_llama):
+    from dist_ft.model import load_tokenizer
+    return load_tokenizer(tiny_llama)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return path
+
+
+def run_cli(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "dist_ft", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=REPO)
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(training records, evaluation records) of a run's metrics.jsonl."""
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r], [r for r in records if "eval_loss" in r]
+
+
+def tiny_recipe(model_path: Path, out: Path, **sections) -> dict:
+    """A small causal-LM recipe over the fortunes built-in; sections override per key."""
+    recipe = {
+        "output_dir": str(out), "seed": 0,
+        "model": {"path": str(model_path)},
+        "data": {"train": "builtin:fortunes", "format": "text", "max_length": 48, "max_train_samples": 256,
+                 "max_eval_samples": 24},
+        "method": {"kind": "full"},
+        "training": {"max_steps": 6, "micro_batch_size": 4, "learning_rate": 3e-3, "warmup_steps": 0,
+                     "lr_scheduler": "linear"},
+        "distributed": {"strategy": "ddp", "precision": "fp32", "threads_per_process": 1},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            recipe.setdefault(key, {}).update(value)
+        else:
+            recipe[key] = value
+    return recipe

@@ -1,0 +1,216 @@
+"""Data formats token by token (prompt masking, chat turns, classification labels), packing, sample order,
+bad data, built-in sources and the tokenization cache."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dist_ft.config import recipe_from_dict
+from dist_ft.data import sources
+from dist_ft.data.batching import BatchLayout, SampleOrder, collate, count_targets, pack
+from dist_ft.data.dataset import prepare_data
+from dist_ft.data.formats import IGNORE, Example, FormatSpec, tokenize_records
+from dist_ft.data.sources import DataError, resolve_source
+from conftest import write_jsonl
+
+COLS = {"text": "text", "prompt": "prompt", "response": "response", "messages": "messages", "label": "label"}
+
+
+def spec(fmt, **kw):
+    args = dict(format=fmt, max_length=512, too_long="truncate", columns=COLS, system_prompt=None,
+                use_chat_template=True)
+    args.update(kw)
+    return FormatSpec(**args)
+
+
+def test_text_format_every_token_is_a_target(tokenizer):
+    (ex,), stats = tokenize_records(tokenizer, [{"text": "hello world"}], spec("text"), "t")
+    ids = tokenizer("hello world")["input_ids"] + [tokenizer.eos_token_id]
+    assert ex.input_ids.tolist() == ids and ex.labels.tolist() == ids and stats.kept == 1
+
+
+def test_instruction_masks_the_prompt_token_by_token(tokenizer):
+    rec = {"prompt": "What is a cat?", "response": "A small animal."}
+    (ex,), _ = tokenize_records(tokenizer, [rec], spec("instruction"), "t")
+    ids = ex.input_ids.tolist()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": rec["prompt"]}], tokenize=False,
+                                           add_generation_prompt=True)
+    full = tokenizer.apply_chat_template([{"role": "user", "content": rec["prompt"]},
+                                          {"role": "assistant", "content": rec["response"]}], tokenize=False)
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert ids == tokenizer(full, add_special_tokens=False)["input_ids"]
+    assert ex.labels[:n_prompt].tolist() == [IGNORE] * n_prompt
+    assert ex.labels[n_prompt:].tolist() == ids[n_prompt:]
+    # The target tokens decode to exactly the answer and the end-of-turn markup.
+    assert tokenizer.decode(ids[n_prompt:]) == "A small animal.<|im_end|>\n"
+
+
+def test_instruction_without_chat_template(tokenizer):
+    rec = {"prompt": "Q", "response": "A"}
+    (ex,), _ = tokenize_records(tokenizer, [rec], spec("instruction", use_chat_template=False), "t")
+    p = tokenizer("Q\n")["input_ids"]
+    r = tokenizer("A", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert ex.input_ids.tolist() == p + r and ex.labels.tolist() == [IGNORE] * len(p) + r
+
+
+def test_chat_only_assistant_turns_are_targets(tokenizer):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Goodbye."}]
+    (ex,), _ = tokenize_records(tokenizer, [{"messages": msgs}], spec("chat"), "t")
+    target_text = tokenizer.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE])
+    assert target_text == "Hello!<|im_end|>\nGoodbye.<|im_end|>\n"
+    spans = np.flatnonzero(ex.labels != IGNORE)
+    assert len(np.split(spans, np.flatnonzero(np.diff(spans) != 1) + 1)) == 2  # two separate answer spans
+
+
+def test_chat_without_assistant_is_counted_and_dropped(tokenizer):
+    recs = [{"messages": [{"role": "user", "content": "hi"}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    exs, stats = tokenize_records(tokenizer, recs, spec("chat"), "t")
+    assert len(exs) == 1 and stats.dropped_no_assistant == 1
+
+
+def test_system_prompt_is_prepended(tokenizer):
+    rec = {"prompt": "Q", "response": "A"}
+    (ex,), _ = tokenize_records(tokenizer, [rec], spec("instruction", system_prompt="SYS"), "t")
+    assert tokenizer.decode(ex.input_ids).startswith("<|im_start|>system\nSYS<|im_end|>")
+
+
+def test_too_long_truncates_or_drops_and_counts(tokenizer):
+    recs = [{"text": "word " * 200}, {"text": "short"}]
+    exs, stats = tokenize_records(tokenizer, recs, spec("text", max_length=16), "t")
+    assert stats.truncated == 1 and len(exs[0].input_ids) == 16 and len(exs) == 2
+    exs, stats = tokenize_records(tokenizer, recs, spec("text", max_length=16, too_long="drop"), "t")
+    assert stats.dropped_too_long == 1 and len(exs) == 1
+
+
+def test_classification_labels(tokenizer):
+    s = spec("classification", label_names=["neg", "pos"], num_labels=2)
+    exs, _ = tokenize_records(tokenizer, [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}], s, "t")
+    assert [int(e.labels[0]) for e in exs] == [1, 0] and all(e.is_classification for e in exs)
+    with pytest.raises(DataError, match="does not occur in the training data"):
+        tokenize_records(tokenizer, [{"text": "x", "label": "meh"}], s, "t")
+    s_int = spec("classification", num_labels=3)
+    with pytest.raises(DataError, match=r"label 3 is outside 0..2"):
+        tokenize_records(tokenizer, [{"text": "x", "label": 3}], s_int, "t")
+
+
+def test_missing_column_and_wrong_type_name_the_record(tokenizer):
+    with pytest.raises(DataError, match=r"f record 2: format 'instruction' needs column 'response'"):
+        tokenize_records(tokenizer, [{"prompt": "a", "response": "b"}, {"prompt": "a"}], spec("instruction"), "f")
+    with pytest.raises(DataError, match=r"column 'text' must be text, got int"):
+        tokenize_records(tokenizer, [{"text": 5}], spec("text"), "f")
+
+
+def test_file_readers_and_their_errors(tmp_path):
+    good = write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}, {"text": "y"}])
+    assert len(resolve_source(str(good)).load()) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x"}\n{"text": oops}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: invalid JSON"):
+        resolve_source(str(bad)).load()
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin.jsonl:1: not UTF-8"):
+        resolve_source(str(latin)).load()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="holds no records"):
+        resolve_source(str(empty)).load()
+    csv_file = tmp_path / "d.csv"
+    csv_file.write_text("text,label\nhello,a\nbye,b\n")
+    assert resolve_source(str(csv_file)).load() == [{"text": "hello", "label": "a"}, {"text": "bye", "label": "b"}]
+    txt = tmp_path / "d.txt"
+    txt.write_text("one\n\ntwo\n")
+    assert resolve_source(str(txt)).load() == [{"text": "one"}, {"text": "two"}]
+    js = tmp_path / "d.json"
+    js.write_text(json.dumps([{"text": "a"}]))
+    assert resolve_source(str(js)).load() == [{"text": "a"}]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": ["p", "q"]}), tmp_path / "d.parquet")
+    assert resolve_source(str(tmp_path / "d.parquet")).load() == [{"text": "p"}, {"text": "q"}]
+    with pytest.raises(DataError, match="unsupported file type"):
+        resolve_source(str(tmp_path / "d.xlsx"))
+
+
+def test_builtin_sources_read_installed_data():
+    defs = resolve_source("builtin:wordnet-definitions").load()
+    assert len(defs) == 117659
+    assert {"prompt", "response"} <= set(defs[0])
+    cats = resolve_source("builtin:wordnet-categories").load()
+    assert len({r["label"] for r in cats}) == 45
+    assert len(resolve_source("builtin:fortunes").load()) > 10000
+    assert len(resolve_source("builtin:pydoc").load()) > 100
+
+
+def test_builtin_missing_package_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(sources, "WORDNET_DIR", tmp_path / "nowhere")
+    with pytest.raises(DataError, match="apt-get install wordnet-base"):
+        sources._wordnet_synsets()
+
+
+def _ex(ids, labels=None):
+    ids = np.asarray(ids, np.int32)
+    return Example(ids, np.asarray(labels if labels is not None else ids, np.int32))
+
+
+def test_packing_token_by_token():
+    rows = pack([_ex([1, 2, 3]), _ex([4, 5], [IGNORE, 5]), _ex([6, 7, 8, 9])], max_length=6)
+    assert len(rows) == 2
+    r = rows[0]
+    assert r.input_ids.tolist() == [1, 2, 3, 4, 5]
+    assert r.position_ids.tolist() == [0, 1, 2, 0, 1]
+    # First token of every sample carries no target (never predicted from the previous sample).
+    assert r.labels.tolist() == [IGNORE, 2, 3, IGNORE, 5]
+    assert rows[1].input_ids.tolist() == [6, 7, 8, 9] and rows[1].position_ids.tolist() == [0, 1, 2, 3]
+    batch = collate(rows, pad_id=0)
+    assert "attention_mask" not in batch  # position ids mark the samples
+    # The shorter row's padding is a sample of its own: its positions restart at 0.
+    assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 0]
+    assert batch["labels"][1].tolist() == [IGNORE, 7, 8, 9, IGNORE]
+
+
+def test_collate_pads_and_counts_targets():
+    batch = collate([_ex([1, 2, 3], [IGNORE, 2, 3]), _ex([4, 5])], pad_id=9)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 9]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, 2, 3], [4, 5, IGNORE]]
+    assert count_targets(batch) == 3  # shifted: positions 1.. of each row
+
+
+def test_sample_order_is_independent_of_world_size():
+    order = SampleOrder(num_rows=37, seed=3)
+    one = BatchLayout(micro_batch=4, world_size=1, accumulation=1)
+    two = BatchLayout(micro_batch=2, world_size=2, accumulation=1)
+    ga = BatchLayout(micro_batch=1, world_size=2, accumulation=2)
+    for step in range(12):  # crosses epochs
+        ref = sorted(order.rows(*one.micro_positions(step, 0, 0)))
+        split = sorted(order.rows(*two.micro_positions(step, 0, 0)) + order.rows(*two.micro_positions(step, 0, 1)))
+        acc = sorted(sum((order.rows(*ga.micro_positions(step, m, r)) for m in range(2) for r in range(2)), []))
+        assert ref == split == acc
+        # The two ranks never see the same rows in a step.
+        assert not set(order.rows(*two.micro_positions(step, 0, 0))) & set(order.rows(*two.micro_positions(step, 0, 1)))
+    epoch0 = order.rows(0, 37)
+    assert sorted(epoch0) == list(range(37))
+
+
+def test_prepare_data_caches_and_splits(tmp_path, monkeypatch, tokenizer, tiny_llama):
+    monkeypatch.setenv("DIST_FT_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"sample number {i}"} for i in range(50)])
+    r = recipe_from_dict({"model": {"path": str(tiny_llama)}, "data": {"train": str(data), "format": "text",
+                                                                        "eval_fraction": 0.2}})
+    logs = []
+    first = prepare_data(r, tokenizer, log=logs.append)
+    assert len(first.train) == 40 and len(first.eval) == 10 and logs
+    logs.clear()
+    again = prepare_data(r, tokenizer, log=logs.append)
+    assert not logs, "second preparation must come from the cache"
+    assert [e.input_ids.tolist() for e in again.train] == [e.input_ids.tolist() for e in first.train]
+    # Different content: a new cache entry.
+    write_jsonl(data, [{"text": f"other {i}"} for i in range(50)])
+    third = prepare_data(r, tokenizer, log=logs.append)
+    assert logs and third.train[0].input_ids.tolist() != first.train[0].input_ids.tolist()

@@ -1,0 +1,43 @@
+"""Short runs on the bundled real weights: held-out loss goes down for SmolLM2 (LoRA, WordNet definitions) and
+for the MiniLM encoder's classification head (WordNet categories)."""
+
+import pytest
+
+from conftest import read_metrics, run_cli, write_recipe
+
+pytestmark = pytest.mark.real_model
+
+
+def test_smollm2_lora_learns_definitions(tmp_path):
+    out = tmp_path / "smol"
+    path = write_recipe(tmp_path / "r.yaml", {
+        "output_dir": str(out),
+        "model": {"path": "smollm2-135m-instruct"},
+        "data": {"train": "builtin:wordnet-definitions", "format": "instruction", "max_length": 96,
+                 "max_train_samples": 400, "max_eval_samples": 32, "system_prompt": "You are a concise dictionary."},
+        "method": {"kind": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+        "training": {"max_steps": 8, "micro_batch_size": 4, "learning_rate": 1e-3, "warmup_steps": 1},
+    })
+    res = run_cli("train", str(path), timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _, evals = read_metrics(out)
+    before, after = evals[0]["eval_loss"], evals[-1]["eval_loss"]
+    assert after < before - 0.2, (before, after)
+
+
+def test_minilm_classifier_learns_categories(tmp_path):
+    out = tmp_path / "minilm"
+    path = write_recipe(tmp_path / "r.yaml", {
+        "output_dir": str(out),
+        "model": {"path": "minilm-l6-v2", "task": "sequence_classification"},
+        "data": {"train": "builtin:wordnet-categories", "format": "classification", "max_length": 48,
+                 "max_train_samples": 600, "max_eval_samples": 96},
+        "method": {"kind": "full"},
+        "training": {"max_steps": 12, "micro_batch_size": 16, "learning_rate": 1e-4},
+    })
+    res = run_cli("train", str(path), timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _, evals = read_metrics(out)
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert evals[-1]["eval_accuracy"] > evals[0]["eval_accuracy"]
+    assert 0 <= evals[-1]["eval_f1"] <= 1
