@@ -141,7 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     from ._quiet import quiet_third_party
 
     quiet_third_party(main_rank=os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come before or after options (`launch r.yaml --nproc-per-node 2 a.b=1`).
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     return args.fn(args)
 
 

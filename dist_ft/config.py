@@ -118,7 +118,12 @@ class TrainingConfig:
 class DistributedConfig:
     strategy: Strategy = _f("ddp", "How the model is spread over processes.")
     precision: Precision = _f("fp32", "Numeric precision of compute and weights.")
+    offload: Literal["none", "optimizer", "params", "all"] = _f(
+        "none", "Keep optimizer state (optimizer), parameters (params) or both (all) in CPU memory: fsdp offloads "
+        "parameters with their optimizer state; zero1/zero2 the optimizer; zero3 either or both.")
     activation_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    deepspeed_config: Optional[str] = _f(None, "Your own DeepSpeed JSON for zero1/2/3 ('auto' values are filled "
+                                         "from the recipe; None: the shipped template for the strategy).")
     timeout_seconds: int = _f(300, "Collective timeout: a dead or stuck rank ends the job after this long.", ge=10)
     threads_per_process: Optional[int] = _f(None, "CPU threads per process (None: cores / local processes).", ge=1)
 
@@ -266,6 +271,26 @@ def _cross_checks(r: Recipe) -> list[str]:
     if r.method.kind == "lora" and isinstance(r.method.lora.target_modules, list) \
             and not r.method.lora.target_modules:
         p.append("method.lora.target_modules: empty list; name modules (e.g. [q_proj, v_proj]) or use all-linear")
+    strategy, offload, precision = r.distributed.strategy, r.distributed.offload, r.distributed.precision
+    if offload != "none" and strategy == "ddp":
+        p.append("distributed.offload: ddp keeps everything on the device; use fsdp or zero1/zero2/zero3 to offload")
+    if offload in ("params", "all") and strategy in ("zero1", "zero2"):
+        p.append(f"distributed.offload: {strategy} does not shard parameters, so it cannot offload them; use "
+                 "offload: optimizer, or strategy: zero3")
+    if strategy == "fsdp" and offload == "optimizer":
+        p.append("distributed.offload: FSDP2 offloads parameters together with their optimizer state; use "
+                 "offload: all (or params), or zero1/zero2 for optimizer-only offload")
+    if precision == "fp16-mixed" and strategy == "fsdp":
+        p.append("distributed.precision: fp16-mixed with fsdp needs a sharded loss scaler dist_ft does not ship; "
+                 "use bf16-mixed, or zero1/zero2/zero3 (DeepSpeed scales fp16 losses itself)")
+    if precision == "bf16-true" and strategy.startswith("zero"):
+        p.append("distributed.precision: DeepSpeed keeps fp32 master weights, so bf16-true is not available with "
+                 f"{strategy}; use bf16-mixed")
+    if r.distributed.deepspeed_config is not None and not strategy.startswith("zero"):
+        p.append("distributed.deepspeed_config: only used with zero1/zero2/zero3; remove it or change the strategy")
+    if r.method.kind == "lora" and r.method.lora.use_dora and strategy in ("fsdp", "zero3"):
+        p.append(f"method.lora.use_dora: DoRA magnitudes need the whole weight, which {strategy} never gathers at "
+                 "start; use ddp, zero1 or zero2 for DoRA")
     if r.model.attn_implementation in ("flash_attention_2", "flash_attention_3") \
             and r.distributed.precision == "fp32":
         p.append(f"model.attn_implementation: {r.model.attn_implementation} needs bf16 or fp16 weights; set "

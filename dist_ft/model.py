@@ -71,25 +71,62 @@ def resolve_attention(requested: str, *, precision: str) -> tuple[str, str]:
     return requested, "set in the recipe"
 
 
-def load_model(recipe: Recipe, path: Path, *, num_labels: int | None, label_names: list[str], pad_token_id: int,
-               dtype: torch.dtype, attn_implementation: str) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+class ModelBuilder:
+    """Builds the recipe's model (with its method applied) either whole, with pretrained weights, or on the meta
+    device for a strategy that materialises only its shard. Parameters the checkpoint lacks (adapters, new heads)
+    get name-seeded values either way (weights.py), so every strategy starts from identical weights."""
 
-    common = dict(dtype=dtype, trust_remote_code=recipe.model.trust_remote_code,
-                  attn_implementation=attn_implementation)
-    if recipe.model.task == "causal_lm":
-        model = AutoModelForCausalLM.from_pretrained(path, **common)
-    else:
-        id2label = {i: n for i, n in enumerate(label_names)} if label_names else None
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, id2label=id2label, label2id={n: i for i, n in (id2label or {}).items()}
-            or None, **common)
-    # A KV cache during training makes transformers skip the per-sample masks of packed rows (samples would
-    # attend to each other) and wastes memory: training never needs it.
-    model.config.use_cache = False
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = pad_token_id
-    return model
+    def __init__(self, recipe: Recipe, path: Path, *, num_labels: int | None, label_names: list[str],
+                 pad_token_id: int, dtype: torch.dtype, attn_implementation: str):
+        self.recipe, self.path, self.dtype = recipe, Path(path), dtype
+        self.num_labels, self.label_names, self.pad_token_id = num_labels, label_names, pad_token_id
+        self.attn = attn_implementation
+
+    def _auto_class(self):
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+        return AutoModelForCausalLM if self.recipe.model.task == "causal_lm" else AutoModelForSequenceClassification
+
+    def config(self):
+        from transformers import AutoConfig
+
+        kwargs = {}
+        if self.recipe.model.task == "sequence_classification":
+            id2label = dict(enumerate(self.label_names)) if self.label_names else None
+            kwargs = dict(num_labels=self.num_labels, id2label=id2label,
+                          label2id={n: i for i, n in (id2label or {}).items()} or None)
+        cfg = AutoConfig.from_pretrained(self.path, trust_remote_code=self.recipe.model.trust_remote_code, **kwargs)
+        # A KV cache during training makes transformers skip the per-sample masks of packed rows (samples would
+        # attend to each other) and wastes memory: training never needs it.
+        cfg.use_cache = False
+        if getattr(cfg, "pad_token_id", None) is None:
+            cfg.pad_token_id = self.pad_token_id
+        return cfg
+
+    def weights(self):
+        from .weights import ModelWeights
+        return ModelWeights(self.path, seed=self.recipe.seed,
+                            init_std=getattr(self.config(), "initializer_range", 0.02))
+
+    def build(self) -> torch.nn.Module:
+        """The whole model with its pretrained weights, on CPU."""
+        model = self._auto_class().from_pretrained(
+            self.path, config=self.config(), dtype=self.dtype, attn_implementation=self.attn,
+            trust_remote_code=self.recipe.model.trust_remote_code)
+        model = apply_method(model, self.recipe)
+        self.weights().reinit_missing(model)
+        return model
+
+    def build_meta(self) -> torch.nn.Module:
+        """The model's structure with parameters on the meta device (no memory) and buffers on CPU."""
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model = self._auto_class().from_config(self.config(), dtype=self.dtype, attn_implementation=self.attn,
+                                                   trust_remote_code=self.recipe.model.trust_remote_code)
+        if getattr(model.config, "tie_word_embeddings", False) or getattr(
+                model.config.get_text_config(), "tie_word_embeddings", False):
+            model.tie_weights()  # from_config under init_empty_weights leaves the output embedding untied
+        return apply_method(model, self.recipe)
 
 
 def apply_method(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:

@@ -30,7 +30,7 @@ from .distributed.strategy import Strategy, make_strategy
 from .distributed.topology import Topology, init_distributed, shutdown
 from .evaluation import evaluate
 from .losses import forward_logits, loss_sum
-from .model import apply_method, count_parameters, load_model, load_tokenizer, resolve_attention
+from .model import ModelBuilder, count_parameters, load_tokenizer, resolve_attention
 from .preflight import preflight
 from .schedule import make_scheduler
 from .telemetry import MetricsFile, Progress
@@ -148,14 +148,12 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
     _log(topo, f"[dist_ft] attention: {attn} ({why}); precision {precision.name}; strategy "
                f"{recipe.distributed.strategy}; method {recipe.method.kind}")
 
-    def build_model():
-        model = load_model(recipe, model_path, num_labels=data.num_labels, label_names=data.label_names,
+    builder = ModelBuilder(recipe, model_path, num_labels=data.num_labels, label_names=data.label_names,
                            pad_token_id=tok.pad_token_id, dtype=precision.param_dtype, attn_implementation=attn)
-        return apply_method(model, recipe)
 
     strategy = make_strategy(recipe.distributed.strategy, topo=topo, precision=precision,
                              activation_checkpointing=recipe.distributed.activation_checkpointing, recipe=recipe)
-    strategy.setup(build_model, _make_optimizer(recipe))
+    strategy.setup(builder, _make_optimizer(recipe))
     counts = count_parameters(strategy.unwrap())
     _log(topo, f"[dist_ft] {counts.describe()}")
     scheduler = make_scheduler(strategy.optimizer, warmup=t.warmup_steps, total=t.max_steps, kind=t.lr_scheduler,

@@ -6,14 +6,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .activation_checkpointing import enable_activation_checkpointing
-from .strategy import ModelFactory, OptimizerFactory, Strategy
+from .strategy import OptimizerFactory, Strategy
 
 
 class DDPStrategy(Strategy):
     name = "ddp"
 
-    def setup(self, build_model: ModelFactory, make_optimizer: OptimizerFactory) -> None:
-        model = build_model().to(self.topo.device)
+    def setup(self, builder, make_optimizer: OptimizerFactory) -> None:
+        model = builder.build().to(self.topo.device)
         if self.activation_checkpointing:
             enable_activation_checkpointing(model)
         self._module = model

@@ -17,7 +17,6 @@ import torch
 from .precision import PrecisionPlan
 from .topology import Topology
 
-ModelFactory = Callable[[], torch.nn.Module]
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -42,8 +41,9 @@ class Strategy(ABC):
 
     # ------------------------------------------------------------------------------------------------ setup
     @abstractmethod
-    def setup(self, build_model: ModelFactory, make_optimizer: OptimizerFactory) -> None:
-        """Build (or shard) the model and create the optimizer over its trainable parameters."""
+    def setup(self, builder, make_optimizer: OptimizerFactory) -> None:
+        """Build the model through `builder` (model.ModelBuilder: `build()` whole, or `build_meta()` plus
+        `weights()` for shard-wise loading), shard it, and create the optimizer over its trainable parameters."""
 
     @abstractmethod
     def unwrap(self) -> torch.nn.Module:

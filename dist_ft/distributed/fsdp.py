@@ -1,0 +1,97 @@
+"""FSDP2: parameters, gradients and optimizer state sharded across ranks with `fully_shard`.
+
+Wrap order (fixed, as in torchtitan and torchtune): build on the meta device with the method applied ->
+activation checkpointing -> `fully_shard` every transformer block, then the root -> allocate only the local
+shards -> fill them row-range by row-range from the safetensors files (no rank ever holds a whole copy) ->
+check nothing is left on meta.
+
+Transformer blocks are found from the model itself: the classes named in `_no_split_modules` (every Hugging Face
+decoder declares them), else the repeated children of the first `nn.ModuleList`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+from .activation_checkpointing import enable_activation_checkpointing
+from .strategy import OptimizerFactory, Strategy
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if blocks:
+        return blocks
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1:
+            return list(m)
+    raise ValueError(f"{type(model).__name__}: no transformer blocks found to shard (no _no_split_modules and no "
+                     "ModuleList of identical blocks); use distributed.strategy: ddp or zero3")
+
+
+class FSDP2Strategy(Strategy):
+    name = "fsdp"
+
+    def setup(self, builder, make_optimizer: OptimizerFactory) -> None:
+        offload = self.recipe.distributed.offload if self.recipe is not None else "none"
+        model = builder.build_meta()
+        if self.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        kwargs = {}
+        if self.precision.autocast:
+            # FSDP casts the gathered parameters itself; gradients are reduced in fp32.
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.precision.compute_dtype,
+                                                       reduce_dtype=torch.float32)
+        if offload in ("params", "all", "optimizer"):
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.topo.device.type == "cuda")
+        for block in transformer_blocks(model):
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        buffers = {n: b.clone() for n, b in model.named_buffers() if b.device.type != "meta"}
+        model.to_empty(device="cpu" if offload != "none" else self.topo.device)
+        self._load_shards(model, builder.weights(), buffers)
+        self.model = model
+        self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+
+    def _load_shards(self, model: torch.nn.Module, weights, buffers: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if isinstance(p, DTensor):
+                    local = p.to_local()
+                    placement = p.placements[0]
+                    assert isinstance(placement, Shard) and placement.dim == 0, placement
+                    # fully_shard splits dim 0 like torch.chunk: ceil(n / world) rows per rank, the last ones short.
+                    rows_per_rank = -(-p.shape[0] // p.device_mesh.size()) if p.dim() else 0
+                    start = p.device_mesh.get_local_rank() * rows_per_rank
+                    stop = start + (local.shape[0] if p.dim() else 0)
+                    if local.numel():
+                        local.copy_(weights.rows(name, p.shape, start, stop, local.dtype))
+                else:
+                    p.copy_(weights.rows(name, p.shape, 0, p.shape[0] if p.dim() else 0, p.dtype))
+            for name, b in model.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
+        left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+        if left:
+            raise RuntimeError(f"still on the meta device after loading: {left[:5]}")
+
+    def unwrap(self) -> torch.nn.Module:
+        return self.model
+
+    def sync_context(self, sync: bool):
+        self.model.set_requires_gradient_sync(sync)
+        return super().sync_context(sync)
+
+    def full_state_dict(self, trainable_only: bool = False):
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.topo.is_main:
+            return None
+        if trainable_only:
+            names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+            state = {k: v for k, v in state.items() if k in names}
+        return state

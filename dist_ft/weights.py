@@ -1,0 +1,111 @@
+"""Model weights without a full copy: read any row range of a pretrained tensor straight from the safetensors
+files, and give every parameter that the checkpoint lacks (LoRA adapters, a new classification head) a
+deterministic initial value seeded by (recipe seed, parameter name).
+
+Name-seeded initialisation makes the starting point independent of how the model was built (on the meta device
+and sharded, or whole on one device) and of the number of ranks, so every strategy starts from the same weights
+and their losses can be compared step by step. No torch.distributed here: the strategies map their shards to
+row ranges and call `ModelWeights.rows`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+# PEFT's wrappers around a pretrained module, removed to find the checkpoint's own name.
+_PEFT_PARTS = (re.compile(r"^base_model\.model\."), re.compile(r"\.base_layer(?=\.)"),
+               re.compile(r"\.original_module(?=\.)"), re.compile(r"\.modules_to_save\.[^.]+(?=\.)"))
+
+
+def canonical_name(name: str) -> str:
+    for pattern in _PEFT_PARTS:
+        name = pattern.sub("" if pattern.pattern.startswith("^") else "", name)
+    return name
+
+
+def _index(folder: Path) -> dict[str, Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: folder / v for k, v in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{folder}: no model.safetensors (or index); only safetensors weights are read "
+                                "(never pickle)")
+    with safe_open(single, framework="pt") as fh:
+        return {k: single for k in fh.keys()}
+
+
+class ModelWeights:
+    """Row-range reads from a model folder's safetensors files, plus seeded values for what they lack."""
+
+    def __init__(self, folder: Path, *, seed: int, init_std: float = 0.02):
+        self.folder = Path(folder)
+        self.files = _index(self.folder)
+        self.seed = seed
+        self.init_std = init_std
+        self._handles: dict[Path, object] = {}
+
+    def _lookup(self, name: str) -> str | None:
+        c = canonical_name(name)
+        for candidate in (c, c.removeprefix("model."), "model." + c):
+            if candidate in self.files:
+                return candidate
+        return None
+
+    def has(self, name: str) -> bool:
+        return self._lookup(name) is not None
+
+    def rows(self, name: str, shape: torch.Size, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows [start, stop) along dim 0 of parameter `name` (all of it for a 0-d tensor)."""
+        key = self._lookup(name)
+        if key is None:
+            full = self.new_value(name, shape)
+            return (full[start:stop] if full.dim() else full).to(dtype)
+        path = self.files[key]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="pt")
+        sl = self._handles[path].get_slice(key)
+        if list(sl.get_shape()) != list(shape):
+            raise ValueError(f"{path.name}: tensor {key} has shape {sl.get_shape()} but the model expects "
+                             f"{list(shape)}; the model folder does not match its config")
+        t = sl[start:stop] if len(shape) else sl[:]
+        return t.to(dtype)
+
+    def new_value(self, name: str, shape: torch.Size) -> torch.Tensor:
+        """The initial value of a parameter the checkpoint lacks, the same on every rank and in every run."""
+        c = canonical_name(name)
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(c.encode())) % 2**63)
+        if "lora_magnitude_vector" in c:
+            raise NotImplementedError(f"{name}: DoRA magnitudes are derived from the full weight and cannot be "
+                                      "initialised shard by shard; use DoRA with ddp or zero1/zero2")
+        if ".lora_B." in c or ".lora_embedding_B." in c or c.endswith(".bias"):
+            return torch.zeros(shape)
+        if ".lora_A." in c or ".lora_embedding_A." in c:
+            # PEFT's default: kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+            bound = 1 / math.sqrt(shape[1] if len(shape) > 1 else shape[0])
+            return (torch.rand(shape, generator=g) * 2 - 1) * bound
+        if len(shape) == 1 and "norm" in c.lower():
+            return torch.ones(shape)
+        if len(shape) < 2:
+            return torch.zeros(shape)
+        return torch.randn(shape, generator=g) * self.init_std
+
+    def reinit_missing(self, model: torch.nn.Module) -> list[str]:
+        """Give every parameter the checkpoint lacks its seeded value (whole-model path); return their names."""
+        names = []
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_magnitude_vector" in name:  # DoRA's magnitude is derived from the loaded weights
+                    continue
+                if not self.has(name):
+                    p.copy_(self.new_value(name, p.shape).to(p.dtype))
+                    names.append(name)
+        return names
