@@ -106,6 +106,27 @@ def hardware_problems(recipe: Recipe) -> list[str]:
     return problems
 
 
+def strategy_problems(recipe: Recipe) -> list[str]:
+    d = recipe.distributed
+    if not d.strategy.startswith("zero"):
+        return []
+    import importlib.util
+    if importlib.util.find_spec("deepspeed") is None:
+        return [f"distributed.strategy: {d.strategy} needs DeepSpeed: pip install 'dist-ft[deepspeed]'"]
+    from .distributed.deepspeed_config import load_template, resolve_deepspeed_config
+    try:
+        template, source = load_template(recipe)
+    except FileNotFoundError:
+        return [f"distributed.deepspeed_config: {d.deepspeed_config}: no such file"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return [f"distributed.deepspeed_config: {d.deepspeed_config} is not valid JSON ({exc})"]
+    if not isinstance(template, dict):
+        return [f"distributed.deepspeed_config: {d.deepspeed_config} must hold a JSON object"]
+    # The world size is only known at launch: an explicit train_batch_size is checked then.
+    _, problems = resolve_deepspeed_config(template, recipe, world_size=1, source=source)
+    return [f"distributed.deepspeed_config: {p}" for p in problems if "train_batch_size" not in p]
+
+
 def output_problems(recipe: Recipe) -> list[str]:
     out = Path(recipe.output_dir)
     if out.exists() and not out.is_dir():
@@ -117,7 +138,7 @@ def output_problems(recipe: Recipe) -> list[str]:
 
 
 def preflight(recipe: Recipe, *, source: str = "recipe", check_output: bool = True) -> None:
-    problems = model_problems(recipe) + data_problems(recipe) + hardware_problems(recipe)
+    problems = model_problems(recipe) + data_problems(recipe) + hardware_problems(recipe) + strategy_problems(recipe)
     if check_output:
         problems += output_problems(recipe)
     if problems:

