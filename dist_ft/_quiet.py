@@ -13,6 +13,7 @@ def quiet_third_party(*, main_rank: bool = True) -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated.*")
     if "DS_ACCELERATOR" not in os.environ and not os.path.exists("/dev/nvidia0") and not os.environ.get(
             "CUDA_VISIBLE_DEVICES"):
         os.environ["DS_ACCELERATOR"] = "cpu"  # else DeepSpeed warns that it fell back to CPU on every import

@@ -29,7 +29,9 @@ def count_parameters(model: torch.nn.Module) -> ParamCounts:
         if id(p) in seen:  # tied weights count once
             continue
         seen.add(id(p))
-        n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
+        # ZeRO-3 partitions leave an empty tensor and record the real size in ds_numel; 4-bit weights pack
+        # two values per stored byte.
+        n = getattr(p, "ds_numel", p.numel()) * (2 if p.__class__.__name__ == "Params4bit" else 1)
         total += n
         trainable += n if p.requires_grad else 0
     return ParamCounts(trainable, total)
