@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     from ._quiet import quiet_third_party
 
     quiet_third_party(main_rank=os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0")
+    from .distributed.launchers import strip_launcher_args
+
+    argv = strip_launcher_args(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     # Overrides may come before or after options (`launch r.yaml --nproc-per-node 2 a.b=1`).
     args, extra = parser.parse_known_args(argv)

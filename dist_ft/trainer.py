@@ -22,9 +22,10 @@ import torch
 import torch.distributed as dist
 
 from .assets import resolve_model_path
-from .config import Recipe, dump_recipe
+from .config import Recipe, RecipeError, dump_recipe
 from .data.batching import BatchLayout, SampleOrder, collate, count_targets, pack
 from .data.dataset import prepare_data
+from .distributed.launchers import launcher_problems
 from .distributed.precision import precision_plan
 from .distributed.strategy import Strategy, make_strategy
 from .distributed.topology import Topology, init_distributed, shutdown
@@ -122,6 +123,9 @@ def run_training(recipe: Recipe, *, source: str = "recipe") -> TrainResult:
     quiet = rank_env != 0
     # 1. Everything that can be wrong with the recipe, its files and this machine, before any real work.
     preflight(recipe, source=source)
+    conflicts = launcher_problems(recipe.distributed.strategy)
+    if conflicts:
+        raise RecipeError(conflicts, source)
     model_path = resolve_model_path(recipe.model.path)
     tok = load_tokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
     # 2. Tokenize before the process group exists: no collective can time out while one rank tokenizes.

@@ -47,10 +47,10 @@ def _int_env(*names: str) -> int | None:
 
 
 def detect_launcher() -> str:
+    if any(k.startswith("ACCELERATE_") for k in os.environ):  # accelerate starts its ranks through torchrun
+        return "accelerate"
     if "TORCHELASTIC_RUN_ID" in os.environ:
         return "torchrun"
-    if "ACCELERATE_DYNAMO_BACKEND" in os.environ or any(k.startswith("ACCELERATE_") for k in os.environ):
-        return "accelerate"
     if "DEEPSPEED_LAUNCHER" in os.environ or "CROSS_RANK" in os.environ:
         return "deepspeed"
     if "RANK" in os.environ:
