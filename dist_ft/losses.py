@@ -19,5 +19,7 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     classification ([B, C] logits)."""
     if logits.dim() == 2:
         return F.cross_entropy(logits.float(), labels, reduction="sum")
-    shifted = logits[:, :-1].reshape(-1, logits.size(-1)).float()
-    return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
+    # Shift the labels rather than the logits: slicing [B, T, V] logits would copy the largest activation.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")

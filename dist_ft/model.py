@@ -118,11 +118,13 @@ class ModelBuilder:
         self.weights().reinit_missing(model)
         return model
 
-    def build_meta(self) -> torch.nn.Module:
-        """The model's structure with parameters on the meta device (no memory) and buffers on CPU."""
+    def build_meta(self, context=None) -> torch.nn.Module:
+        """The model's structure without its weights: parameters on the meta device (no memory) and buffers on
+        CPU, or created inside `context` instead (DeepSpeed's zero.Init partitions them as they are created).
+        Pretrained values are then filled by the strategy from `weights()`."""
         from accelerate import init_empty_weights
 
-        with init_empty_weights(include_buffers=False):
+        with context if context is not None else init_empty_weights(include_buffers=False):
             model = self._auto_class().from_config(self.config(), dtype=self.dtype, attn_implementation=self.attn,
                                                    trust_remote_code=self.recipe.model.trust_remote_code)
         if getattr(model.config, "tie_word_embeddings", False) or getattr(

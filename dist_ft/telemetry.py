@@ -9,6 +9,16 @@ import time
 from pathlib import Path
 
 
+def peak_memory_mb(device) -> float:
+    """Peak memory of this process: CUDA max allocated on a GPU, peak resident set size on CPU."""
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 class MetricsFile:
     """One JSON object a line; written by rank 0 only, flushed every record so a crash loses nothing."""
 

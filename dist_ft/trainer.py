@@ -34,7 +34,7 @@ from .losses import forward_logits, loss_sum
 from .model import ModelBuilder, count_parameters, load_tokenizer, resolve_attention
 from .preflight import preflight
 from .schedule import make_scheduler
-from .telemetry import MetricsFile, Progress
+from .telemetry import MetricsFile, Progress, peak_memory_mb
 
 
 @dataclass
@@ -216,7 +216,7 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
         if step % t.log_every == 0 or step == t.max_steps:
             metrics.write({"step": step, "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
                            "targets": n_targets, "tokens": int(global_tokens), "step_time": dt,
-                           "tokens_per_s": global_tokens / dt})
+                           "tokens_per_s": global_tokens / dt, "peak_memory_mb": peak_memory_mb(topo.device)})
         progress.update(step=step, loss=loss, tokens_per_s=global_tokens / dt)
         if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
             last_eval = run_eval(step)
@@ -236,7 +236,10 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
         _log(topo, f"[eval] after {step} steps: " + _fmt_metrics(eval_after))
     final = _save_final(strategy, tok, out / "final", topo)
     seconds = time.perf_counter() - t_start
-    metrics.write({"event": "end", "step": step, "seconds": seconds})
+    peaks = [None] * topo.world_size
+    dist.all_gather_object(peaks, round(peak_memory_mb(topo.device), 1))
+    _log(topo, f"[dist_ft] peak memory per rank (MiB): {peaks}")
+    metrics.write({"event": "end", "step": step, "seconds": seconds, "peak_memory_mb": peaks})
     metrics.close()
     strategy.close()
     return TrainResult(step, losses, eval_before, eval_after, final, stopped_early, seconds)

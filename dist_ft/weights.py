@@ -79,6 +79,10 @@ class ModelWeights:
         t = sl[start:stop] if len(shape) else sl[:]
         return t.to(dtype)
 
+    def close(self) -> None:
+        """Unmap the files: mapped pages count as resident memory for as long as a handle stays open."""
+        self._handles.clear()
+
     def new_value(self, name: str, shape: torch.Size) -> torch.Tensor:
         """The initial value of a parameter the checkpoint lacks, the same on every rank and in every run."""
         c = canonical_name(name)

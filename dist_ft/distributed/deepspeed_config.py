@@ -100,7 +100,10 @@ def resolve_deepspeed_config(template: dict, recipe: Recipe, *, world_size: int,
     # Buckets sized from the model as the DeepSpeed docs advise; overlap and pinning only help on GPUs.
     h = hidden_size or 1024
     fill = {"reduce_bucket_size": h * h, "allgather_bucket_size": int(5e8), "stage3_prefetch_bucket_size":
-            int(0.9 * h * h), "stage3_param_persistence_threshold": 10 * h}
+            int(0.9 * h * h), "stage3_param_persistence_threshold": 10 * h,
+            # About one transformer block's worth (~12 h^2 parameters) gathered at a time. DeepSpeed's default
+            # (1e9) keeps a small model's every parameter gathered between forward and backward.
+            "stage3_max_live_parameters": 12 * h * h, "stage3_max_reuse_distance": 12 * h * h}
     for key, value in fill.items():
         if zero.get(key) == AUTO:
             zero[key] = value

@@ -8,6 +8,7 @@ accumulation boundary is set explicitly on every micro-step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -45,10 +46,24 @@ class DeepSpeedStrategy(Strategy):
 
     def setup(self, builder, make_optimizer: OptimizerFactory) -> None:
         deepspeed = _import_deepspeed()
-        model = builder.build()
+        # DeepSpeed adopts dist_ft's process group (it sees it is initialised) instead of making its own.
+        deepspeed.init_distributed(dist_backend=self.topo.backend, auto_mpi_discovery=False)
+        cfg = self.resolved_config(getattr(builder.config(), "hidden_size", None))
+        if self.stage == 3:
+            # Parameters are partitioned as they are created, then filled one at a time: no rank ever holds
+            # more than one whole parameter.
+            # transformers' own ZeRO-3 path: with this object alive, from_config builds under zero.Init and
+            # gathers each parameter for its initialiser.
+            from transformers.integrations import HfDeepSpeedConfig
+            self._hf_ds_config = HfDeepSpeedConfig(cfg)
+            model = builder.build_meta(context=contextlib.nullcontext())
+            weights = builder.weights()
+            self._load_partitioned(model, weights, deepspeed)
+            weights.close()
+        else:
+            model = builder.build()
         if self.activation_checkpointing:
             enable_activation_checkpointing(model)
-        cfg = self.resolved_config(getattr(model.config, "hidden_size", None))
         if self.topo.is_main:
             out = Path(self.recipe.output_dir)
             out.mkdir(parents=True, exist_ok=True)
@@ -67,12 +82,21 @@ class DeepSpeedStrategy(Strategy):
         # The scheduler drives the torch optimizer inside DeepSpeed's ZeRO wrapper (same param_group dicts).
         self.optimizer = getattr(optimizer, "optimizer", optimizer)
 
+    def _load_partitioned(self, model: torch.nn.Module, weights, deepspeed) -> None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                shape = getattr(p, "ds_shape", p.shape)
+                # Gathered whole on every rank for the moment of the copy; rank 0's values are broadcast back
+                # into the partitions when the context closes.
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if self.topo.is_main:
+                        p.data.copy_(weights.rows(name, shape, 0, shape[0] if len(shape) else 0, p.dtype))
+
     def unwrap(self) -> torch.nn.Module:
         return self.engine.module
 
     def forward_context(self):
         # DeepSpeed casts the module itself for bf16/fp16: no autocast on top.
-        import contextlib
         return contextlib.nullcontext()
 
     def sync_context(self, sync: bool):

@@ -51,10 +51,18 @@ class FSDP2Strategy(Strategy):
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.topo.device.type == "cuda")
         for block in transformer_blocks(model):
             fully_shard(block, **kwargs)
+        # Untied input and output embeddings get units of their own (as in torchtitan): with a large vocabulary
+        # they are the biggest tensors, and in the root unit they would stay gathered for the whole step.
+        inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
+        if inp is not None and outp is not None and inp.weight is not outp.weight:
+            fully_shard(inp, **kwargs)
+            fully_shard(outp, **kwargs)
         fully_shard(model, **kwargs)
         buffers = {n: b.clone() for n, b in model.named_buffers() if b.device.type != "meta"}
         model.to_empty(device="cpu" if offload != "none" else self.topo.device)
-        self._load_shards(model, builder.weights(), buffers)
+        weights = builder.weights()
+        self._load_shards(model, weights, buffers)
+        weights.close()
         self.model = model
         self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
 
