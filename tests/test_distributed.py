@@ -64,3 +64,35 @@ def test_packed_two_ranks_match_one(tmp_path, tiny_llama):
     _, ref, _, _ = _run(tmp_path, "p1", tiny_llama, 1, data=data, training={"micro_batch_size": 2})
     _, two, _, _ = _run(tmp_path, "p2", tiny_llama, 2, data=data, training={"micro_batch_size": 1})
     _assert_close_losses(two, ref)
+
+
+def test_bf16_mixed_tracks_fp32(tmp_path, tiny_llama):
+    _, ref, _, _ = _run(tmp_path, "fp32", tiny_llama, 1, training={"micro_batch_size": 4})
+    _, bf16, _, res = _run(tmp_path, "bf16", tiny_llama, 2, training={"micro_batch_size": 2},
+                           distributed={"precision": "bf16-mixed"})
+    assert "precision bf16-mixed" in res.stdout
+    # bf16 compute: close to fp32, not equal (equality would mean autocast never ran).
+    diffs = [abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(bf16, ref)]
+    assert max(diffs) < 2e-2 and max(diffs) > 0, diffs
+
+
+def test_two_nodes_on_one_machine(tmp_path, tiny_llama):
+    """`dist-ft launch --nnodes 2` twice (one per emulated node) with a c10d rendezvous: one world of 2."""
+    import subprocess
+    import sys
+
+    from dist_ft.distributed.topology import free_port
+    from conftest import REPO
+
+    out = tmp_path / "nodes"
+    path = write_recipe(tmp_path / "nodes.yaml", tiny_recipe(tiny_llama, out, training={"micro_batch_size": 2}))
+    endpoint = f"127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "dist_ft", "launch", str(path), "--nproc-per-node", "1", "--nnodes", "2",
+           "--rdzv-endpoint", endpoint]
+    procs = [subprocess.Popen(cmd + ["--node-rank", str(r)], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert "world size 2" in "".join(o[0] for o in outs)
+    _, ref, _, _ = _run(tmp_path, "ref", tiny_llama, 1, training={"micro_batch_size": 4})
+    _assert_close_losses(read_metrics(out)[0], ref)
