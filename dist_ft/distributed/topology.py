@@ -10,6 +10,7 @@ timeout from the recipe so that a dead peer ends the job instead of hanging it.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import subprocess
@@ -129,8 +130,16 @@ def init_distributed(*, timeout_seconds: int, threads_per_process: int | None = 
 
 
 def shutdown() -> None:
+    """Tear the process group down while the interpreter is still fully alive.
+
+    gloo's worker threads drop the tensors of finished collectives after `wait()` has returned; if one does so
+    while Python is finalizing, it cannot take the GIL and the process aborts ("terminate called without an
+    active exception", exit -6) after a run that succeeded. DDP/FSDP modules keep the group alive through
+    reference cycles, so collect them now: the group's destructor then joins its threads here, not at exit.
+    """
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
 
 
 def free_port() -> int:
