@@ -3,6 +3,7 @@
     dist-ft check RECIPE.yaml [section.key=value ...]     validate; print the resolved recipe; exit 2 on errors
     dist-ft train RECIPE.yaml [overrides]                 train here (one process, or one rank of a launcher)
     dist-ft launch RECIPE.yaml --nproc-per-node N [...]   start the ranks (torchrun's machinery) and train
+    dist-ft export SOURCE OUT [--merge-lora] [--dtype D]  a Hugging Face folder from a checkpoint or a run
     dist-ft demo [--nproc-per-node N] [--output-dir D]    the embedded real fine-tune (SmolLM2 on WordNet)
 """
 
@@ -44,13 +45,16 @@ def cmd_schema(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .checkpoint import CheckpointError
     from .trainer import run_training
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         result = run_training(recipe, source=args.recipe)
-    except (RecipeError, DataError) as exc:
+    except (RecipeError, DataError, CheckpointError) as exc:
         return _fail(exc)
+    if result.stopped_at is not None:
+        return 0
     if result.eval_after and os.environ.get("RANK", "0") == "0":
         print(f"[dist_ft] done: {result.steps} steps in {result.seconds:.1f} s; eval_loss "
               f"{result.eval_before.get('eval_loss', float('nan')):.4f} -> {result.eval_after['eval_loss']:.4f}",
@@ -99,6 +103,18 @@ def cmd_launch(args) -> int:
                   node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint)
 
 
+def cmd_export(args) -> int:
+    from .checkpoint import CheckpointError
+    from .export import export
+
+    try:
+        out = export(args.source, args.out, merge_lora=args.merge_lora, dtype=args.dtype)
+    except (CheckpointError, RecipeError, FileExistsError, FileNotFoundError) as exc:
+        return _fail(exc)
+    print(f"[dist_ft] exported to {out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -127,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--node-rank", type=int, default=0)
     la.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous (multi-node)")
     la.set_defaults(fn=cmd_launch)
+    e = sub.add_parser("export", help="write a Hugging Face folder (or PEFT adapter) from a checkpoint or run")
+    e.add_argument("source", help="a run directory (its final/ model, else its newest complete checkpoint) or a "
+                                   "checkpoints/step-N folder")
+    e.add_argument("out", help="the folder to write (must not exist, or be empty)")
+    e.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into the base weights")
+    e.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="dtype of the written weights "
+                   "(default: as trained)")
+    e.set_defaults(fn=cmd_export)
     d = sub.add_parser("demo", help="fine-tune the bundled SmolLM2 on WordNet definitions, then ask it something")
     d.add_argument("--nproc-per-node", type=int, default=None, help="default: GPUs if any, else 2 CPU processes")
     d.add_argument("--output-dir", default=None)

@@ -112,6 +112,8 @@ class TrainingConfig:
     eval_every: int = _f(0, "Evaluate every N steps (0: only before and after training).", ge=0)
     early_stopping_patience: int = _f(0, "Stop after N evaluations without a better eval_loss (0: never).", ge=0)
     log_every: int = _f(1, "Write a training record to metrics.jsonl every N steps.", ge=1)
+    stop_after_steps: Optional[int] = _f(None, "End this invocation after N steps, with a checkpoint, while the "
+                                         "schedule still runs to max_steps: for time-boxed jobs that resume.", ge=1)
 
 
 @dataclass
@@ -129,6 +131,19 @@ class DistributedConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int = _f(0, "Write a sharded, resumable checkpoint every N optimizer steps (0: none; the final "
+                          "model is saved either way).", ge=0)
+    keep_last: Optional[int] = _f(2, "Keep the newest N complete checkpoints (None: all). The newest complete one "
+                                  "is never deleted.", ge=1)
+    resume: Optional[str] = _f(None, "auto: continue from the newest complete checkpoint in output_dir (start "
+                               "fresh if there is none); a path: continue from that checkpoint or run directory "
+                               "(an error if it cannot load); None: never resume.")
+    verify: Literal["size", "sha256"] = _f("sha256", "How a checkpoint is checked before resuming: file sizes "
+                                           "only, or sizes and sha256 (the hashing split over ranks).")
+
+
+@dataclass
 class Recipe:
     output_dir: str = _f("runs/default", "Run directory: config.yaml, metrics.jsonl, final/.")
     seed: int = _f(0, "Seed for weights that start random, data order and dropout.", ge=0)
@@ -138,6 +153,7 @@ class Recipe:
     method: MethodConfig = _f(factory=MethodConfig, help="Which weights are trained.")
     training: TrainingConfig = _f(factory=TrainingConfig, help="The optimisation.")
     distributed: DistributedConfig = _f(factory=DistributedConfig, help="Sharding and precision.")
+    checkpoint: CheckpointConfig = _f(factory=CheckpointConfig, help="Resumable checkpoints.")
 
 
 class RecipeError(ValueError):
@@ -291,6 +307,12 @@ def _cross_checks(r: Recipe) -> list[str]:
     if r.method.kind == "lora" and r.method.lora.use_dora and strategy in ("fsdp", "zero3"):
         p.append(f"method.lora.use_dora: DoRA magnitudes need the whole weight, which {strategy} never gathers at "
                  "start; use ddp, zero1 or zero2 for DoRA")
+    if r.training.stop_after_steps and not r.checkpoint.every_steps:
+        p.append("training.stop_after_steps: the run would stop without a checkpoint to resume from; set "
+                 "checkpoint.every_steps (the stop writes one too)")
+    if r.checkpoint.every_steps and r.checkpoint.every_steps > r.training.max_steps:
+        p.append(f"checkpoint.every_steps: {r.checkpoint.every_steps} is more than training.max_steps "
+                 f"({r.training.max_steps}), so no checkpoint would be written; lower it")
     if r.model.attn_implementation in ("flash_attention_2", "flash_attention_3") \
             and r.distributed.precision == "fp32":
         p.append(f"model.attn_implementation: {r.model.attn_implementation} needs bf16 or fp16 weights; set "

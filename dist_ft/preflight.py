@@ -131,9 +131,16 @@ def output_problems(recipe: Recipe) -> list[str]:
     out = Path(recipe.output_dir)
     if out.exists() and not out.is_dir():
         return [f"output_dir: {out} exists and is not a folder; choose another output_dir"]
-    if out.is_dir() and any(out.iterdir()) and not recipe.overwrite_output_dir:
-        return [f"output_dir: {out} already holds files; choose a new output_dir, or set overwrite_output_dir: true "
-                "to replace them"]
+    resume = recipe.checkpoint.resume
+    if resume is not None and recipe.overwrite_output_dir:
+        return ["overwrite_output_dir: true would delete the checkpoints checkpoint.resume continues from; set one "
+                "of them only"]
+    if resume not in (None, "auto") and not Path(resume).is_dir():
+        return [f"checkpoint.resume: {resume} does not exist; give a checkpoints/step-N folder, a run directory, "
+                "or auto"]
+    if out.is_dir() and any(out.iterdir()) and not recipe.overwrite_output_dir and resume is None:
+        return [f"output_dir: {out} already holds files; choose a new output_dir, set checkpoint.resume: auto to "
+                "continue the run in it, or set overwrite_output_dir: true to replace them"]
     return []
 
 

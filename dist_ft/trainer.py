@@ -9,6 +9,7 @@ strategy; evaluate, train, evaluate; save `final/`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import checkpoint as ckpt
 from .assets import resolve_model_path
 from .config import Recipe, RecipeError, dump_recipe
 from .data.batching import BatchLayout, SampleOrder, collate, count_targets, pack
@@ -46,6 +48,8 @@ class TrainResult:
     final_dir: Path | None
     stopped_early: bool
     seconds: float
+    resumed_from: Path | None = None
+    stopped_at: int | None = None  # training.stop_after_steps ended this invocation at this step
 
 
 def seed_everything(seed: int) -> None:
@@ -104,6 +108,7 @@ def _make_optimizer(recipe: Recipe):
 def _prepare_output(recipe: Recipe, topo: Topology) -> Path:
     out = Path(recipe.output_dir)
     if topo.is_main:
+        # (preflight refuses overwrite_output_dir together with checkpoint.resume: checkpoints are never wiped)
         if recipe.overwrite_output_dir and out.is_dir():
             for child in out.iterdir():
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -157,11 +162,21 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
 
     strategy = make_strategy(recipe.distributed.strategy, topo=topo, precision=precision,
                              activation_checkpointing=recipe.distributed.activation_checkpointing, recipe=recipe)
+    meta = {"strategy": strategy.name, "state_format": strategy.state_format, "method": recipe.method.kind,
+            "model_path": str(model_path), "model_config_sha": ckpt.config_sha(model_path),
+            "precision": recipe.distributed.precision}
+    # Which checkpoint (if any) this run continues from: chosen and verified before the model is built.
+    resume = _find_resume(recipe, topo, meta) if recipe.checkpoint.resume is not None else None
+    if resume is not None:
+        strategy.prepare_resume(resume.path / "state", resume.manifest)
     strategy.setup(builder, _make_optimizer(recipe))
     counts = count_parameters(strategy.unwrap())
     _log(topo, f"[dist_ft] {counts.describe()}")
     scheduler = make_scheduler(strategy.optimizer, warmup=t.warmup_steps, total=t.max_steps, kind=t.lr_scheduler,
                                min_ratio=t.min_lr_ratio)
+    state = ckpt.TrainerState(model_build={"num_labels": data.num_labels, "label_names": data.label_names})
+    if resume is not None:
+        state = _load_resume(resume, strategy, scheduler, topo)
 
     rows = pack(data.train, recipe.data.max_length) if recipe.data.packing else data.train
     if recipe.data.packing:
@@ -169,9 +184,13 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
     order = SampleOrder(len(rows), recipe.seed)
     layout = BatchLayout(t.micro_batch_size, topo.world_size, t.gradient_accumulation_steps)
     pad_id = tok.pad_token_id
+    if resume is not None and topo.is_main:
+        _truncate_metrics(out / "metrics.jsonl", state.step)
     metrics = MetricsFile(out / "metrics.jsonl" if topo.is_main else None)
     metrics.write({"event": "start", "world_size": topo.world_size, "trainable_params": counts.trainable,
-                   "total_params": counts.total, "global_batch": layout.global_batch, "attention": attn})
+                   "total_params": counts.total, "global_batch": layout.global_batch, "attention": attn,
+                   "run_id": state.run_id, "step": state.step,
+                   **({"resumed_from": str(resume.path)} if resume is not None else {})})
 
     def run_eval(step: int) -> dict:
         if not data.eval:
@@ -181,24 +200,42 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
         metrics.write({"step": step, **res})
         return res
 
-    eval_before = run_eval(0)
-    if eval_before:
-        _log(topo, "[eval] before training: " + _fmt_metrics(eval_before))
-    progress = Progress(total=t.max_steps, enabled=topo.is_main)
+    if resume is None:
+        eval_before = run_eval(0)
+        if eval_before:
+            _log(topo, "[eval] before training: " + _fmt_metrics(eval_before))
+        # The evaluation before training is the first "best": a run that only gets worse stops early too.
+        state.eval_before = eval_before
+        state.best_eval_loss = eval_before.get("eval_loss", math.inf)
+        state.last_eval = eval_before
+    eval_before = state.eval_before
+    progress = Progress(total=t.max_steps, start=state.step, enabled=topo.is_main)
     losses: list[float] = []
-    # The evaluation before training is the first "best": a run that only gets worse stops early too.
-    best = eval_before.get("eval_loss", math.inf)
-    bad_evals, stopped_early, last_eval = 0, False, eval_before
+    stopped_early, stopped_at = False, None
     skipped_in_a_row = 0
+    first_step = state.step + 1
     strategy.train(True)
-    step = 0
-    for step in range(1, t.max_steps + 1):
+    step = state.step
+
+    def save(step: int) -> None:
+        state.step, state.scheduler = step, scheduler.state_dict()
+        state.strategy_extra = strategy.extra_state()
+        ckpt.save_checkpoint(root=ckpt.checkpoints_root(out), strategy=strategy, trainer_state=state,
+                             recipe_yaml=dump_recipe(recipe), tokenizer=tok, topo=topo,
+                             meta={**meta, "global_batch": layout.global_batch},
+                             keep_last=recipe.checkpoint.keep_last, log=progress.write)
+        metrics.write({"event": "checkpoint", "step": step})
+
+    for step in range(first_step, t.max_steps + 1):
         t0 = time.perf_counter()
         micro = []
         for m in range(t.gradient_accumulation_steps):
-            start, count = layout.micro_positions(step - 1, m, topo.rank)
-            micro.append(collate([rows[i] for i in order.rows(start, count)], pad_id))
+            # Positions count from the samples consumed so far, so a resume on another number of ranks reads on
+            # exactly where the run stopped.
+            start, count = layout.micro_positions(0, m, topo.rank)
+            micro.append(collate([rows[i] for i in order.rows(state.samples_seen + start, count)], pad_id))
         loss, n_targets, result = train_step(strategy, micro, t.max_grad_norm)
+        state.samples_seen += layout.global_batch
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         dt = time.perf_counter() - t0
@@ -219,18 +256,35 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
                            "tokens_per_s": global_tokens / dt, "peak_memory_mb": peak_memory_mb(topo.device)})
         progress.update(step=step, loss=loss, tokens_per_s=global_tokens / dt)
         if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
-            last_eval = run_eval(step)
-            progress.write(f"[eval] step {step}: " + _fmt_metrics(last_eval))
-            if last_eval["eval_loss"] < best - 1e-12:
-                best, bad_evals = last_eval["eval_loss"], 0
+            state.last_eval = run_eval(step)
+            progress.write(f"[eval] step {step}: " + _fmt_metrics(state.last_eval))
+            best = state.best_eval_loss if state.best_eval_loss is not None else math.inf
+            if state.last_eval["eval_loss"] < best - 1e-12:
+                state.best_eval_loss, state.bad_evals = state.last_eval["eval_loss"], 0
             else:
-                bad_evals += 1
-                if t.early_stopping_patience and bad_evals >= t.early_stopping_patience:
+                state.bad_evals += 1
+                if t.early_stopping_patience and state.bad_evals >= t.early_stopping_patience:
                     progress.write(f"[train] early stop at step {step}: eval_loss did not improve for "
-                                   f"{bad_evals} evaluations (best {best:.4f})")
+                                   f"{state.bad_evals} evaluations (best {best:.4f})")
                     stopped_early = True
                     break
+        stop_here = t.stop_after_steps is not None and step - first_step + 1 >= t.stop_after_steps \
+            and step < t.max_steps
+        if recipe.checkpoint.every_steps and (step % recipe.checkpoint.every_steps == 0 or stop_here):
+            save(step)
+        if stop_here:
+            stopped_at = step
+            progress.write(f"[train] stopping after step {step} (training.stop_after_steps "
+                           f"{t.stop_after_steps}); run the same command with checkpoint.resume: auto to continue")
+            break
     progress.close()
+    if stopped_at is not None:
+        metrics.write({"event": "stopped", "step": step})
+        metrics.close()
+        strategy.close()
+        return TrainResult(step, losses, eval_before, {}, None, False, time.perf_counter() - t_start,
+                           resume.path if resume else None, stopped_at)
+    last_eval = state.last_eval
     eval_after = run_eval(step) if not (stopped_early and last_eval) else last_eval
     if eval_after:
         _log(topo, f"[eval] after {step} steps: " + _fmt_metrics(eval_after))
@@ -242,7 +296,80 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
     metrics.write({"event": "end", "step": step, "seconds": seconds, "peak_memory_mb": peaks})
     metrics.close()
     strategy.close()
-    return TrainResult(step, losses, eval_before, eval_after, final, stopped_early, seconds)
+    return TrainResult(step, losses, eval_before, eval_after, final, stopped_early, seconds,
+                       resume.path if resume else None)
+
+
+def _find_resume(recipe: Recipe, topo: Topology, meta: dict) -> ckpt.Candidate | None:
+    """The verified checkpoint to continue from. Explicit paths fail loudly; `auto` skips damaged checkpoints with
+    a warning naming the file, and starts fresh (saying so) only when there is no complete one at all."""
+    log = (lambda m: _log(topo, m))
+    explicit = recipe.checkpoint.resume != "auto"
+    box = [None]
+    if topo.is_main:
+        try:
+            if explicit:
+                box[0] = [ckpt.choose_resume(recipe.checkpoint.resume, recipe.output_dir, log)]
+            else:
+                complete, incomplete = ckpt.list_checkpoints(ckpt.checkpoints_root(recipe.output_dir))
+                for c in incomplete:
+                    log(f"[checkpoint] warning: skipping {c.problem}")
+                box[0] = complete
+        except ckpt.CheckpointError as exc:
+            box[0] = str(exc)
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], str):
+        raise ckpt.CheckpointError(box[0])
+    for cand in box[0]:
+        problems = ckpt.compatibility_problems(cand.manifest, meta)
+        if problems:
+            raise ckpt.CheckpointError(f"{cand.path} cannot continue under this recipe:\n  - " + "\n  - ".join(problems))
+        if recipe.checkpoint.verify == "sha256":
+            problems = ckpt.checksum_problems(cand.path, cand.manifest, topo.rank, topo.world_size)
+        if not problems:
+            _log(topo, f"[checkpoint] resuming from {cand.path} (step {cand.step}, written by "
+                       f"{cand.manifest['world_size']} x {cand.manifest['strategy']})")
+            return cand
+        if explicit:
+            raise ckpt.CheckpointError("; ".join(problems))
+        log(f"[checkpoint] warning: skipping {cand.path}: " + "; ".join(problems))
+    _log(topo, f"[checkpoint] no complete checkpoint in {ckpt.checkpoints_root(recipe.output_dir)}: starting from "
+               f"the base model {meta['model_path']}")
+    return None
+
+
+def _load_resume(cand: ckpt.Candidate, strategy: Strategy, scheduler, topo: Topology) -> ckpt.TrainerState:
+    folder = cand.path
+    try:
+        strategy.load_state(folder / "state", cand.manifest)
+    except ckpt.CheckpointError:
+        raise
+    except Exception as exc:  # the backend's own error, with the folder that caused it
+        raise ckpt.CheckpointError(f"{folder / 'state'}: could not be loaded: {type(exc).__name__}: {exc}") from exc
+    state = ckpt.TrainerState.from_dict(json.loads((folder / "trainer_state.json").read_text()))
+    scheduler.load_state_dict(state.scheduler)
+    strategy.load_extra_state(state.strategy_extra)
+    # Each rank continues its own random streams; on a different number of ranks, new ranks take rank 0's.
+    rng = folder / "rng" / f"rank-{topo.rank}.json"
+    ckpt.set_rng_state(json.loads((rng if rng.is_file() else folder / "rng" / "rank-0.json").read_text()))
+    return state
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop what the interrupted run logged after its checkpoint: the resumed run logs those steps again."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut off by the crash
+        if rec.get("step", 0) <= step and rec.get("event") != "end":
+            keep.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(k + "\n" for k in keep))
+    os.replace(tmp, path)
 
 
 def _fmt_metrics(m: dict) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -29,11 +31,15 @@ def _import_deepspeed():
 
 
 class DeepSpeedStrategy(Strategy):
+    state_format = "deepspeed"
+    TAG = "ds"  # the one tag inside a dist_ft checkpoint's state/ folder
+
     def __init__(self, *, stage: int, **kwargs):
         super().__init__(**kwargs)
         self.stage = stage
         self.name = f"zero{stage}"
         self.engine = None
+        self._load_universal = False
 
     def resolved_config(self, hidden_size: int | None) -> dict:
         template, source = load_template(self.recipe)
@@ -42,6 +48,8 @@ class DeepSpeedStrategy(Strategy):
         if problems:
             from ..config import RecipeError
             raise RecipeError(problems, source)
+        if self._load_universal:
+            cfg["checkpoint"] = {**cfg.get("checkpoint", {}), "load_universal": True}
         return cfg
 
     def setup(self, builder, make_optimizer: OptimizerFactory) -> None:
@@ -128,6 +136,49 @@ class DeepSpeedStrategy(Strategy):
             names = {n for n, p in self.engine.module.named_parameters() if p.requires_grad}
             state = {k: v for k, v in state.items() if k in names}
         return state
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def save_state(self, folder: Path) -> None:
+        # DeepSpeed's own layout: every rank writes its optimizer partition, the model states once.
+        self.engine.save_checkpoint(str(folder), tag=self.TAG, client_state={}, save_latest=False,
+                                    exclude_frozen_parameters=self.trainable_only)
+
+    def prepare_resume(self, folder: Path, manifest: dict) -> None:
+        """A ZeRO checkpoint loads only on the world size (and stage) that wrote it. Otherwise convert it once to
+        DeepSpeed's universal format (per-parameter fp32 weights and optimizer moments) and load that."""
+        if manifest.get("world_size") == self.topo.world_size and manifest.get("strategy") == self.name:
+            return
+        import subprocess
+        import sys
+
+        import torch.distributed as dist
+
+        universal = folder.parent / "universal"
+        if self.topo.is_main and not (universal / self.TAG).is_dir():
+            tmp = folder.parent / ".universal.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                   str(folder / self.TAG), "--output_folder", str(tmp / self.TAG), "--num_extract_workers", "1",
+                   "--num_merge_workers", "1", "--inject_missing_state"]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                from ..checkpoint import CheckpointError
+                raise CheckpointError(f"{folder}: converting the ZeRO checkpoint (world size "
+                                      f"{manifest.get('world_size')}, {manifest.get('strategy')}) for world size "
+                                      f"{self.topo.world_size} ({self.name}) failed:\n{res.stderr[-2000:]}")
+            os.replace(tmp, universal)
+        dist.barrier()
+        self._universal_dir = universal
+        self._load_universal = True
+
+    def load_state(self, folder: Path, manifest: dict) -> None:
+        source = getattr(self, "_universal_dir", None) if self._load_universal else folder
+        path, _ = self.engine.load_checkpoint(str(source), tag=self.TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False,
+                                              load_module_strict=not self.trainable_only)
+        if path is None:
+            from ..checkpoint import CheckpointError
+            raise CheckpointError(f"{source / self.TAG}: DeepSpeed found no checkpoint to load")
 
     def close(self) -> None:
         self.engine = None

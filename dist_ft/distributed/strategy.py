@@ -10,6 +10,7 @@ import contextlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -30,6 +31,7 @@ class Strategy(ABC):
     """One per backend: builds the model and optimizer its way, then runs backward, clip and step its way."""
 
     name: str = "?"
+    state_format: str = "dcp"  # what save_state writes; a checkpoint resumes under any strategy that reads it
 
     def __init__(self, *, topo: Topology, precision: PrecisionPlan, activation_checkpointing: bool, recipe=None):
         self.topo = topo
@@ -38,6 +40,8 @@ class Strategy(ABC):
         self.recipe = recipe
         self.model: torch.nn.Module | None = None  # what forward is called on
         self.optimizer: torch.optim.Optimizer | None = None
+        # fp16 needs a dynamic loss scale (CUDA only; checked before start). DeepSpeed keeps its own.
+        self.scaler = torch.amp.GradScaler(topo.device.type) if precision.needs_scaler else None
 
     # ------------------------------------------------------------------------------------------------ setup
     @abstractmethod
@@ -58,10 +62,12 @@ class Strategy(ABC):
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def step(self, max_grad_norm: float | None) -> StepResult:
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         if max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
         else:
@@ -69,7 +75,10 @@ class Strategy(ABC):
         norm = _to_float(norm)
         # The norm is global (gradients are already reduced), so every rank takes the same decision.
         skipped = not math.isfinite(norm)
-        if not skipped:
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the update itself on inf/nan, and lowers the scale
+            self.scaler.update()
+        elif not skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(norm, skipped)
@@ -81,6 +90,33 @@ class Strategy(ABC):
     @abstractmethod
     def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
         """The whole model's state on rank 0 (CPU tensors), None on other ranks. A collective: call on every rank."""
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    @property
+    def trainable_only(self) -> bool:
+        """Checkpoints of adapter methods leave out the frozen base weights."""
+        return self.recipe is not None and self.recipe.method.kind != "full"
+
+    def prepare_resume(self, folder: Path, manifest: dict) -> None:
+        """Called before setup when resuming (a backend that must configure itself for loading does it here)."""
+
+    def save_state(self, folder: Path) -> None:
+        """Write model and optimizer state, sharded, into `folder`. A collective: every rank calls it."""
+        from . import dcp_state
+        dcp_state.save(self.model, self.optimizer, folder, trainable_only=self.trainable_only)
+
+    def load_state(self, folder: Path, manifest: dict) -> None:
+        """Fill model and optimizer from `folder` (after setup). A collective."""
+        from . import dcp_state
+        dcp_state.load(self.model, self.optimizer, folder, trainable_only=self.trainable_only)
+
+    def extra_state(self) -> dict:
+        """Small JSON-able state beyond model and optimizer (the loss scale)."""
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
     def close(self) -> None:
         pass

@@ -1,0 +1,340 @@
+"""Checkpoints that are either complete or invisible, and resumption that is exact or loud.
+
+Layout of a run directory:
+
+    output_dir/checkpoints/step-00000600/
+        manifest.json       written last: step, data position, world size, strategy, model, files with sizes and
+                            sha256. A folder without it is incomplete and is never resumed from.
+        trainer_state.json  step, samples seen, scheduler, early-stopping state, telemetry run id (rank 0)
+        rng/rank-N.json     every rank's Python, NumPy and torch RNG states (JSON: nothing is unpickled)
+        recipe.yaml         the recipe that wrote it (export rebuilds the model from it)
+        tokenizer/          the run's tokenizer
+        state/              the strategy's sharded model + optimizer state: DCP (DDP, FSDP2) or DeepSpeed's own
+
+A checkpoint is written under `.tmp-step-N` by all ranks, its files hashed (the work split over ranks), the
+manifest written and fsynced, and only then renamed into place. The backend format is the strategy's business
+(distributed/*.py: `save_state` / `load_state`); everything else is here, and knows nothing about backends.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+FORMAT = "dist_ft-checkpoint/1"
+MANIFEST = "manifest.json"
+PREFIX = "step-"
+TMP_PREFIX = ".tmp-step-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from: names the file and the reason."""
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"{PREFIX}{step:08d}"
+
+
+def checkpoints_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+# --------------------------------------------------------------------------------------------------- manifest
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _hash_files(folder: Path, names: list[str], rank: int, world: int) -> dict[str, dict]:
+    """Sizes and sha256 of `names`, every rank hashing its share; the full table on every rank."""
+    mine = {n: {"bytes": (folder / n).stat().st_size, "sha256": _sha256(folder / n)}
+            for i, n in enumerate(names) if i % world == rank}
+    if world == 1:
+        return mine
+    parts: list = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing: the checkpoint was not completed (the run stopped while writing "
+                              "it); resume from an earlier one")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc}); resume from an earlier checkpoint") from exc
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    return manifest
+
+
+def size_problems(folder: Path, manifest: dict) -> list[str]:
+    """Files missing or of the wrong size: cheap, so checked before anything else."""
+    problems = []
+    for name, meta in manifest["files"].items():
+        p = folder / name
+        if not p.is_file():
+            problems.append(f"{p}: missing (listed in {folder / MANIFEST})")
+        elif p.stat().st_size != meta["bytes"]:
+            problems.append(f"{p}: {p.stat().st_size} bytes, the manifest says {meta['bytes']} (truncated or "
+                            "overwritten)")
+    return problems
+
+
+def checksum_problems(folder: Path, manifest: dict, rank: int = 0, world: int = 1) -> list[str]:
+    names = sorted(manifest["files"])
+    got = _hash_files(folder, names, rank, world)
+    return [f"{folder / n}: sha256 {got[n]['sha256'][:12]}... does not match the manifest's "
+            f"{manifest['files'][n]['sha256'][:12]}... (corrupted)" for n in names
+            if got[n]["sha256"] != manifest["files"][n]["sha256"]]
+
+
+# --------------------------------------------------------------------------------------------------- listing
+
+@dataclass
+class Candidate:
+    path: Path
+    step: int
+    manifest: dict | None = None
+    problem: str | None = None
+
+
+def list_checkpoints(root: Path) -> tuple[list[Candidate], list[Candidate]]:
+    """(complete ones newest first, incomplete ones), judged by manifest and file sizes (no hashing)."""
+    complete, incomplete = [], []
+    if not root.is_dir():
+        return complete, incomplete
+    for p in root.iterdir():
+        if not p.is_dir():
+            continue
+        if p.name.startswith(TMP_PREFIX):
+            incomplete.append(Candidate(p, _step_of(p.name[len(TMP_PREFIX):]),
+                                        problem=f"{p}: incomplete (still named {p.name}: the run stopped while "
+                                                "writing it)"))
+            continue
+        if not p.name.startswith(PREFIX):
+            continue
+        c = Candidate(p, _step_of(p.name[len(PREFIX):]))
+        try:
+            c.manifest = read_manifest(p)
+            bad = size_problems(p, c.manifest)
+            if bad:
+                c.problem = "; ".join(bad)
+        except CheckpointError as exc:
+            c.problem = str(exc)
+        (incomplete if c.problem else complete).append(c)
+    complete.sort(key=lambda c: c.step, reverse=True)
+    return complete, incomplete
+
+
+def _step_of(suffix: str) -> int:
+    try:
+        return int(suffix)
+    except ValueError:
+        return -1
+
+
+def prune(root: Path, keep_last: int | None, log) -> None:
+    """Delete the oldest complete checkpoints beyond keep_last (and the leftovers of interrupted writes). The
+    newest complete checkpoint is never deleted: keep_last is at least 1."""
+    complete, incomplete = list_checkpoints(root)
+    if keep_last is not None:
+        for c in complete[max(1, keep_last):]:
+            shutil.rmtree(c.path, ignore_errors=True)
+            log(f"[checkpoint] removed {c.path.name} (keep_last {keep_last})")
+    newest = complete[0].step if complete else -1
+    for c in incomplete:
+        if c.path.name.startswith(TMP_PREFIX) and c.step < newest:
+            shutil.rmtree(c.path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------- RNG
+
+def rng_state() -> dict:
+    """This process's RNG states as JSON-able data (no pickle to load them back)."""
+    py = random.getstate()
+    n = np.random.get_state()
+    state = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [n[0], n[1].tolist(), int(n[2]), int(n[3]), float(n[4])],
+             "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
+
+
+# --------------------------------------------------------------------------------------------------- writing
+
+@dataclass
+class TrainerState:
+    """Everything besides model and optimizer that makes a resumed run continue exactly."""
+    step: int = 0
+    samples_seen: int = 0  # global sample positions consumed: independent of the number of ranks
+    scheduler: dict = field(default_factory=dict)
+    best_eval_loss: float | None = None
+    bad_evals: int = 0
+    last_eval: dict = field(default_factory=dict)
+    eval_before: dict = field(default_factory=dict)
+    strategy_extra: dict = field(default_factory=dict)  # e.g. the fp16 loss scale
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    model_build: dict = field(default_factory=dict)  # num_labels, label names: what export needs to rebuild
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainerState":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def _fault(point: str, step: int) -> None:
+    """Fault injection for the crash tests: DIST_FT_FAULT=checkpoint-write:STEP kills this process (SIGKILL, no
+    clean-up) half-way through writing the checkpoint of that step."""
+    spec = os.environ.get("DIST_FT_FAULT", "")
+    if spec == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(*, root: Path, strategy, trainer_state: TrainerState, recipe_yaml: str, tokenizer,
+                    topo, meta: dict, keep_last: int | None, log) -> Path:
+    """Write, hash, manifest, rename; then read the manifest back and prune. A collective: every rank calls it."""
+    t0 = time.perf_counter()
+    step = trainer_state.step
+    tmp, final = root / f"{TMP_PREFIX}{step:08d}", step_dir(root, step)
+    if topo.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of an earlier, interrupted attempt
+        (tmp / "rng").mkdir(parents=True)
+    dist.barrier()
+    strategy.save_state(tmp / "state")
+    (tmp / "rng" / f"rank-{topo.rank}.json").write_text(json.dumps(rng_state()))
+    if topo.is_main:
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state.__dict__, indent=1))
+        (tmp / "recipe.yaml").write_text(recipe_yaml)
+        tokenizer.save_pretrained(tmp / "tokenizer")
+    _fault("checkpoint-write", step)
+    dist.barrier()
+    names = _files(tmp) if topo.is_main else None
+    box = [names]
+    dist.broadcast_object_list(box, src=0)
+    files = _hash_files(tmp, box[0], topo.rank, topo.world_size)
+    if topo.is_main:
+        manifest = {"format": FORMAT, "step": step, "samples_seen": trainer_state.samples_seen,
+                    "world_size": topo.world_size, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **meta,
+                    "files": files}
+        with open(tmp / MANIFEST, "w") as fh:
+            json.dump(manifest, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # a checkpoint of the same step from an earlier attempt: replaced by this complete one
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        # Verify what a resume will read: the manifest, and every file at its recorded size.
+        bad = size_problems(final, read_manifest(final))
+        if bad:
+            raise CheckpointError("checkpoint verification failed: " + "; ".join(bad))
+        prune(root, keep_last, log)
+        total = sum(f["bytes"] for f in files.values())
+        log(f"[checkpoint] saved step {step} to {final} ({total / 2**20:.1f} MiB, {len(files)} files, "
+            f"{time.perf_counter() - t0:.1f} s)")
+    dist.barrier()
+    return final
+
+
+# --------------------------------------------------------------------------------------------------- choosing
+
+def choose_resume(resume: str, output_dir: str | Path, log) -> Candidate | None:
+    """The checkpoint to resume from (sizes checked), or None for `auto` with no complete checkpoint.
+
+    `auto`: the newest complete checkpoint under output_dir/checkpoints; incomplete or damaged ones are skipped,
+    each with a warning naming the file and the reason. A path: that checkpoint, or a CheckpointError.
+    """
+    if resume != "auto":
+        path = Path(resume)
+        if (path / "checkpoints").is_dir() and not (path / MANIFEST).exists():
+            complete, incomplete = list_checkpoints(path / "checkpoints")
+            for c in incomplete:
+                log(f"[checkpoint] warning: skipping {c.problem}")
+            if not complete:
+                raise CheckpointError(f"checkpoint.resume: {path} holds no complete checkpoint")
+            return complete[0]
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint.resume: {path} does not exist; give a checkpoints/step-N folder, "
+                                  "a run directory, or auto")
+        manifest = read_manifest(path)
+        bad = size_problems(path, manifest)
+        if bad:
+            raise CheckpointError("; ".join(bad))
+        return Candidate(path, manifest["step"], manifest)
+    complete, incomplete = list_checkpoints(checkpoints_root(output_dir))
+    for c in incomplete:
+        log(f"[checkpoint] warning: skipping {c.problem}")
+    return complete[0] if complete else None
+
+
+def compatibility_problems(manifest: dict, meta: dict) -> list[str]:
+    """Why a checkpoint cannot continue under this recipe (empty when it can)."""
+    problems = []
+    if manifest.get("model_config_sha") != meta.get("model_config_sha"):
+        problems.append(f"the checkpoint was trained from a different model ({manifest.get('model_path')}, config "
+                        f"{str(manifest.get('model_config_sha'))[:12]}) than model.path {meta.get('model_path')} "
+                        f"(config {str(meta.get('model_config_sha'))[:12]}); set model.path to the checkpoint's model")
+    if manifest.get("method") != meta.get("method"):
+        problems.append(f"the checkpoint trained method {manifest.get('method')!r}, the recipe asks for "
+                        f"{meta.get('method')!r}; set method to match, or export the checkpoint (dist-ft export) and "
+                        "start a new run from it")
+    if manifest.get("state_format") != meta.get("state_format"):
+        problems.append(f"the checkpoint was written by strategy {manifest.get('strategy')} "
+                        f"({manifest.get('state_format')} format) and strategy {meta.get('strategy')} reads "
+                        f"{meta.get('state_format')}: resume with distributed.strategy: {manifest.get('strategy')}, "
+                        "or export it (dist-ft export CHECKPOINT OUT) and start a new run from OUT")
+    return problems
+
+
+def config_sha(model_path: Path) -> str:
+    cfg = Path(model_path) / "config.json"
+    return hashlib.sha256(cfg.read_bytes()).hexdigest() if cfg.is_file() else "unknown"
