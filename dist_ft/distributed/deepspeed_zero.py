@@ -54,6 +54,10 @@ class DeepSpeedStrategy(Strategy):
 
     def setup(self, builder, make_optimizer: OptimizerFactory) -> None:
         deepspeed = _import_deepspeed()
+        # zero.Init reads the launcher's variables; a single process started by hand has none.
+        for key, value in (("LOCAL_RANK", self.topo.local_rank), ("RANK", self.topo.rank),
+                           ("WORLD_SIZE", self.topo.world_size)):
+            os.environ.setdefault(key, str(value))
         # DeepSpeed adopts dist_ft's process group (it sees it is initialised) instead of making its own.
         deepspeed.init_distributed(dist_backend=self.topo.backend, auto_mpi_discovery=False)
         cfg = self.resolved_config(getattr(builder.config(), "hidden_size", None))
