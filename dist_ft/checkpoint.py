@@ -256,6 +256,8 @@ def save_checkpoint(*, root: Path, strategy, trainer_state: TrainerState, recipe
         tokenizer.save_pretrained(tmp / "tokenizer")
     _fault("checkpoint-write", step)
     dist.barrier()
+    if strategy.trainable_only:
+        _verify_adapter(tmp / "state", strategy, topo)
     names = _files(tmp) if topo.is_main else None
     box = [names]
     dist.broadcast_object_list(box, src=0)
@@ -283,6 +285,28 @@ def save_checkpoint(*, root: Path, strategy, trainer_state: TrainerState, recipe
             f"{time.perf_counter() - t0:.1f} s)")
     dist.barrier()
     return final
+
+
+def _verify_adapter(folder: Path, strategy, topo) -> None:
+    """An adapter checkpoint must hold every trainable tensor, non-empty and equal to the live weights (saving
+    under ZeRO-3 without gathering writes empty tensors: a failure that otherwise shows only at resume)."""
+    live = strategy.trainable_state()  # a collective
+    problem = None
+    if topo.is_main:
+        stored = strategy.read_trainable(folder)
+        for name, value in live.items():
+            got = stored.get(name)
+            if got is None or got.numel() == 0:
+                problem = f"{folder}: the adapter tensor {name} is {'missing' if got is None else 'empty'}"
+            elif got.shape != value.shape or not torch.equal(got.to(value.dtype), value):
+                diff = (got.float() - value.float()).abs().max() if got.shape == value.shape else "shape"
+                problem = f"{folder}: the stored {name} differs from the live weights ({diff})"
+            if problem:
+                break
+    box = [problem]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise CheckpointError("checkpoint verification failed: " + box[0])
 
 
 # --------------------------------------------------------------------------------------------------- choosing

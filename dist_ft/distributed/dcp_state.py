@@ -44,6 +44,16 @@ def stored_names(folder: Path) -> set[str]:
     return set(FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
 
 
+def read_model_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every model tensor a DCP folder holds, whole, read by this process alone (no process group needed)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    meta = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    state = {"model": {n[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype)
+                       for n, m in meta.items() if n.startswith("model.") and hasattr(m, "size")}}
+    dcp.load(state, checkpoint_id=str(folder), no_dist=True)
+    return state["model"]
+
+
 def load_model_only(model: torch.nn.Module, folder: Path) -> list[str]:
     """Load the model tensors of a DCP folder into an unwrapped model in this one process (no process group):
     for export. Returns the names the folder held (the trainable ones, for a LoRA checkpoint)."""

@@ -147,6 +147,20 @@ class DeepSpeedStrategy(Strategy):
         self.engine.save_checkpoint(str(folder), tag=self.TAG, client_state={}, save_latest=False,
                                     exclude_frozen_parameters=self.trainable_only)
 
+    def trainable_state(self):
+        params = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+        if self.stage == 3:
+            import deepspeed
+            # Only the trainable partitions are gathered (the frozen base stays sharded).
+            with deepspeed.zero.GatheredParameters([p for _, p in params]):
+                state = {n: p.detach().cpu().clone() for n, p in params} if self.topo.is_main else None
+            return state
+        return {n: p.detach().cpu().clone() for n, p in params} if self.topo.is_main else None
+
+    def read_trainable(self, folder: Path):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=self.TAG, exclude_frozen_parameters=True)
+
     def prepare_resume(self, folder: Path, manifest: dict) -> None:
         """A ZeRO checkpoint loads only on the world size (and stage) that wrote it. Otherwise convert it once to
         DeepSpeed's universal format (per-parameter fp32 weights and optimizer moments) and load that."""

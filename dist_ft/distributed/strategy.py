@@ -110,6 +110,18 @@ class Strategy(ABC):
         from . import dcp_state
         dcp_state.load(self.model, self.optimizer, folder, trainable_only=self.trainable_only)
 
+    def trainable_state(self) -> dict[str, torch.Tensor] | None:
+        """The trainable tensors, whole, on rank 0 (None elsewhere). A collective that gathers nothing frozen."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(self.model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        return state if self.topo.is_main else None
+
+    def read_trainable(self, folder: Path) -> dict[str, torch.Tensor]:
+        """The trainable tensors as stored in `folder` (this process alone, no collective): to verify a save."""
+        from . import dcp_state
+        return dcp_state.read_model_tensors(folder)
+
     def extra_state(self) -> dict:
         """Small JSON-able state beyond model and optimizer (the loss scale)."""
         return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
