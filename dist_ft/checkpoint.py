@@ -239,7 +239,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(*, root: Path, strategy, trainer_state: TrainerState, recipe_yaml: str, tokenizer,
-                    topo, meta: dict, keep_last: int | None, log) -> Path:
+                    topo, meta: dict, keep_last: int | None, log) -> dict:
     """Write, hash, manifest, rename; then read the manifest back and prune. A collective: every rank calls it."""
     t0 = time.perf_counter()
     step = trainer_state.step
@@ -280,11 +280,11 @@ def save_checkpoint(*, root: Path, strategy, trainer_state: TrainerState, recipe
         if bad:
             raise CheckpointError("checkpoint verification failed: " + "; ".join(bad))
         prune(root, keep_last, log)
-        total = sum(f["bytes"] for f in files.values())
-        log(f"[checkpoint] saved step {step} to {final} ({total / 2**20:.1f} MiB, {len(files)} files, "
-            f"{time.perf_counter() - t0:.1f} s)")
     dist.barrier()
-    return final
+    total = sum(f["bytes"] for f in files.values())
+    seconds = time.perf_counter() - t0
+    log(f"[checkpoint] saved step {step} to {final} ({total / 2**20:.1f} MiB, {len(files)} files, {seconds:.1f} s)")
+    return {"path": str(final), "bytes": total, "files": len(files), "seconds": round(seconds, 3)}
 
 
 def _verify_adapter(folder: Path, strategy, topo) -> None:

@@ -175,8 +175,13 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
     scheduler = make_scheduler(strategy.optimizer, warmup=t.warmup_steps, total=t.max_steps, kind=t.lr_scheduler,
                                min_ratio=t.min_lr_ratio)
     state = ckpt.TrainerState(model_build={"num_labels": data.num_labels, "label_names": data.label_names})
+    load_seconds = None
     if resume is not None:
+        t_load = time.perf_counter()
         state = _load_resume(resume, strategy, scheduler, topo)
+        load_seconds = round(time.perf_counter() - t_load, 3)
+        _log(topo, f"[checkpoint] loaded step {state.step} in {load_seconds:.1f} s; continuing at sample "
+                   f"{state.samples_seen:,}")
 
     rows = pack(data.train, recipe.data.max_length) if recipe.data.packing else data.train
     if recipe.data.packing:
@@ -190,7 +195,7 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
     metrics.write({"event": "start", "world_size": topo.world_size, "trainable_params": counts.trainable,
                    "total_params": counts.total, "global_batch": layout.global_batch, "attention": attn,
                    "run_id": state.run_id, "step": state.step,
-                   **({"resumed_from": str(resume.path)} if resume is not None else {})})
+                   **({"resumed_from": str(resume.path), "load_seconds": load_seconds} if resume else {})})
 
     def run_eval(step: int) -> dict:
         if not data.eval:
@@ -220,11 +225,11 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
     def save(step: int) -> None:
         state.step, state.scheduler = step, scheduler.state_dict()
         state.strategy_extra = strategy.extra_state()
-        ckpt.save_checkpoint(root=ckpt.checkpoints_root(out), strategy=strategy, trainer_state=state,
-                             recipe_yaml=dump_recipe(recipe), tokenizer=tok, topo=topo,
-                             meta={**meta, "global_batch": layout.global_batch},
-                             keep_last=recipe.checkpoint.keep_last, log=progress.write)
-        metrics.write({"event": "checkpoint", "step": step})
+        info = ckpt.save_checkpoint(root=ckpt.checkpoints_root(out), strategy=strategy, trainer_state=state,
+                                    recipe_yaml=dump_recipe(recipe), tokenizer=tok, topo=topo,
+                                    meta={**meta, "global_batch": layout.global_batch},
+                                    keep_last=recipe.checkpoint.keep_last, log=progress.write)
+        metrics.write({"event": "checkpoint", "step": step, **info})
 
     for step in range(first_step, t.max_steps + 1):
         t0 = time.perf_counter()
