@@ -29,7 +29,7 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = Non
 
 Task = Literal["causal_lm", "sequence_classification"]
 DataFormat = Literal["text", "instruction", "chat", "classification"]
-MethodKind = Literal["full", "lora"]
+MethodKind = Literal["full", "lora", "qlora", "partial", "prompt_tuning", "prefix_tuning", "ia3"]
 Strategy = Literal["ddp", "fsdp", "zero1", "zero2", "zero3"]
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-true"]
 Scheduler = Literal["cosine", "linear", "constant"]
@@ -88,9 +88,51 @@ class LoraConfig:
 
 
 @dataclass
+class QuantConfig:
+    bits: Literal[4, 8] = _f(4, "Base weights in 4-bit (QLoRA) or 8-bit (LLM.int8) through bitsandbytes.")
+    quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type.")
+    double_quant: bool = _f(True, "Quantise the 4-bit quantisation constants too (~0.4 bit/parameter saved).")
+    compute_dtype: Literal["auto", "fp32", "bf16"] = _f("auto", "dtype the 4-bit matmuls run in (auto: bf16 with "
+                                                        "bf16 precisions, fp32 otherwise).")
+
+
+@dataclass
+class PromptConfig:
+    num_virtual_tokens: int = _f(20, "Learned tokens (prompt_tuning) or per-layer prefix length (prefix_tuning).",
+                                 ge=1)
+    init_text: Optional[str] = _f(None, "prompt_tuning: start the virtual tokens from this text's embeddings "
+                                  "(None: random).")
+
+
+@dataclass
+class IA3Config:
+    target_modules: Optional[Union[str, list[str]]] = _f(None, "Modules to rescale (None: peft's defaults for the "
+                                                         "architecture, e.g. k_proj, v_proj, down_proj).")
+    feedforward_modules: Optional[list[str]] = _f(None, "Which of them are feed-forward (scaled on the input).")
+
+
+@dataclass
+class PartialConfig:
+    last_blocks: int = _f(0, "Train the last N transformer blocks.", ge=0)
+    head: bool = _f(True, "Train the output head (lm_head, or the classification head).")
+    embeddings: bool = _f(False, "Train the input embeddings.")
+    bias_only: bool = _f(False, "BitFit: train every bias term (and nothing else besides head/embeddings if set).")
+    unfreeze_every_steps: int = _f(0, "Gradual unfreezing: one more block (from the top) every N steps (0: off).",
+                                   ge=0)
+    unfreeze_every_epochs: float = _f(0.0, "Gradual unfreezing every N epochs of the training data instead.", ge=0.0)
+    unfreeze_floor: int = _f(0, "Lowest block index gradual unfreezing reaches (0: all blocks).", ge=0)
+
+
+@dataclass
 class MethodConfig:
-    kind: MethodKind = _f("lora", "What is trained: every weight, or a LoRA adapter.")
-    lora: LoraConfig = _f(factory=LoraConfig, help="LoRA settings (kind: lora).")
+    kind: MethodKind = _f("lora", "What is trained: every weight (full), a LoRA adapter (lora), LoRA on a 4/8-bit "
+                          "base (qlora), chosen parts (partial), or another peft method (prompt_tuning, "
+                          "prefix_tuning, ia3).")
+    lora: LoraConfig = _f(factory=LoraConfig, help="LoRA settings (kind: lora, qlora).")
+    quant: QuantConfig = _f(factory=QuantConfig, help="Quantised base (kind: qlora).")
+    prompt: PromptConfig = _f(factory=PromptConfig, help="Virtual tokens (kind: prompt_tuning, prefix_tuning).")
+    ia3: IA3Config = _f(factory=IA3Config, help="IA3 settings (kind: ia3).")
+    partial: PartialConfig = _f(factory=PartialConfig, help="What to train (kind: partial).")
     modules_to_save: list[str] = _f(factory=list, help="Modules trained in full beside an adapter "
                                     "(the classification head is added automatically).")
 
@@ -112,6 +154,8 @@ class TrainingConfig:
     eval_every: int = _f(0, "Evaluate every N steps (0: only before and after training).", ge=0)
     early_stopping_patience: int = _f(0, "Stop after N evaluations without a better eval_loss (0: never).", ge=0)
     log_every: int = _f(1, "Write a training record to metrics.jsonl every N steps.", ge=1)
+    optimizer: Literal["adamw", "adamw_8bit"] = _f("adamw", "AdamW, or bitsandbytes' 8-bit AdamW (optimizer state "
+                                                  "in 8 bits: ~75% less optimizer memory).")
     stop_after_steps: Optional[int] = _f(None, "End this invocation after N steps, with a checkpoint, while the "
                                          "schedule still runs to max_steps: for time-boxed jobs that resume.", ge=1)
 
@@ -284,7 +328,8 @@ def _cross_checks(r: Recipe) -> list[str]:
         p.append("training.early_stopping_patience: needs periodic evaluation; set training.eval_every > 0")
     if r.data.eval is None and r.data.eval_fraction == 0 and r.training.eval_every:
         p.append("training.eval_every: no evaluation data; set data.eval or data.eval_fraction > 0")
-    if r.method.kind == "lora" and isinstance(r.method.lora.target_modules, list) \
+    p += _method_checks(r)
+    if r.method.kind in ("lora", "qlora") and isinstance(r.method.lora.target_modules, list) \
             and not r.method.lora.target_modules:
         p.append("method.lora.target_modules: empty list; name modules (e.g. [q_proj, v_proj]) or use all-linear")
     strategy, offload, precision = r.distributed.strategy, r.distributed.offload, r.distributed.precision
@@ -317,6 +362,42 @@ def _cross_checks(r: Recipe) -> list[str]:
             and r.distributed.precision == "fp32":
         p.append(f"model.attn_implementation: {r.model.attn_implementation} needs bf16 or fp16 weights; set "
                  "distributed.precision to bf16-mixed, or use sdpa")
+    return p
+
+
+def _method_checks(r: Recipe) -> list[str]:
+    """Which method runs with which strategy, and why not where it cannot."""
+    p, m, strategy = [], r.method, r.distributed.strategy
+    if m.kind == "qlora" and strategy in ("fsdp", "zero3"):
+        p.append(f"method.kind: qlora keeps the base in bitsandbytes' packed 4/8-bit tensors, which {strategy} cannot "
+                 "shard here; use ddp, zero1 or zero2 (the base is small once quantised), or lora with "
+                 f"{strategy}")
+    if m.kind in ("prompt_tuning", "prefix_tuning"):
+        if r.data.packing:
+            p.append(f"data.packing: {m.kind} prepends virtual tokens to every row, which breaks the per-sample "
+                     "positions of packed rows; set data.packing: false")
+        if strategy in ("fsdp", "zero3"):
+            p.append(f"method.kind: {m.kind} is not supported with {strategy} (peft reads the virtual-token "
+                     "embeddings as whole tensors when it saves them, which sharding prevents); use ddp, zero1 or "
+                     "zero2: the adapter is tiny and the base is frozen")
+    if m.kind == "prefix_tuning" and r.distributed.activation_checkpointing:
+        p.append("distributed.activation_checkpointing: prefix_tuning feeds past key/values that recomputation "
+                 "does not replay; set it to false")
+    pc = m.partial
+    if m.kind == "partial":
+        if not (pc.last_blocks or pc.head or pc.embeddings or pc.bias_only or pc.unfreeze_every_steps
+                or pc.unfreeze_every_epochs):
+            p.append("method.partial: nothing would be trained; set last_blocks, head, embeddings or bias_only")
+        if pc.unfreeze_every_steps and pc.unfreeze_every_epochs:
+            p.append("method.partial: set unfreeze_every_steps or unfreeze_every_epochs, not both")
+        if (pc.unfreeze_every_steps or pc.unfreeze_every_epochs) and strategy.startswith("zero"):
+            p.append(f"method.partial.unfreeze_every_*: DeepSpeed fixes its trainable set when the engine is built, "
+                     f"so {strategy} cannot unfreeze during training; use ddp or fsdp")
+    elif pc != PartialConfig():
+        p.append(f"method.partial: only used with method.kind: partial (kind is {m.kind}); remove it")
+    if r.training.optimizer == "adamw_8bit" and strategy in ("fsdp", "zero3"):
+        p.append(f"training.optimizer: adamw_8bit quantises whole parameter tensors, which {strategy} shards; use "
+                 "adamw, or ddp/zero1/zero2")
     return p
 
 

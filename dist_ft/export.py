@@ -75,7 +75,8 @@ def load_trained(source: str | Path) -> tuple[torch.nn.Module, object]:
                            attn_implementation="sdpa")
     if kind == "final":
         return _load_final(builder, folder), tok
-    model = builder.build()
+    # A qlora base is rebuilt in full precision: the adapter is the same, and merging into 4-bit would lose it.
+    model = builder.build(quantize=False)
     lora = recipe.method.kind != "full"
     if manifest["state_format"] == "dcp":
         from .distributed.dcp_state import load_model_only

@@ -11,7 +11,11 @@ from .data.formats import IGNORE
 
 def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return model(**inputs).logits
+    logits = model(**inputs).logits
+    length = batch["input_ids"].size(1)
+    if logits.dim() == 3 and logits.size(1) > length:
+        logits = logits[:, -length:]  # prompt tuning prepends its virtual tokens: they carry no target
+    return logits
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .config import Recipe
+from .methods import apply_method, quantization_config
 
 
 @dataclass
@@ -109,12 +110,18 @@ class ModelBuilder:
         return ModelWeights(self.path, seed=self.recipe.seed,
                             init_std=getattr(self.config(), "initializer_range", 0.02))
 
-    def build(self) -> torch.nn.Module:
-        """The whole model with its pretrained weights, on CPU."""
+    def build(self, *, quantize: bool = True) -> torch.nn.Module:
+        """The whole model with its pretrained weights, on CPU (a quantised qlora base goes straight to this
+        process's GPU, where bitsandbytes' kernels are; `quantize=False` loads it in full precision, for export)."""
+        kwargs = {}
+        quant = quantization_config(self.recipe) if quantize else None
+        if quant is not None:
+            device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+            kwargs = {"quantization_config": quant, "device_map": {"": device}}
         model = self._auto_class().from_pretrained(
             self.path, config=self.config(), dtype=self.dtype, attn_implementation=self.attn,
-            trust_remote_code=self.recipe.model.trust_remote_code)
-        model = apply_method(model, self.recipe)
+            trust_remote_code=self.recipe.model.trust_remote_code, **kwargs)
+        model = apply_method(model, self.recipe, model_path=self.path)
         self.weights().reinit_missing(model)
         return model
 
@@ -130,20 +137,11 @@ class ModelBuilder:
         if getattr(model.config, "tie_word_embeddings", False) or getattr(
                 model.config.get_text_config(), "tie_word_embeddings", False):
             model.tie_weights()  # from_config under init_empty_weights leaves the output embedding untied
-        return apply_method(model, self.recipe)
+        return apply_method(model, self.recipe, model_path=self.path)
 
 
-def apply_method(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
-    m = recipe.method
-    if m.kind == "full":
-        model.requires_grad_(True)
-        return model
-    if m.kind == "lora":
-        from peft import LoraConfig, TaskType, get_peft_model
-
-        task = TaskType.CAUSAL_LM if recipe.model.task == "causal_lm" else TaskType.SEQ_CLS
-        cfg = LoraConfig(task_type=task, r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
-                         target_modules=m.lora.target_modules, use_rslora=m.lora.use_rslora,
-                         use_dora=m.lora.use_dora, modules_to_save=list(m.modules_to_save) or None)
-        return get_peft_model(model, cfg)
-    raise ValueError(f"method.kind: {m.kind!r} is not supported")
+def is_quantized(model: torch.nn.Module) -> bool:
+    """A bitsandbytes base: already on its device, and `.to()` is refused for it."""
+    base = getattr(model, "base_model", model)
+    base = getattr(base, "model", base)
+    return bool(getattr(base, "is_quantized", False) or getattr(model, "is_quantized", False))

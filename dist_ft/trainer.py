@@ -33,6 +33,7 @@ from .distributed.strategy import Strategy, make_strategy
 from .distributed.topology import Topology, init_distributed, shutdown
 from .evaluation import evaluate
 from .losses import forward_logits, loss_sum
+from .methods import UnfreezeSchedule
 from .model import ModelBuilder, count_parameters, load_tokenizer, resolve_attention
 from .preflight import preflight
 from .schedule import make_scheduler
@@ -98,9 +99,13 @@ def _make_optimizer(recipe: Recipe):
         # Decoupled weight decay on matrices only: biases and norm scales are not decayed.
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.learning_rate,
-                                 betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+        groups = [g for g in ({"params": decay, "weight_decay": t.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        if t.optimizer == "adamw_8bit":
+            import bitsandbytes as bnb
+            return bnb.optim.AdamW8bit(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                       eps=t.adam_eps)
+        return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
 
     return make
 
@@ -188,6 +193,13 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
         _log(topo, f"[data] packed {len(data.train)} samples into {len(rows)} rows of <= {recipe.data.max_length}")
     order = SampleOrder(len(rows), recipe.seed)
     layout = BatchLayout(t.micro_batch_size, topo.world_size, t.gradient_accumulation_steps)
+    unfreeze = None
+    pc = recipe.method.partial
+    if recipe.method.kind == "partial" and (pc.unfreeze_every_steps or pc.unfreeze_every_epochs):
+        unfreeze = UnfreezeSchedule(strategy.unwrap(), recipe,
+                                    steps_per_epoch=math.ceil(len(rows) / layout.global_batch))
+        _log(topo, f"[method] gradual unfreezing: {unfreeze.open_blocks(1)} of {unfreeze.n_blocks} blocks open at "
+                   f"step 1, one more every {unfreeze.every} steps, down to block {pc.unfreeze_floor}")
     pad_id = tok.pad_token_id
     if resume is not None and topo.is_main:
         _truncate_metrics(out / "metrics.jsonl", state.step)
@@ -233,6 +245,13 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
 
     for step in range(first_step, t.max_steps + 1):
         t0 = time.perf_counter()
+        if unfreeze is not None:
+            strategy.grad_mask = unfreeze.frozen_params(step)
+            if step == first_step or unfreeze.open_blocks(step) != unfreeze.open_blocks(step - 1):
+                metrics.write({"event": "unfreeze", "step": step, "open_blocks": unfreeze.open_blocks(step)})
+                if step != first_step:
+                    progress.write(f"[method] step {step}: {unfreeze.open_blocks(step)} of {unfreeze.n_blocks} "
+                                   "blocks open")
         micro = []
         for m in range(t.gradient_accumulation_steps):
             # Positions count from the samples consumed so far, so a resume on another number of ranks reads on

@@ -13,7 +13,10 @@ class DDPStrategy(Strategy):
     name = "ddp"
 
     def setup(self, builder, make_optimizer: OptimizerFactory) -> None:
-        model = builder.build().to(self.topo.device)
+        from ..model import is_quantized
+        model = builder.build()
+        if not is_quantized(model):  # a bitsandbytes base is placed by from_pretrained and refuses .to()
+            model = model.to(self.topo.device)
         if self.activation_checkpointing:
             enable_activation_checkpointing(model)
         self._module = model

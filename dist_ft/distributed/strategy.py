@@ -42,6 +42,8 @@ class Strategy(ABC):
         self.optimizer: torch.optim.Optimizer | None = None
         # fp16 needs a dynamic loss scale (CUDA only; checked before start). DeepSpeed keeps its own.
         self.scaler = torch.amp.GradScaler(topo.device.type) if precision.needs_scaler else None
+        # Parameters whose gradients are dropped before the step (gradual unfreezing: not yet open).
+        self.grad_mask: list[torch.nn.Parameter] = []
 
     # ------------------------------------------------------------------------------------------------ setup
     @abstractmethod
@@ -65,6 +67,8 @@ class Strategy(ABC):
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def step(self, max_grad_norm: float | None) -> StepResult:
+        for p in self.grad_mask:
+            p.grad = None  # no update, no optimizer state, and not in the clipping norm
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -95,7 +99,10 @@ class Strategy(ABC):
     @property
     def trainable_only(self) -> bool:
         """Checkpoints of adapter methods leave out the frozen base weights."""
-        return self.recipe is not None and self.recipe.method.kind != "full"
+        if self.recipe is None or self.recipe.method.kind == "full":
+            return False
+        pc = self.recipe.method.partial
+        return not (self.recipe.method.kind == "partial" and (pc.unfreeze_every_steps or pc.unfreeze_every_epochs))
 
     def prepare_resume(self, folder: Path, manifest: dict) -> None:
         """Called before setup when resuming (a backend that must configure itself for loading does it here)."""
