@@ -80,7 +80,7 @@ def load_trained(source: str | Path) -> tuple[torch.nn.Module, object]:
     lora = recipe.method.kind != "full"
     if manifest["state_format"] == "dcp":
         from .distributed.dcp_state import load_model_only
-        names = load_model_only(model, folder / "state")
+        names = load_model_only(model, folder / "state", skip_quant_state=recipe.method.kind == "qlora")
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         sd = get_fp32_state_dict_from_zero_checkpoint(str(folder / "state"), tag="ds",

@@ -54,11 +54,14 @@ def read_model_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return state["model"]
 
 
-def load_model_only(model: torch.nn.Module, folder: Path) -> list[str]:
+def load_model_only(model: torch.nn.Module, folder: Path, *, skip_quant_state: bool = False) -> list[str]:
     """Load the model tensors of a DCP folder into an unwrapped model in this one process (no process group):
-    for export. Returns the names the folder held (the trainable ones, for a LoRA checkpoint)."""
+    for export. Returns the names the folder held (the trainable ones, for a LoRA checkpoint). With
+    `skip_quant_state`, bitsandbytes' quantisation constants (a qlora base rebuilt in full precision) are left."""
     names = sorted(n[len("model."):] for n in stored_names(folder) if n.startswith("model."))
     own = model.state_dict()
+    if skip_quant_state:
+        names = [n for n in names if n in own or ".weight." not in n]
     missing = [n for n in names if n not in own]
     if missing:
         raise KeyError(f"{folder}: holds tensors the model lacks: {missing[:5]}")
