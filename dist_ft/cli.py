@@ -4,6 +4,7 @@
     dist-ft train RECIPE.yaml [overrides]                 train here (one process, or one rank of a launcher)
     dist-ft launch RECIPE.yaml --nproc-per-node N [...]   start the ranks (torchrun's machinery) and train
     dist-ft export SOURCE OUT [--merge-lora] [--dtype D]  a Hugging Face folder from a checkpoint or a run
+    dist-ft report RUN_DIR                                report.md and PNG plots from metrics.jsonl
     dist-ft demo [--nproc-per-node N] [--output-dir D]    the embedded real fine-tune (SmolLM2 on WordNet)
 """
 
@@ -115,6 +116,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import make_report
+
+    try:
+        path, summary = make_report(args.run_dir)
+    except FileNotFoundError as exc:
+        return _fail(exc)
+    print(f"[dist_ft] {summary}\n[dist_ft] wrote {path} and {path.parent / 'plots'}/")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -151,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="dtype of the written weights "
                    "(default: as trained)")
     e.set_defaults(fn=cmd_export)
+    rp = sub.add_parser("report", help="write report.md and plots (loss, lr, tokens/s, memory) for a run")
+    rp.add_argument("run_dir")
+    rp.set_defaults(fn=cmd_report)
     d = sub.add_parser("demo", help="fine-tune the bundled SmolLM2 on WordNet definitions, then ask it something")
     d.add_argument("--nproc-per-node", type=int, default=None, help="default: GPUs if any, else 2 CPU processes")
     d.add_argument("--output-dir", default=None)

@@ -188,6 +188,24 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    mode: Literal["online", "offline", "disabled"] = _f("disabled", "online logs to W&B (offline, said so, when no "
+                                                        "key is set); offline writes files for `wandb sync`.")
+    project: str = _f("dist_ft", "W&B project.")
+    entity: Optional[str] = _f(None, "W&B entity (team or user).")
+    name: Optional[str] = _f(None, "Run name (None: the output_dir's name).")
+    tags: list[str] = _f(factory=list, help="Run tags.")
+    group: Optional[str] = _f(None, "Run group (None: the Slurm job id or the launcher's run id).")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = _f(factory=WandbConfig, help="Weights & Biases.")
+    tensorboard: bool = _f(False, "Write TensorBoard events into output_dir/tensorboard.")
+    mfu: bool = _f(True, "Report model FLOPs utilisation (CPU peak measured by a short matmul at start).")
+
+
+@dataclass
 class Recipe:
     output_dir: str = _f("runs/default", "Run directory: config.yaml, metrics.jsonl, final/.")
     seed: int = _f(0, "Seed for weights that start random, data order and dropout.", ge=0)
@@ -198,6 +216,7 @@ class Recipe:
     training: TrainingConfig = _f(factory=TrainingConfig, help="The optimisation.")
     distributed: DistributedConfig = _f(factory=DistributedConfig, help="Sharding and precision.")
     checkpoint: CheckpointConfig = _f(factory=CheckpointConfig, help="Resumable checkpoints.")
+    logging: LoggingConfig = _f(factory=LoggingConfig, help="Telemetry: W&B, TensorBoard, MFU.")
 
 
 class RecipeError(ValueError):

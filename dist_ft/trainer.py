@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .assets import resolve_model_path
-from .config import Recipe, RecipeError, dump_recipe
+from .config import Recipe, RecipeError, dump_recipe, recipe_to_dict
 from .data.batching import BatchLayout, SampleOrder, collate, count_targets, pack
 from .data.dataset import prepare_data
 from .distributed.launchers import launcher_problems
@@ -37,7 +37,9 @@ from .methods import UnfreezeSchedule
 from .model import ModelBuilder, count_parameters, load_tokenizer, resolve_attention
 from .preflight import preflight
 from .schedule import make_scheduler
-from .telemetry import MetricsFile, Progress, peak_memory_mb
+from .flops import device_peak, flops_per_token, mfu
+from .telemetry import Progress, peak_memory_mb
+from .tracking import Telemetry
 
 
 @dataclass
@@ -203,7 +205,18 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
     pad_id = tok.pad_token_id
     if resume is not None and topo.is_main:
         _truncate_metrics(out / "metrics.jsonl", state.step)
-    metrics = MetricsFile(out / "metrics.jsonl" if topo.is_main else None)
+    config_text = dump_recipe(recipe)
+    ds_json = out / "deepspeed_config.json"
+    wandb_config = {**recipe_to_dict(recipe),
+                    **({"deepspeed": json.loads(ds_json.read_text())} if ds_json.is_file() and topo.is_main else {})}
+    metrics = Telemetry(enabled=topo.is_main, out=out, logging_cfg=recipe.logging, run_id=state.run_id,
+                        config=wandb_config, config_text=config_text)
+    model_cfg, peak = builder.config(), None
+    if recipe.logging.mfu and recipe.model.task == "causal_lm":
+        dtype = "bf16" if precision.compute_dtype in (torch.bfloat16, torch.float16) else "fp32"
+        peak, peak_source = device_peak(topo.device, dtype) if topo.is_main else (None, "")
+        if peak:
+            _log(topo, f"[telemetry] MFU against {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
     metrics.write({"event": "start", "world_size": topo.world_size, "trainable_params": counts.trainable,
                    "total_params": counts.total, "global_batch": layout.global_batch, "attention": attn,
                    "run_id": state.run_id, "step": state.step,
@@ -275,9 +288,15 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
         else:
             skipped_in_a_row = 0
         if step % t.log_every == 0 or step == t.max_steps:
-            metrics.write({"step": step, "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
-                           "targets": n_targets, "tokens": int(global_tokens), "step_time": dt,
-                           "tokens_per_s": global_tokens / dt, "peak_memory_mb": peak_memory_mb(topo.device)})
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": result.grad_norm, "targets": n_targets,
+                      "tokens": int(global_tokens), "step_time": dt, "tokens_per_s": global_tokens / dt,
+                      "tokens_per_s_per_device": global_tokens / dt / topo.world_size,
+                      "samples_per_s": layout.global_batch / dt, "peak_memory_mb": peak_memory_mb(topo.device)}
+            if peak:
+                seq = tokens / max(1, sum(int(mb["input_ids"].shape[0]) for mb in micro))
+                record["mfu"] = mfu(flops_per_token(model_cfg, seq), global_tokens / dt, peak,
+                                    topo.world_size)
+            metrics.write(record)
         progress.update(step=step, loss=loss, tokens_per_s=global_tokens / dt)
         if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
             state.last_eval = run_eval(step)

@@ -24,7 +24,9 @@ METHODS = {
     "partial": {"kind": "partial", "partial": {"last_blocks": 1, "head": True}},
     "bitfit": {"kind": "partial", "partial": {"bias_only": True, "head": False}},
     "gradual": {"kind": "partial", "partial": {"unfreeze_every_steps": 2, "last_blocks": 0}},
+    "full": {"kind": "full"},
 }
+OPTIMIZER = {"full": "adamw_8bit"}  # the full-weight parity run doubles as the 8-bit AdamW run
 
 
 def _recipe(model_path, out, method, **sections):
@@ -211,13 +213,14 @@ def test_bitfit_on_a_model_without_biases_is_refused(tiny_llama, tmp_path):
 
 PARITY = [("qlora", "ddp"), ("qlora", "zero2"), ("ia3", "ddp"), ("ia3", "fsdp"), ("ia3", "zero3"),
           ("prompt_tuning", "ddp"), ("prompt_tuning", "zero2"), ("prefix_tuning", "ddp"), ("partial", "ddp"),
-          ("partial", "fsdp"), ("partial", "zero3"), ("gradual", "ddp"), ("gradual", "fsdp")]
+          ("partial", "fsdp"), ("partial", "zero3"), ("gradual", "ddp"), ("gradual", "fsdp"), ("full", "ddp")]
 
 
 def _losses(tmp_path, name, model, method, nproc, micro, strategy="ddp"):
     out = tmp_path / name
     r = tiny_recipe(model, out, method=METHODS[method],
-                    training={"max_steps": 6, "micro_batch_size": micro, "learning_rate": 1e-2},
+                    training={"max_steps": 6, "micro_batch_size": micro, "learning_rate": 1e-2,
+                              "optimizer": OPTIMIZER.get(method, "adamw")},
                     distributed={"strategy": strategy})
     path = write_recipe(tmp_path / f"{name}.yaml", r)
     args = ["launch", str(path), "--nproc-per-node", str(nproc)] if nproc > 1 else ["train", str(path)]
