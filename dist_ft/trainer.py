@@ -209,6 +209,8 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
     ds_json = out / "deepspeed_config.json"
     wandb_config = {**recipe_to_dict(recipe),
                     **({"deepspeed": json.loads(ds_json.read_text())} if ds_json.is_file() and topo.is_main else {})}
+    if "deepspeed" in wandb_config:
+        config_text += "\n# deepspeed_config.json (resolved)\n" + json.dumps(wandb_config["deepspeed"], indent=2)
     metrics = Telemetry(enabled=topo.is_main, out=out, logging_cfg=recipe.logging, run_id=state.run_id,
                         config=wandb_config, config_text=config_text)
     model_cfg, peak = builder.config(), None
