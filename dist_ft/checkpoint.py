@@ -24,7 +24,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from . import faults
 
 FORMAT = "dist_ft-checkpoint/1"
 MANIFEST = "manifest.json"
@@ -217,14 +218,6 @@ class TrainerState:
         return cls(**known)
 
 
-def _fault(point: str, step: int) -> None:
-    """Fault injection for the crash tests: DIST_FT_FAULT=checkpoint-write:STEP kills this process (SIGKILL, no
-    clean-up) half-way through writing the checkpoint of that step."""
-    spec = os.environ.get("DIST_FT_FAULT", "")
-    if spec == f"{point}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -254,7 +247,7 @@ def save_checkpoint(*, root: Path, strategy, trainer_state: TrainerState, recipe
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state.__dict__, indent=1))
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         tokenizer.save_pretrained(tmp / "tokenizer")
-    _fault("checkpoint-write", step)
+    faults.inject("checkpoint-write", step, topo.rank)
     dist.barrier()
     if strategy.trainable_only:
         _verify_adapter(tmp / "state", strategy, topo)

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from . import faults
 from .assets import resolve_model_path
 from .config import Recipe, RecipeError, dump_recipe, recipe_to_dict
 from .data.batching import BatchLayout, SampleOrder, collate, count_targets, pack
@@ -259,6 +260,8 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
         metrics.write({"event": "checkpoint", "step": step, **info})
 
     for step in range(first_step, t.max_steps + 1):
+        faults.inject("hang", step, topo.rank)
+        faults.inject("crash", step, topo.rank)
         t0 = time.perf_counter()
         if unfreeze is not None:
             strategy.grad_mask = unfreeze.frozen_params(step)

@@ -1,0 +1,30 @@
+"""Fault injection for tests: DIST_FT_FAULT=POINT:STEP[:RANK] makes one process fail on purpose.
+
+    checkpoint-write:9     SIGKILL half-way through writing the checkpoint of step 9 (no clean-up at all)
+    hang:3:1               rank 1 stops answering before step 3 (the others must time out, not hang)
+    crash:3:1              rank 1 raises before step 3
+
+Unset (always, outside tests), this is one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+
+def inject(point: str, step: int, rank: int = 0) -> None:
+    spec = os.environ.get("DIST_FT_FAULT")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[0] != point or int(parts[1]) != step or (len(parts) > 2 and int(parts[2]) != rank):
+        return
+    if point == "checkpoint-write":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif point == "hang":
+        while True:
+            time.sleep(3600)
+    elif point == "crash":
+        raise RuntimeError(f"injected fault (DIST_FT_FAULT={spec})")
