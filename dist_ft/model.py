@@ -47,7 +47,7 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool = False):
     return tok
 
 
-def flash_attention_problem(impl: str, *, precision: str) -> str | None:
+def flash_attention_problem(impl: str, *, precision: str, model_type: str | None = None) -> str | None:
     """Why `impl` (a flash-attention kernel) cannot run here; None when it can."""
     pkg = "flash_attn_interface" if impl == "flash_attention_3" else "flash_attn"
     if not torch.cuda.is_available():
@@ -61,7 +61,21 @@ def flash_attention_problem(impl: str, *, precision: str) -> str | None:
         return f"model.attn_implementation: {impl} needs a {need} GPU; use sdpa"
     if precision == "fp32":
         return f"model.attn_implementation: {impl} runs in bf16/fp16 only; set distributed.precision: bf16-mixed"
+    if model_type is not None and not architecture_supports_flash(model_type, impl):
+        return f"model.attn_implementation: {impl} is not implemented for {model_type} models in transformers; use sdpa"
     return None
+
+
+def architecture_supports_flash(model_type: str, impl: str) -> bool:
+    """Whether transformers' class for this model type declares flash-attention support."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, ""), None)
+    if cls is None:
+        return True  # unknown here: let transformers decide when it loads
+    flag = "_supports_flash_attn_3" if impl == "flash_attention_3" else "_supports_flash_attn_2"
+    return bool(getattr(cls, "_supports_flash_attn", False) or getattr(cls, flag, False))
 
 
 def resolve_attention(requested: str, *, precision: str) -> tuple[str, str]:

@@ -93,6 +93,14 @@ def model_problems(recipe: Recipe) -> list[str]:
     return []
 
 
+def _model_type(recipe: Recipe) -> str | None:
+    try:
+        from .assets import resolve_model_path
+        return json.loads((resolve_model_path(recipe.model.path) / "config.json").read_text()).get("model_type")
+    except Exception:  # noqa: BLE001 - model_problems reports an unreadable model folder
+        return None
+
+
 def hardware_problems(recipe: Recipe) -> list[str]:
     problems = []
     hw = hardware_problem(recipe.distributed.precision)
@@ -101,6 +109,8 @@ def hardware_problems(recipe: Recipe) -> list[str]:
     impl = recipe.model.attn_implementation
     if impl in ("flash_attention_2", "flash_attention_3"):
         fa = flash_attention_problem(impl, precision=recipe.distributed.precision)
+        if fa is None:  # the hardware can: can the architecture?
+            fa = flash_attention_problem(impl, precision=recipe.distributed.precision, model_type=_model_type(recipe))
         if fa:
             problems.append(fa)
     return problems

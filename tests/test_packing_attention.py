@@ -54,3 +54,23 @@ def test_auto_attention_resolves_to_sdpa_without_gpu():
         pytest.skip("this machine has a GPU")
     impl, why = resolve_attention("auto", precision="bf16-mixed")
     assert impl == "sdpa" and "CUDA" in why
+
+
+def test_flash_attention_refusals_name_the_reason(monkeypatch):
+    """Here: no CUDA. On a GPU (simulated): package missing, fp32, an architecture transformers has no kernel for."""
+    import importlib.util
+
+    from dist_ft.model import flash_attention_problem, resolve_attention
+
+    assert resolve_attention("auto", precision="bf16-mixed")[0] == "sdpa"
+    assert "needs a CUDA GPU" in flash_attention_problem("flash_attention_2", precision="bf16-mixed")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "flash_attn" else real(n, *a))
+    assert "pip install 'dist-ft[flash-attn]'" in flash_attention_problem("flash_attention_2", precision="bf16-mixed")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "flash_attn" else real(n, *a))
+    assert "bf16/fp16 only" in flash_attention_problem("flash_attention_2", precision="fp32")
+    assert "not implemented for bloom" in flash_attention_problem("flash_attention_2", precision="bf16-mixed",
+                                                                  model_type="bloom")
+    assert flash_attention_problem("flash_attention_2", precision="bf16-mixed", model_type="llama") is None
