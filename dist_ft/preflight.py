@@ -101,6 +101,23 @@ def _model_type(recipe: Recipe) -> str | None:
         return None
 
 
+def package_problems(recipe: Recipe) -> list[str]:
+    """Optional packages the recipe needs, with the line that installs them (imports stay lazy until then)."""
+    import importlib.util
+    needs = []
+    if recipe.method.kind == "qlora" or recipe.training.optimizer == "adamw_8bit":
+        needs.append(("bitsandbytes", "qlora", "method.kind: qlora / training.optimizer: adamw_8bit"))
+    if recipe.method.kind != "full" and recipe.method.kind != "partial":
+        needs.append(("peft", "", f"method.kind: {recipe.method.kind}"))
+    if recipe.logging.wandb.mode != "disabled":
+        needs.append(("wandb", "wandb", "logging.wandb.mode"))
+    if recipe.logging.tensorboard:
+        needs.append(("tensorboard", "tensorboard", "logging.tensorboard"))
+    return [f"{field}: needs the {pkg} package: pip install 'dist-ft[{extra}]'" if extra else
+            f"{field}: needs the {pkg} package: pip install {pkg}"
+            for pkg, extra, field in needs if importlib.util.find_spec(pkg) is None]
+
+
 def hardware_problems(recipe: Recipe) -> list[str]:
     problems = []
     hw = hardware_problem(recipe.distributed.precision)
@@ -155,7 +172,8 @@ def output_problems(recipe: Recipe) -> list[str]:
 
 
 def preflight(recipe: Recipe, *, source: str = "recipe", check_output: bool = True) -> None:
-    problems = model_problems(recipe) + data_problems(recipe) + hardware_problems(recipe) + strategy_problems(recipe)
+    problems = (model_problems(recipe) + data_problems(recipe) + hardware_problems(recipe) + strategy_problems(recipe)
+                + package_problems(recipe))
     if check_output:
         problems += output_problems(recipe)
     if problems:

@@ -127,3 +127,17 @@ def test_check_cli_missing_columns(tmp_path, tiny_llama):
 
 def test_recipe_roundtrip_is_dataclass():
     assert dataclasses.is_dataclass(Recipe)
+
+
+def test_missing_optional_packages_name_the_extra(monkeypatch, tmp_path):
+    import importlib.util
+
+    from dist_ft.config import recipe_from_dict
+    from dist_ft.preflight import package_problems
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: None if n in ("bitsandbytes", "wandb") else real(n, *a))
+    r = recipe_from_dict({"method": {"kind": "qlora"}, "logging": {"wandb": {"mode": "offline"}}})
+    problems = package_problems(r)
+    assert any("bitsandbytes" in p and "dist-ft[qlora]" in p for p in problems)
+    assert any("wandb" in p and "dist-ft[wandb]" in p for p in problems)
