@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_third_party(main_rank=os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0")
     from .distributed.launchers import strip_launcher_args
 
+    from_command_line = argv is None
     argv = strip_launcher_args(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     # Overrides may come before or after options (`launch r.yaml --nproc-per-node 2 a.b=1`).
@@ -191,7 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    return args.fn(args)
+    rc = args.fn(args)
+    from .distributed.topology import hard_exit, process_group_was_used
+
+    if from_command_line and process_group_was_used():
+        hard_exit(rc or 0)
+    return rc
 
 
 def packaged_recipe(name: str) -> Path:

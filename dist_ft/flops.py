@@ -56,7 +56,8 @@ def measured_cpu_peak(threads: int | None = None, size: int = 512, seconds: floa
     """FLOP/s of this process's fp32 matrix multiply, measured briefly (the CPU's practical peak)."""
     if threads:
         torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    g = torch.Generator().manual_seed(0)  # its own stream: the training RNG must not move (exact resume)
+    a, b = torch.randn(size, size, generator=g), torch.randn(size, size, generator=g)
     a @ b  # warm-up
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:

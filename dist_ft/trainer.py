@@ -259,6 +259,8 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
                                     keep_last=recipe.checkpoint.keep_last, log=progress.write)
         metrics.write({"event": "checkpoint", "step": step, **info})
 
+    if resume is not None:
+        _restore_rng(resume, topo)
     for step in range(first_step, t.max_steps + 1):
         faults.inject("hang", step, topo.rank)
         faults.inject("crash", step, topo.rank)
@@ -397,10 +399,17 @@ def _load_resume(cand: ckpt.Candidate, strategy: Strategy, scheduler, topo: Topo
     state = ckpt.TrainerState.from_dict(json.loads((folder / "trainer_state.json").read_text()))
     scheduler.load_state_dict(state.scheduler)
     strategy.load_extra_state(state.strategy_extra)
-    # Each rank continues its own random streams; on a different number of ranks, new ranks take rank 0's.
-    rng = folder / "rng" / f"rank-{topo.rank}.json"
-    ckpt.set_rng_state(json.loads((rng if rng.is_file() else folder / "rng" / "rank-0.json").read_text()))
     return state
+
+
+def _restore_rng(cand: ckpt.Candidate, topo: Topology) -> None:
+    """Each rank continues its own random streams; on a different number of ranks, new ranks take rank 0's.
+
+    Called right before the first step: anything between the load and the loop that draws random numbers (a
+    measured matmul, a library's init) would otherwise shift every dropout mask after a resume.
+    """
+    rng = cand.path / "rng" / f"rank-{topo.rank}.json"
+    ckpt.set_rng_state(json.loads((rng if rng.is_file() else cand.path / "rng" / "rank-0.json").read_text()))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

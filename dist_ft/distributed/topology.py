@@ -129,6 +129,14 @@ def init_distributed(*, timeout_seconds: int, threads_per_process: int | None = 
     return topo
 
 
+_GROUP_USED = False
+
+
+def process_group_was_used() -> bool:
+    """True once this process has joined a process group (see `hard_exit`)."""
+    return _GROUP_USED
+
+
 def shutdown() -> None:
     """Tear the process group down while the interpreter is still fully alive.
 
@@ -137,9 +145,30 @@ def shutdown() -> None:
     active exception", exit -6) after a run that succeeded. DDP/FSDP modules keep the group alive through
     reference cycles, so collect them now: the group's destructor then joins its threads here, not at exit.
     """
+    global _GROUP_USED
     if dist.is_initialized():
+        _GROUP_USED = True
         dist.destroy_process_group()
     gc.collect()
+
+
+def hard_exit(code: int) -> None:
+    """End a process that ran collectives without running the interpreter's finalization.
+
+    `shutdown` makes the gloo abort rare, not impossible: a CI run still saw one in about 200 launches, from a
+    thread of a group that the garbage collector had not reached. Everything we own is closed by now (outputs
+    written, sinks finished), so flush what is buffered and leave before finalization can race those threads.
+    """
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed pipe must not turn a finished run into a failure
+            pass
+    os._exit(code)
 
 
 def free_port() -> int:
