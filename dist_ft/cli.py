@@ -64,7 +64,7 @@ def cmd_train(args) -> int:
 
 
 def launch(recipe_path: str, overrides: list[str], *, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
-           rdzv_endpoint: str | None = None, max_restarts: int = 0) -> int:
+           rdzv_endpoint: str | None = None, max_restarts: int = 0, shutdown_timeout: int = 120) -> int:
     """Start `nproc_per_node` ranks of `dist-ft train` through torchrun's elastic agent; return the exit status."""
     from torch.distributed.run import get_args_parser, run
 
@@ -79,13 +79,26 @@ def launch(recipe_path: str, overrides: list[str], *, nproc_per_node: int, nnode
     else:
         argv += ["--standalone"] if rdzv_endpoint is None else [f"--rdzv-endpoint={rdzv_endpoint}"]
         argv += [f"--master-port={free_port()}"] if rdzv_endpoint is None else []
+    parser = get_args_parser()
+    options = {o for action in parser._actions for o in action.option_strings}
+    if "--signals-to-handle" in options:  # torch >= 2.9; older torchrun lets SIGUSR1 kill the agent
+        # Forward Slurm's usual pre-emption warning too: each rank then checkpoints and stops (signals.py).
+        argv += ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
+    if "--shutdown-timeout" in options:  # room for that checkpoint before the agent sends SIGKILL
+        argv += [f"--shutdown-timeout={shutdown_timeout}"]
     argv += ["--module", "dist_ft", "train", recipe_path, *overrides]
     import torch
     if not torch.cuda.is_available():
         # Share the cores between the ranks (torchrun would set 1 thread each and warn about it).
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
     try:
-        run(get_args_parser().parse_args(argv))
+        run(parser.parse_args(argv))
+    except SignalException as exc:  # the ranks got the same signal and checkpointed (or were killed after the wait)
+        print(f"[dist_ft] launcher received {exc.sigval.name}: the ranks were asked to checkpoint and stop",
+              file=sys.stderr)
+        return 128 + int(exc.sigval)
     except Exception as exc:  # torchrun's ChildFailedError carries the failing rank and its error
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -101,7 +114,9 @@ def cmd_launch(args) -> int:
     except RecipeError as exc:
         return _fail(exc)
     return launch(args.recipe, args.overrides, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
-                  node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint)
+                  node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint,
+                  # A checkpoint is bounded by the collective timeout anyway (ranks wait on each other in it).
+                  shutdown_timeout=recipe.distributed.timeout_seconds + 30)
 
 
 def cmd_export(args) -> int:

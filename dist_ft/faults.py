@@ -3,6 +3,7 @@
     checkpoint-write:9     SIGKILL half-way through writing the checkpoint of step 9 (no clean-up at all)
     hang:3:1               rank 1 stops answering before step 3 (the others must time out, not hang)
     crash:3:1              rank 1 raises before step 3
+    signal:3:1             rank 1 sends itself SIGTERM before step 3 (a preemption that reaches one rank)
 
 Unset (always, outside tests), this is one dictionary lookup.
 """
@@ -26,5 +27,7 @@ def inject(point: str, step: int, rank: int = 0) -> None:
     elif point == "hang":
         while True:
             time.sleep(3600)
+    elif point == "signal":
+        os.kill(os.getpid(), signal.SIGTERM)
     elif point == "crash":
         raise RuntimeError(f"injected fault (DIST_FT_FAULT={spec})")

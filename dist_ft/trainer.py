@@ -38,6 +38,7 @@ from .methods import UnfreezeSchedule
 from .model import ModelBuilder, count_parameters, load_tokenizer, resolve_attention
 from .preflight import preflight
 from .schedule import make_scheduler
+from .signals import StopRequest
 from .flops import device_peak, flops_per_token, mfu
 from .telemetry import Progress, peak_memory_mb
 from .tracking import Telemetry
@@ -244,7 +245,7 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
     eval_before = state.eval_before
     progress = Progress(total=t.max_steps, start=state.step, enabled=topo.is_main)
     losses: list[float] = []
-    stopped_early, stopped_at = False, None
+    stopped_early, stopped_at, stop_reason = False, None, "training.stop_after_steps"
     skipped_in_a_row = 0
     first_step = state.step + 1
     strategy.train(True)
@@ -261,75 +262,91 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
 
     if resume is not None:
         _restore_rng(resume, topo)
-    for step in range(first_step, t.max_steps + 1):
-        faults.inject("hang", step, topo.rank)
-        faults.inject("crash", step, topo.rank)
-        t0 = time.perf_counter()
-        if unfreeze is not None:
-            strategy.grad_mask = unfreeze.frozen_params(step)
-            if step == first_step or unfreeze.open_blocks(step) != unfreeze.open_blocks(step - 1):
-                metrics.write({"event": "unfreeze", "step": step, "open_blocks": unfreeze.open_blocks(step)})
-                if step != first_step:
-                    progress.write(f"[method] step {step}: {unfreeze.open_blocks(step)} of {unfreeze.n_blocks} "
-                                   "blocks open")
-        micro = []
-        for m in range(t.gradient_accumulation_steps):
-            # Positions count from the samples consumed so far, so a resume on another number of ranks reads on
-            # exactly where the run stopped.
-            start, count = layout.micro_positions(0, m, topo.rank)
-            micro.append(collate([rows[i] for i in order.rows(state.samples_seen + start, count)], pad_id))
-        loss, n_targets, result = train_step(strategy, micro, t.max_grad_norm)
-        state.samples_seen += layout.global_batch
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        dt = time.perf_counter() - t0
-        tokens = sum(int(mb["input_ids"].numel()) for mb in micro)
-        (global_tokens,) = _all_reduce_sum([tokens], topo.device)
-        losses.append(loss)
-        if result.skipped:
-            skipped_in_a_row += 1
-            _log(topo, f"[train] step {step}: non-finite gradient norm, update skipped")
-            if skipped_in_a_row >= 5:
-                raise FloatingPointError("5 steps in a row had non-finite gradients; lower training.learning_rate "
-                                         "or use distributed.precision: fp32/bf16-mixed")
-        else:
-            skipped_in_a_row = 0
-        if step % t.log_every == 0 or step == t.max_steps:
-            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": result.grad_norm, "targets": n_targets,
-                      "tokens": int(global_tokens), "step_time": dt, "tokens_per_s": global_tokens / dt,
-                      "tokens_per_s_per_device": global_tokens / dt / topo.world_size,
-                      "samples_per_s": layout.global_batch / dt, "peak_memory_mb": peak_memory_mb(topo.device)}
-            if peak:
-                seq = tokens / max(1, sum(int(mb["input_ids"].shape[0]) for mb in micro))
-                record["mfu"] = mfu(flops_per_token(model_cfg, seq), global_tokens / dt, peak,
-                                    topo.world_size)
-            metrics.write(record)
-        progress.update(step=step, loss=loss, tokens_per_s=global_tokens / dt)
-        if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
-            state.last_eval = run_eval(step)
-            progress.write(f"[eval] step {step}: " + _fmt_metrics(state.last_eval))
-            best = state.best_eval_loss if state.best_eval_loss is not None else math.inf
-            if state.last_eval["eval_loss"] < best - 1e-12:
-                state.best_eval_loss, state.bad_evals = state.last_eval["eval_loss"], 0
+    with StopRequest() as stop_request:
+        for step in range(first_step, t.max_steps + 1):
+            faults.inject("hang", step, topo.rank)
+            faults.inject("crash", step, topo.rank)
+            faults.inject("signal", step, topo.rank)
+            t0 = time.perf_counter()
+            if unfreeze is not None:
+                strategy.grad_mask = unfreeze.frozen_params(step)
+                if step == first_step or unfreeze.open_blocks(step) != unfreeze.open_blocks(step - 1):
+                    metrics.write({"event": "unfreeze", "step": step, "open_blocks": unfreeze.open_blocks(step)})
+                    if step != first_step:
+                        progress.write(f"[method] step {step}: {unfreeze.open_blocks(step)} of {unfreeze.n_blocks} "
+                                       "blocks open")
+            micro = []
+            for m in range(t.gradient_accumulation_steps):
+                # Positions count from the samples consumed so far, so a resume on another number of ranks reads on
+                # exactly where the run stopped.
+                start, count = layout.micro_positions(0, m, topo.rank)
+                micro.append(collate([rows[i] for i in order.rows(state.samples_seen + start, count)], pad_id))
+            loss, n_targets, result = train_step(strategy, micro, t.max_grad_norm)
+            state.samples_seen += layout.global_batch
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            dt = time.perf_counter() - t0
+            tokens = sum(int(mb["input_ids"].numel()) for mb in micro)
+            # The stop request rides on an all-reduce every step runs anyway: all ranks see it at the same step.
+            global_tokens, stops = _all_reduce_sum([tokens, float(stop_request.requested)], topo.device)
+            losses.append(loss)
+            if result.skipped:
+                skipped_in_a_row += 1
+                _log(topo, f"[train] step {step}: non-finite gradient norm, update skipped")
+                if skipped_in_a_row >= 5:
+                    raise FloatingPointError("5 steps in a row had non-finite gradients; lower training.learning_rate "
+                                             "or use distributed.precision: fp32/bf16-mixed")
             else:
-                state.bad_evals += 1
-                if t.early_stopping_patience and state.bad_evals >= t.early_stopping_patience:
-                    progress.write(f"[train] early stop at step {step}: eval_loss did not improve for "
-                                   f"{state.bad_evals} evaluations (best {best:.4f})")
-                    stopped_early = True
-                    break
-        stop_here = t.stop_after_steps is not None and step - first_step + 1 >= t.stop_after_steps \
-            and step < t.max_steps
-        if recipe.checkpoint.every_steps and (step % recipe.checkpoint.every_steps == 0 or stop_here):
-            save(step)
-        if stop_here:
-            stopped_at = step
-            progress.write(f"[train] stopping after step {step} (training.stop_after_steps "
-                           f"{t.stop_after_steps}); run the same command with checkpoint.resume: auto to continue")
-            break
+                skipped_in_a_row = 0
+            if step % t.log_every == 0 or step == t.max_steps:
+                record = {"step": step, "loss": loss, "lr": lr, "grad_norm": result.grad_norm, "targets": n_targets,
+                          "tokens": int(global_tokens), "step_time": dt, "tokens_per_s": global_tokens / dt,
+                          "tokens_per_s_per_device": global_tokens / dt / topo.world_size,
+                          "samples_per_s": layout.global_batch / dt, "peak_memory_mb": peak_memory_mb(topo.device)}
+                if peak:
+                    seq = tokens / max(1, sum(int(mb["input_ids"].shape[0]) for mb in micro))
+                    record["mfu"] = mfu(flops_per_token(model_cfg, seq), global_tokens / dt, peak,
+                                        topo.world_size)
+                metrics.write(record)
+            progress.update(step=step, loss=loss, tokens_per_s=global_tokens / dt)
+            if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
+                state.last_eval = run_eval(step)
+                progress.write(f"[eval] step {step}: " + _fmt_metrics(state.last_eval))
+                best = state.best_eval_loss if state.best_eval_loss is not None else math.inf
+                if state.last_eval["eval_loss"] < best - 1e-12:
+                    state.best_eval_loss, state.bad_evals = state.last_eval["eval_loss"], 0
+                else:
+                    state.bad_evals += 1
+                    if t.early_stopping_patience and state.bad_evals >= t.early_stopping_patience:
+                        progress.write(f"[train] early stop at step {step}: eval_loss did not improve for "
+                                       f"{state.bad_evals} evaluations (best {best:.4f})")
+                        stopped_early = True
+                        break
+            stop_here = t.stop_after_steps is not None and step - first_step + 1 >= t.stop_after_steps \
+                and step < t.max_steps
+            saved = bool(recipe.checkpoint.every_steps) and (step % recipe.checkpoint.every_steps == 0 or stop_here)
+            if saved:
+                save(step)
+            if stops:
+                # Name the signal even on ranks that did not get it (the highest number, where they differ).
+                sig = torch.tensor([stop_request.signum or 0], device=topo.device)
+                if topo.world_size > 1:
+                    dist.all_reduce(sig, op=dist.ReduceOp.MAX)
+                stop_reason = StopRequest.name_of(int(sig.item()))
+                if not saved:
+                    save(step)
+                stopped_at = step
+                progress.write(f"[train] stopping after step {step}: {stop_reason} received; checkpoint written. "
+                               "Run the same command with checkpoint.resume: auto to continue")
+                break
+            if stop_here:
+                stopped_at = step
+                progress.write(f"[train] stopping after step {step} (training.stop_after_steps "
+                               f"{t.stop_after_steps}); run the same command with checkpoint.resume: auto to continue")
+                break
     progress.close()
     if stopped_at is not None:
-        metrics.write({"event": "stopped", "step": step})
+        metrics.write({"event": "stopped", "step": step, "reason": stop_reason})
         metrics.close()
         strategy.close()
         return TrainResult(step, losses, eval_before, {}, None, False, time.perf_counter() - t_start,
