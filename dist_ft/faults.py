@@ -3,6 +3,7 @@
     checkpoint-write:9     SIGKILL half-way through writing the checkpoint of step 9 (no clean-up at all)
     hang:3:1               rank 1 stops answering before step 3 (the others must time out, not hang)
     crash:3:1              rank 1 raises before step 3
+    kill:3:1               rank 1 dies of SIGKILL before step 3 (what the out-of-memory killer does)
     signal:3:1             rank 1 sends itself SIGTERM before step 3 (a preemption that reaches one rank)
 
 Unset (always, outside tests), this is one dictionary lookup.
@@ -22,7 +23,7 @@ def inject(point: str, step: int, rank: int = 0) -> None:
     parts = spec.split(":")
     if parts[0] != point or int(parts[1]) != step or (len(parts) > 2 and int(parts[2]) != rank):
         return
-    if point == "checkpoint-write":
+    if point in ("checkpoint-write", "kill"):
         os.kill(os.getpid(), signal.SIGKILL)
     elif point == "hang":
         while True:

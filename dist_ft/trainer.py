@@ -266,6 +266,7 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
         for step in range(first_step, t.max_steps + 1):
             faults.inject("hang", step, topo.rank)
             faults.inject("crash", step, topo.rank)
+            faults.inject("kill", step, topo.rank)
             faults.inject("signal", step, topo.rank)
             t0 = time.perf_counter()
             if unfreeze is not None:
