@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 
 from . import faults
 
@@ -239,16 +240,22 @@ def save_checkpoint(*, root: Path, strategy, trainer_state: TrainerState, recipe
     tmp, final = root / f"{TMP_PREFIX}{step:08d}", step_dir(root, step)
     if topo.is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of an earlier, interrupted attempt
-        (tmp / "rng").mkdir(parents=True)
-    dist.barrier()
-    strategy.save_state(tmp / "state")
-    (tmp / "rng" / f"rank-{topo.rank}.json").write_text(json.dumps(rng_state()))
-    if topo.is_main:
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state.__dict__, indent=1))
-        (tmp / "recipe.yaml").write_text(recipe_yaml)
-        tokenizer.save_pretrained(tmp / "tokenizer")
-    faults.inject("checkpoint-write", step, topo.rank)
-    dist.barrier()
+    _agree(topo, _space_problem(root, step) if topo.is_main else None, tmp)
+    error = None
+    try:
+        if topo.is_main:
+            (tmp / "rng").mkdir(parents=True)
+        dist.barrier()
+        strategy.save_state(tmp / "state")
+        (tmp / "rng" / f"rank-{topo.rank}.json").write_text(json.dumps(rng_state()))
+        if topo.is_main:
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state.__dict__, indent=1))
+            (tmp / "recipe.yaml").write_text(recipe_yaml)
+            tokenizer.save_pretrained(tmp / "tokenizer")
+        faults.inject("checkpoint-write", step, topo.rank)
+    except (Exception, DcpCheckpointException) as exc:  # disk full, quota, permissions: every rank must hear of
+        error = f"rank {topo.rank}: {_root_cause(exc)}"  # it now, not wait for a collective timeout
+    _agree(topo, error, tmp, f"writing the checkpoint of step {step} failed")
     if strategy.trainable_only:
         _verify_adapter(tmp / "state", strategy, topo)
     names = _files(tmp) if topo.is_main else None
@@ -278,6 +285,60 @@ def save_checkpoint(*, root: Path, strategy, trainer_state: TrainerState, recipe
     seconds = time.perf_counter() - t0
     log(f"[checkpoint] saved step {step} to {final} ({total / 2**20:.1f} MiB, {len(files)} files, {seconds:.1f} s)")
     return {"path": str(final), "bytes": total, "files": len(files), "seconds": round(seconds, 3)}
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The OSError under a library's wrapping (DCP gathers every rank's failure into one exception)."""
+    seen = []
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        if isinstance(e, OSError):
+            return f"{type(e).__name__}: {e}"
+        for failure in getattr(e, "failures", {}).values():  # DCP: {rank: (exception, traceback)}
+            todo.append(failure[0] if isinstance(failure, tuple) else failure)
+        todo += [e.__cause__, e.__context__]
+    inner = seen[-1] if len(seen) > 1 else exc
+    return f"{type(inner).__name__}: {(str(inner).splitlines() or [''])[0]}"
+
+
+def _space_problem(root: Path, step: int) -> str | None:
+    """Refuse to start a checkpoint that cannot fit: the newest complete one is the size estimate."""
+    complete, _ = list_checkpoints(root)
+    if not complete:
+        return None
+    need = sum(f["bytes"] for f in complete[0].manifest["files"].values())
+    free = shutil.disk_usage(root).free
+    if free >= need * 1.05:
+        return None
+    return (f"{root}: {free / 2**20:.1f} MiB free, but the last checkpoint took {need / 2**20:.1f} MiB, so the "
+            f"checkpoint of step {step} would not fit")
+
+
+def _agree(topo, problem: str | None, tmp: Path, what: str = "not enough disk space") -> None:
+    """Every rank learns whether any rank failed; then all raise the same error and the partial folder goes."""
+    problems: list = [None] * topo.world_size
+    if topo.world_size > 1:
+        dist.all_gather_object(problems, problem)
+    else:
+        problems = [problem]
+    problems = [p for p in problems if p]
+    if not problems:
+        return
+    if topo.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    complete, _ = list_checkpoints(tmp.parent)
+    kept = f"the newest complete checkpoint, {complete[0].path.name}, is intact" if complete \
+        else "no earlier checkpoint exists"
+    # Libraries often lose the OSError on the way (C++ writers, exceptions pickled between ranks): say how much
+    # room there is, which is what the user needs to know.
+    free = shutil.disk_usage(tmp.parent).free
+    raise CheckpointError(f"{what}: {'; '.join(dict.fromkeys(problems))}. {free / 2**20:.1f} MiB free under "
+                          f"{tmp.parent}. Nothing was overwritten: {kept}. Free space there (or point output_dir "
+                          "elsewhere) and run again with checkpoint.resume: auto")
 
 
 def _verify_adapter(folder: Path, strategy, topo) -> None:

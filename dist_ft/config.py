@@ -185,6 +185,8 @@ class CheckpointConfig:
                                "(an error if it cannot load); None: never resume.")
     verify: Literal["size", "sha256"] = _f("sha256", "How a checkpoint is checked before resuming: file sizes "
                                            "only, or sizes and sha256 (the hashing split over ranks).")
+    allow_pickle: list[str] = _f(factory=list, help="Checkpoint files you made and trust to be unpickled in full. Everything else "
+                                 "is read by torch's weights-only unpickler, which refuses code (safe_load.py).")
 
 
 @dataclass

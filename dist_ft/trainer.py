@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from . import faults
+from . import faults, safe_load
 from .assets import resolve_model_path
 from .config import Recipe, RecipeError, dump_recipe, recipe_to_dict
 from .data.batching import BatchLayout, SampleOrder, collate, count_targets, pack
@@ -177,6 +177,8 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
     # Which checkpoint (if any) this run continues from: chosen and verified before the model is built.
     resume = _find_resume(recipe, topo, meta) if recipe.checkpoint.resume is not None else None
     if resume is not None:
+        safe_load.allow(recipe.checkpoint.allow_pickle)
+        os.environ["DIST_FT_ALLOW_PICKLE"] = os.pathsep.join(recipe.checkpoint.allow_pickle)  # for converters
         strategy.prepare_resume(resume.path / "state", resume.manifest)
     strategy.setup(builder, _make_optimizer(recipe))
     counts = count_parameters(strategy.unwrap())

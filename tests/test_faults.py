@@ -1,5 +1,11 @@
-"""Faults during a run: a rank that stops answering ends the job within the collective timeout (no hang), and a
-rank that crashes takes the job down with its error; neither leaves a final model behind."""
+"""Faults during a run, each on 2 real gloo ranks.
+
+- A rank that stops answering ends the job within the collective timeout (no hang); a rank that crashes takes the
+  job down with its error; neither leaves a final model behind.
+- Stop signals (SIGTERM to one rank, or to the launcher) give one agreed checkpoint and a clean exit, and the
+  resume is exact; a second signal ends a rank at once, even inside a collective.
+- A full disk while saving: a clear error on every rank, nothing complete lost, no partial checkpoint left.
+"""
 
 import json
 import os
@@ -9,7 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
+
+from dist_ft import checkpoint as ckpt
 
 from conftest import REPO, read_metrics, run_cli, tiny_recipe, write_recipe
 
@@ -32,10 +41,31 @@ def test_a_silent_rank_times_out_instead_of_hanging(tmp_path, tiny_llama):
     assert not (out / "final").exists()
 
 
-def test_a_crashing_rank_takes_the_job_down(tmp_path, tiny_llama):
+@pytest.mark.parametrize("fault", ["crash", "kill"])
+def test_a_dying_rank_takes_the_job_down(tmp_path, tiny_llama, fault):
+    """An exception on rank 1 only, or SIGKILL (what the out-of-memory killer sends): the job ends with a
+    non-zero status, the failing rank is named, and no process is left behind."""
     out, path = _recipe(tmp_path, tiny_llama)
-    res = run_cli("launch", str(path), "--nproc-per-node", "2", env={"DIST_FT_FAULT": "crash:2:1"}, timeout=300)
-    assert res.returncode != 0 and "injected fault" in res.stdout + res.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "dist_ft", "launch", str(path), "--nproc-per-node", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "DIST_FT_FAULT": f"{fault}:2:1"})
+    ranks = {}
+    while proc.poll() is None and len(ranks) < 2:
+        ranks = _ranks(proc.pid)
+        time.sleep(0.05)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    text = stdout + stderr
+    assert proc.returncode != 0
+    assert "rank      : 1" in text or "rank: 1" in text, text[-3000:]  # torchrun's failure table names it
+    if fault == "crash":
+        assert "injected fault" in text
+    else:
+        assert "Signal 9 (SIGKILL)" in text, text[-3000:]
+    time.sleep(0.5)
+    assert not any(_alive(pid) for pid in ranks.values())
     assert not (out / "final").exists()
 
 
@@ -162,3 +192,128 @@ def test_a_second_signal_exits_at_once(tmp_path, tiny_llama):
     assert "second SIGTERM: exiting now" in stdout + stderr
     assert elapsed < 5, elapsed
     assert _complete_checkpoints(out) == [] and not (out / "final").exists()
+
+
+# ------------------------------------------------------------------------------------------- disk full
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a chosen size (needs root and mount rights; skipped where the machine has neither)."""
+    mounted = []
+
+    def make(name: str, kib: int) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _disk_recipe(tmp_path, model, out, strategy="ddp"):
+    r = tiny_recipe(model, out, training={"max_steps": 6}, distributed={"strategy": strategy, "timeout_seconds": 60},
+                    checkpoint={"every_steps": 2, "keep_last": None}, data={"max_eval_samples": 4})
+    return write_recipe(tmp_path / f"{out.parent.name}-{out.name}.yaml", r)
+
+
+def _checkpoint_kib(tmp_path, model) -> int:
+    out = tmp_path / "sizing"
+    path = _disk_recipe(tmp_path, model, out)
+    assert run_cli("train", str(path), "training.max_steps=2").returncode == 0
+    return sum(f.stat().st_size for f in (out / "checkpoints").rglob("*") if f.is_file()) // 1024
+
+
+def test_disk_full_while_saving(tmp_path, tiny_llama, small_disk):
+    """Two ways to run out of space, on 2 ranks: the first checkpoint does not fit at all (the write fails on
+    disk), or a later one would not fit (refused before writing). Either way a clear error names the problem and
+    the fix, every rank stops (no collective timeout), and what was already written stays complete."""
+    kib = _checkpoint_kib(tmp_path, tiny_llama)
+    # (a) Room for the run's small files but not for one checkpoint: the write itself fails with ENOSPC.
+    disk = small_disk("tiny", kib // 3)
+    out = disk / "run"
+    t0 = time.perf_counter()
+    res = run_cli("launch", str(_disk_recipe(tmp_path, tiny_llama, out)), "--nproc-per-node", "2")
+    text = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "writing the checkpoint of step 2 failed" in text and "MiB free under" in text, text[-3000:]
+    assert "no earlier checkpoint exists" in text
+    assert time.perf_counter() - t0 < 120  # both ranks stopped together, well inside the 60 s collective timeout
+    assert not list((out / "checkpoints").glob(".tmp-*")) and not list((out / "checkpoints").glob("step-*"))
+    # (b) Room for one checkpoint and a half: step 2 is written, step 4 is refused before a byte is written.
+    disk = small_disk("half", int(kib * 1.6) + 256)
+    out = disk / "run"
+    res = run_cli("launch", str(_disk_recipe(tmp_path, tiny_llama, out)), "--nproc-per-node", "2")
+    text = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "would not fit" in text and "step-00000002, is intact" in text, text[-3000:]
+    assert _complete_checkpoints(out) == ["step-00000002"] and not list((out / "checkpoints").glob(".tmp-*"))
+    kept = out / "checkpoints" / "step-00000002"
+    assert ckpt.checksum_problems(kept, ckpt.read_manifest(kept)) == []  # every byte as its manifest says
+
+
+# ------------------------------------------------------------------------------------------- network partition
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces joined by a veth pair: two "nodes" with their own addresses (needs root)."""
+    tag = f"{os.getpid() % 10000}"
+    a, b, va, vb = f"dfa{tag}", f"dfb{tag}", f"va{tag}", f"vb{tag}"
+    setup = [f"ip netns add {a}", f"ip netns add {b}", f"ip link add {va} type veth peer name {vb}",
+             f"ip link set {va} netns {a}", f"ip link set {vb} netns {b}",
+             f"ip -n {a} addr add 10.77.0.1/24 dev {va}", f"ip -n {b} addr add 10.77.0.2/24 dev {vb}",
+             f"ip -n {a} link set lo up", f"ip -n {b} link set lo up",
+             f"ip -n {a} link set {va} up", f"ip -n {b} link set {vb} up"]
+    try:
+        for cmd in setup:
+            res = subprocess.run(cmd.split(), capture_output=True, text=True)
+            if res.returncode != 0:
+                pytest.skip(f"cannot build two network namespaces here ({cmd}: {res.stderr.strip()})")
+        yield {"ns": (a, b), "ifname": (va, vb), "addr": ("10.77.0.1", "10.77.0.2")}
+    finally:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_a_network_partition_ends_the_job(tmp_path, tiny_llama, two_hosts):
+    """Two nodes of one rank each, over a veth link; the link goes down mid-run. Both nodes must end (non-zero)
+    within the collective timeout, not hang, and leave nothing running."""
+    out = tmp_path / "run"
+    r = tiny_recipe(tiny_llama, out, training={"max_steps": 400}, distributed={"timeout_seconds": 15})
+    path = write_recipe(tmp_path / "r.yaml", r)
+    (ns_a, ns_b), (if_a, if_b) = two_hosts["ns"], two_hosts["ifname"]
+    nodes = []
+    for rank, (ns, ifname) in enumerate(((ns_a, if_a), (ns_b, if_b))):
+        cmd = ["ip", "netns", "exec", ns, "env", f"GLOO_SOCKET_IFNAME={ifname}", "PYTHONUNBUFFERED=1",
+               sys.executable, "-m", "dist_ft", "launch", str(path), "--nproc-per-node", "1", "--nnodes", "2",
+               "--node-rank", str(rank), "--rdzv-endpoint", f"{two_hosts['addr'][0]}:29533"]
+        nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                                      start_new_session=True))
+    seen: set[int] = set()
+    try:
+        t_start = time.perf_counter()
+        while len(_steps_logged(out)) < 2:
+            assert all(n.poll() is None for n in nodes), [n.communicate()[0][-2000:] for n in nodes]
+            assert time.perf_counter() - t_start < 240, "the two nodes never trained"
+            time.sleep(0.1)
+        for n in nodes:
+            seen |= set(_ranks(n.pid).values()) | {n.pid}
+        subprocess.run(["ip", "-n", ns_a, "link", "set", if_a, "down"], check=True)
+        t0 = time.perf_counter()
+        texts = [n.communicate(timeout=300)[0] for n in nodes]
+        elapsed = time.perf_counter() - t0
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                os.killpg(n.pid, signal.SIGKILL)
+    assert all(n.returncode != 0 for n in nodes), [t[-2000:] for t in texts]
+    print(f"\n[partition] both nodes ended {elapsed:.1f} s after the link went down (timeout 15 s)")
+    assert elapsed < 15 + 60, elapsed
+    time.sleep(0.5)
+    assert not any(_alive(p) for p in seen)
+    assert not (out / "final").exists()

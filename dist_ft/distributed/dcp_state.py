@@ -15,6 +15,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from ..safe_load import dcp_reader  # DCP's own reader unpickles `.metadata`; ours never runs code from it
+
 
 def _options(trainable_only: bool, strict: bool = True) -> StateDictOptions:
     return StateDictOptions(ignore_frozen_params=trainable_only, strict=strict and not trainable_only)
@@ -33,24 +35,22 @@ def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
     """Fill model and optimizer from `folder` in place; a missing or mismatched tensor raises (DCP names it)."""
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(trainable_only))
     state = {"model": model_sd, "optim": optim_sd, **(extra or {})}
-    dcp.load(state, checkpoint_id=str(folder))
+    dcp.load(state, storage_reader=dcp_reader(folder))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_options(trainable_only))
 
 
 def stored_names(folder: Path) -> set[str]:
     """The tensor names a DCP folder holds (from its metadata file alone)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    return set(FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
+    return set(dcp_reader(folder).read_metadata().state_dict_metadata)
 
 
 def read_model_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every model tensor a DCP folder holds, whole, read by this process alone (no process group needed)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    meta = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    meta = dcp_reader(folder).read_metadata().state_dict_metadata
     state = {"model": {n[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype)
                        for n, m in meta.items() if n.startswith("model.") and hasattr(m, "size")}}
-    dcp.load(state, checkpoint_id=str(folder), no_dist=True)
+    dcp.load(state, storage_reader=dcp_reader(folder), no_dist=True)
     return state["model"]
 
 
@@ -66,6 +66,6 @@ def load_model_only(model: torch.nn.Module, folder: Path, *, skip_quant_state: b
     if missing:
         raise KeyError(f"{folder}: holds tensors the model lacks: {missing[:5]}")
     state = {"model": {n: own[n] for n in names}}
-    dcp.load(state, checkpoint_id=str(folder), no_dist=True)
+    dcp.load(state, storage_reader=dcp_reader(folder), no_dist=True)
     model.load_state_dict(state["model"], strict=False)
     return names

@@ -159,7 +159,11 @@ class DeepSpeedStrategy(Strategy):
 
     def read_trainable(self, folder: Path):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=self.TAG, exclude_frozen_parameters=True)
+
+        from ..safe_load import deepspeed_loads_weights_only
+        with deepspeed_loads_weights_only():
+            return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=self.TAG,
+                                                            exclude_frozen_parameters=True)
 
     def prepare_resume(self, folder: Path, manifest: dict) -> None:
         """A ZeRO checkpoint loads only on the world size (and stage) that wrote it. Otherwise convert it once to
@@ -175,9 +179,10 @@ class DeepSpeedStrategy(Strategy):
         if self.topo.is_main and not (universal / self.TAG).is_dir():
             tmp = folder.parent / ".universal.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                   str(folder / self.TAG), "--output_folder", str(tmp / self.TAG), "--num_extract_workers", "1",
-                   "--num_merge_workers", "1", "--inject_missing_state"]
+            # Through our guard: the converter unpickles every ZeRO file (safe_load.py).
+            cmd = [sys.executable, "-m", "dist_ft.safe_load", "deepspeed.checkpoint.ds_to_universal",
+                   "--input_folder", str(folder / self.TAG), "--output_folder", str(tmp / self.TAG),
+                   "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
                 from ..checkpoint import CheckpointError
@@ -191,9 +196,11 @@ class DeepSpeedStrategy(Strategy):
 
     def load_state(self, folder: Path, manifest: dict) -> None:
         source = getattr(self, "_universal_dir", None) if self._load_universal else folder
-        path, _ = self.engine.load_checkpoint(str(source), tag=self.TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False,
-                                              load_module_strict=not self.trainable_only)
+        from ..safe_load import deepspeed_loads_weights_only
+        with deepspeed_loads_weights_only():  # DeepSpeed itself would unpickle with weights_only=False
+            path, _ = self.engine.load_checkpoint(str(source), tag=self.TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False,
+                                                  load_module_strict=not self.trainable_only)
         if path is None:
             from ..checkpoint import CheckpointError
             raise CheckpointError(f"{source / self.TAG}: DeepSpeed found no checkpoint to load")
