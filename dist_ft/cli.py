@@ -63,8 +63,48 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _is_this_machine(host: str) -> bool:
+    """Whether `host` names an address of this machine (network namespace): one we can bind to."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError):
+        return False
+    for family, _, _, _, sockaddr in infos:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.bind((sockaddr[0], 0))
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _torchrun_sees_host(host: str) -> bool:
+    try:
+        from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname
+    except ImportError:
+        return False
+    return _matches_machine_hostname(host)
+
+
+def _route_address(host: str, port: int) -> str | None:
+    """This machine's address on the route to `host` (a UDP connect sends nothing, it only picks the route)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((host, port))
+            addr = sock.getsockname()[0]
+    except OSError:
+        return None
+    return None if addr.startswith("127.") else addr
+
+
 def launch(recipe_path: str, overrides: list[str], *, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
-           rdzv_endpoint: str | None = None, max_restarts: int = 0, shutdown_timeout: int = 120) -> int:
+           rdzv_endpoint: str | None = None, max_restarts: int = 0, shutdown_timeout: int = 120,
+           local_addr: str | None = None, read_timeout: int = 60) -> int:
     """Start `nproc_per_node` ranks of `dist-ft train` through torchrun's elastic agent; return the exit status."""
     from torch.distributed.run import get_args_parser, run
 
@@ -76,6 +116,20 @@ def launch(recipe_path: str, overrides: list[str], *, nproc_per_node: int, nnode
             raise RecipeError(["--rdzv-endpoint HOST:PORT is needed with --nnodes > 1"], "command line")
         argv += [f"--node-rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
                  f"--rdzv-id=dist-ft-{Path(recipe_path).stem}"]
+        host, port = rdzv_endpoint.rsplit(":", 1)
+        # The agents' own store reads give up after the collective timeout too: on a partition they would
+        # otherwise wait for TCP retransmissions long after the ranks have timed out.
+        rdzv_conf = [f"read_timeout={read_timeout}"]
+        if node_rank == 0 and _is_this_machine(host) and not _torchrun_sees_host(host):
+            # torchrun hosts the rendezvous store only where the endpoint matches the hostname or its addresses;
+            # an address of a second NIC (InfiniBand, a container network) is missed, and then nobody hosts it.
+            rdzv_conf.append("is_host=true")
+        # Each node advertises the address its ranks are reached at; torchrun's default, the hostname, may resolve
+        # to a loopback or management address the other nodes cannot reach.
+        local_addr = local_addr or _route_address(host, int(port))
+        if local_addr:
+            argv += [f"--local-addr={local_addr}"]
+        argv += [f"--rdzv-conf={','.join(rdzv_conf)}"]
     else:
         argv += ["--standalone"] if rdzv_endpoint is None else [f"--rdzv-endpoint={rdzv_endpoint}"]
         argv += [f"--master-port={free_port()}"] if rdzv_endpoint is None else []
@@ -93,6 +147,9 @@ def launch(recipe_path: str, overrides: list[str], *, nproc_per_node: int, nnode
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
+    from .distributed.watchdog import AgentWatchdog
+
+    watchdog = AgentWatchdog(grace=5).start()  # the agent reacts in well under a second when it can
     try:
         run(parser.parse_args(argv))
     except SignalException as exc:  # the ranks got the same signal and checkpointed (or were killed after the wait)
@@ -102,6 +159,8 @@ def launch(recipe_path: str, overrides: list[str], *, nproc_per_node: int, nnode
     except Exception as exc:  # torchrun's ChildFailedError carries the failing rank and its error
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        watchdog.stop()
     return 0
 
 
@@ -114,9 +173,10 @@ def cmd_launch(args) -> int:
     except RecipeError as exc:
         return _fail(exc)
     return launch(args.recipe, args.overrides, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
-                  node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint,
+                  node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, local_addr=args.local_addr,
                   # A checkpoint is bounded by the collective timeout anyway (ranks wait on each other in it).
-                  shutdown_timeout=recipe.distributed.timeout_seconds + 30)
+                  shutdown_timeout=recipe.distributed.timeout_seconds + 30,
+                  read_timeout=recipe.distributed.timeout_seconds)
 
 
 def cmd_export(args) -> int:
@@ -169,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--nnodes", type=int, default=1)
     la.add_argument("--node-rank", type=int, default=0)
     la.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous (multi-node)")
+    la.add_argument("--local-addr", default=None, help="the address other nodes reach this one at (multi-node; "
+                    "default: this machine's address on the route to the rendezvous host)")
     la.set_defaults(fn=cmd_launch)
     e = sub.add_parser("export", help="write a Hugging Face folder (or PEFT adapter) from a checkpoint or run")
     e.add_argument("source", help="a run directory (its final/ model, else its newest complete checkpoint) or a "
