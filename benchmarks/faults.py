@@ -11,6 +11,8 @@ Faults (DIST_FT_FAULT injects them at a chosen step; see dist_ft/faults.py):
     sigterm-launcher   SIGTERM to `dist-ft launch` after step 2 (Slurm, a user): checkpoint, exit 143
     kill-during-checkpoint   SIGKILL to every process at a random moment while checkpoints are written each step;
                    then `checkpoint.resume: auto` must continue from the newest complete one and finish
+    partition      two "nodes" (network namespaces joined by a veth pair, one rank each); the link goes down
+                   after step 2; both must end (needs root and `ip netns`)
 
 "Survived" means: the expected exit status, a message naming the failing rank or the signal, no process left
 behind, no final model from a failed run, and for the checkpoint faults a resume that finishes. Time to exit is
@@ -36,7 +38,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-FAULTS = ["exception", "sigkill", "hang", "sigterm-rank", "sigterm-launcher", "kill-during-checkpoint"]
+FAULTS = ["exception", "sigkill", "hang", "sigterm-rank", "sigterm-launcher", "kill-during-checkpoint", "partition"]
 INJECT = {"exception": "crash:3:1", "sigkill": "kill:3:1", "hang": "hang:3:1", "sigterm-rank": "signal:3:1"}
 
 
@@ -101,7 +103,56 @@ def watch(proc: subprocess.Popen, out: Path, until_step: int, timeout: float = 3
     return seen, time.perf_counter()
 
 
+def partition_trial(model: Path, work: Path) -> dict:
+    out = work / "run"
+    shutil.rmtree(out, ignore_errors=True)
+    path = work / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe(model, out, training={"max_steps": 100000})))
+    a, b, va, vb = "dfbench_a", "dfbench_b", "dfbench_va", "dfbench_vb"
+    for cmd in (f"ip netns del {a}", f"ip netns del {b}"):
+        subprocess.run(cmd.split(), capture_output=True)
+    for cmd in (f"ip netns add {a}", f"ip netns add {b}", f"ip link add {va} type veth peer name {vb}",
+                f"ip link set {va} netns {a}", f"ip link set {vb} netns {b}",
+                f"ip -n {a} addr add 10.78.0.1/24 dev {va}", f"ip -n {b} addr add 10.78.0.2/24 dev {vb}",
+                f"ip -n {a} link set lo up", f"ip -n {b} link set lo up", f"ip -n {a} link set {va} up",
+                f"ip -n {b} link set {vb} up"):
+        subprocess.run(cmd.split(), check=True, capture_output=True)
+    try:
+        nodes = [subprocess.Popen(["ip", "netns", "exec", ns, "env", f"GLOO_SOCKET_IFNAME={ifname}", sys.executable,
+                                   "-m", "dist_ft", "launch", str(path), "--nproc-per-node", "1", "--nnodes", "2",
+                                   "--node-rank", str(i), "--rdzv-endpoint", "10.78.0.1:29544"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                                  start_new_session=True)
+                 for i, (ns, ifname) in enumerate(((a, va), (b, vb)))]
+        seen = set()
+        t0 = time.perf_counter()
+        while len(steps_logged(out)) < 2 and time.perf_counter() - t0 < 300 and all(n.poll() is None for n in nodes):
+            time.sleep(0.1)
+        for n in nodes:
+            seen |= descendants(n.pid) | {n.pid}
+        subprocess.run(["ip", "-n", a, "link", "set", va, "down"], check=True)
+        t_fault = time.perf_counter()
+        for n in nodes:
+            try:
+                n.communicate(timeout=600)
+            except subprocess.TimeoutExpired:
+                os.killpg(n.pid, signal.SIGKILL)
+                n.communicate()
+        t_exit = time.perf_counter()
+    finally:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    time.sleep(0.5)
+    left = sorted(p for p in seen if alive(p))
+    ok = all(n.returncode != 0 for n in nodes) and not left and not (out / "final").exists()
+    return {"fault": "partition", "ok": ok, "rc": [n.returncode for n in nodes],
+            "seconds_to_exit": round(t_exit - t_fault, 2), "left_behind": left,
+            "note": "both nodes ended (timeout_seconds 10)"}
+
+
 def trial(kind: str, model: Path, work: Path, rng: random.Random) -> dict:
+    if kind == "partition":
+        return partition_trial(model, work)
     out = work / "run"
     shutil.rmtree(out, ignore_errors=True)
     extra = {"checkpoint": {"every_steps": 1}, "training": {"max_steps": 200}} \

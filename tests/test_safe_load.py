@@ -98,3 +98,27 @@ def test_resume_from_a_tampered_checkpoint_is_refused(tmp_path, tiny_llama, stra
     assert "refused to unpickle" in text and victim.name in text, text[-3000:]
     assert not marker.exists()
     assert not (out / "final").exists()  # it did not quietly start from the base model
+
+
+def test_remote_code_runs_only_when_the_recipe_says_so(tmp_path, tiny_llama):
+    """A model folder that ships its own Python (config.json `auto_map`): its code never runs by default; with
+    `model.trust_remote_code: true` it does (which shows the folder's code was really there to run)."""
+    import shutil
+
+    model = tmp_path / "model-with-code"
+    shutil.copytree(tiny_llama, model)
+    marker = tmp_path / "remote-code-ran"
+    (model / "evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
+        "from transformers import LlamaConfig as EvilConfig, LlamaForCausalLM as EvilModel\n")
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (model / "config.json").write_text(json.dumps(cfg))
+    for trust in (False, True):
+        out = tmp_path / f"run-{trust}"
+        path = write_recipe(tmp_path / f"r-{trust}.yaml",
+                            tiny_recipe(model, out, training={"max_steps": 1}, model={"trust_remote_code": trust}))
+        res = run_cli("train", str(path))
+        assert marker.exists() is trust, (trust, res.stdout[-1500:] + res.stderr[-1500:])
+        if not trust:
+            assert res.returncode == 0, res.stderr[-3000:]  # the built-in Llama classes load it without the code
