@@ -137,6 +137,8 @@ class ModelBuilder:
             trust_remote_code=self.recipe.model.trust_remote_code, **kwargs)
         model = apply_method(model, self.recipe, model_path=self.path)
         self.weights().reinit_missing(model)
+        if quant is not None:
+            keep_4bit_weights_trainable(model)
         return model
 
     def build_meta(self, context=None) -> torch.nn.Module:
@@ -152,6 +154,22 @@ class ModelBuilder:
                 model.config.get_text_config(), "tie_word_embeddings", False):
             model.tie_weights()  # from_config under init_empty_weights leaves the output embedding untied
         return apply_method(model, self.recipe, model_path=self.path)
+
+
+def keep_4bit_weights_trainable(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16, the first forward in eval mode without grad (our evaluation before training)
+    repacks every Linear4bit's weight, and from then on every forward, in training too, takes that kernel, which
+    has no backward: gradients stop at each quantised layer, only the adapters nearest the loss learn, and a
+    QLoRA run barely moves (measured on SmolLM2: held-out loss 4.08 -> 4.06 in 40 steps, against 3.86 -> 2.60 for
+    LoRA). Returns how many layers were switched."""
+    n = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def is_quantized(model: torch.nn.Module) -> bool:

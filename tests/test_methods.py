@@ -271,3 +271,30 @@ def test_merge_lora_export(tmp_path, tiny_llama, method):
     batch = {"input_ids": _batch()["input_ids"]}
     with torch.no_grad():
         assert torch.allclose(adapter(**batch).logits, merged(**batch).logits, atol=1e-4)
+
+
+def test_qlora_gradients_survive_an_evaluation(tmp_path, tiny_llama):
+    """An evaluation before training (eval mode, no grad) must not change the gradients of the training step
+    after it. bitsandbytes repacks 4-bit weights for a CPU inference kernel without a backward on such a forward
+    (on CPUs with AVX512-BF16); gradients then stop at every quantised layer and only the last adapters learn."""
+    pytest.importorskip("bitsandbytes")
+    recipe = _recipe(tiny_llama, tmp_path / "out", "qlora")
+    batch = {"input_ids": torch.randint(0, 500, (2, 12))}
+
+    def grads(evaluate_first: bool) -> dict:
+        torch.manual_seed(0)
+        model = _build(recipe, tiny_llama)
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(**batch)
+        model.train()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fresh, after_eval = grads(False), grads(True)
+    assert fresh.keys() == after_eval.keys() and fresh
+    first_layer = [n for n in fresh if ".layers.0." in n and "lora_B" in n]
+    assert first_layer and all(fresh[n].abs().sum() > 0 for n in first_layer)
+    for n in fresh:
+        assert torch.allclose(fresh[n], after_eval[n], atol=1e-5, rtol=1e-4), n
