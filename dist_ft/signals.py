@@ -25,9 +25,14 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 class StopRequest:
     """`with StopRequest() as stop:` ... `stop.signum` is the first stop signal received, else None."""
 
-    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
+    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS, *, deadline: float | None = None):
         self.signals = tuple(int(s) for s in signals)
         self.signum: int | None = None
+        # A rank that cannot reach the end of its step within `deadline` seconds of the signal (stuck: a peer
+        # died, or it hangs itself) leaves then: torchrun sends SIGTERM to the survivors when one rank fails,
+        # and would otherwise wait its whole shutdown timeout before SIGKILL.
+        self.deadline = deadline
+        self.acknowledged = False
         self._previous: dict[int, object] = {}
         self._previous_fd = -1
         self._pipe: tuple[int, int] | None = None
@@ -40,9 +45,23 @@ class StopRequest:
     def name_of(signum: int) -> str:
         return signal.Signals(signum).name
 
+    def acknowledge(self) -> None:
+        """The ranks have agreed to stop: the checkpoint is being written, the deadline no longer applies."""
+        self.acknowledged = True
+
+    def _expire(self, signum: int) -> None:
+        if not self.acknowledged and self._pipe is not None:
+            os.write(2, f"[dist_ft] {self.name_of(signum)}: the step did not end within {self.deadline:.0f} s; "
+                        "exiting without a checkpoint\n".encode())
+            os._exit(128 + signum)
+
     def _record(self, signum: int) -> None:
         if self.signum is None:
             self.signum = signum
+            if self.deadline:
+                timer = threading.Timer(self.deadline, self._expire, args=(signum,))
+                timer.daemon = True
+                timer.start()
             return
         os.write(2, f"[dist_ft] second {self.name_of(signum)}: exiting now, without a checkpoint\n".encode())
         os._exit(128 + signum)

@@ -264,7 +264,7 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
 
     if resume is not None:
         _restore_rng(resume, topo)
-    with StopRequest() as stop_request:
+    with StopRequest(deadline=recipe.distributed.timeout_seconds) as stop_request:
         for step in range(first_step, t.max_steps + 1):
             faults.inject("hang", step, topo.rank)
             faults.inject("crash", step, topo.rank)
@@ -289,6 +289,8 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             dt = time.perf_counter() - t0
+            # A rank still short of its step's end this long after a signal is stuck (see signals.py).
+            stop_request.deadline = max(recipe.distributed.timeout_seconds, 3 * dt)
             tokens = sum(int(mb["input_ids"].numel()) for mb in micro)
             # The stop request rides on an all-reduce every step runs anyway: all ranks see it at the same step.
             global_tokens, stops = _all_reduce_sum([tokens, float(stop_request.requested)], topo.device)
@@ -331,6 +333,7 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
             if saved:
                 save(step)
             if stops:
+                stop_request.acknowledge()
                 # Name the signal even on ranks that did not get it (the highest number, where they differ).
                 sig = torch.tensor([stop_request.signum or 0], device=topo.device)
                 if topo.world_size > 1:
