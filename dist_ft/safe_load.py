@@ -82,10 +82,9 @@ def _deepspeed_globals() -> list:
         ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
         ("deepspeed.utils.tensor_fragment", ("fragment_address",)),
         ("deepspeed.runtime.zero.offload_config", ("OffloadDeviceEnum",)),
-        ("deepspeed.checkpoint.constants", ()),
     ):
         try:
-            mod = __import__(module, fromlist=list(names) or ["__name__"])
+            mod = __import__(module, fromlist=list(names))
         except ImportError:
             continue
         out += [getattr(mod, n) for n in names if hasattr(mod, n)]
