@@ -1,8 +1,9 @@
-"""Command line: `dist-ft {train,launch,check,demo}`.
+"""Command line: `dist-ft {check,train,launch,slurm,export,report,demo}`.
 
     dist-ft check RECIPE.yaml [section.key=value ...]     validate; print the resolved recipe; exit 2 on errors
     dist-ft train RECIPE.yaml [overrides]                 train here (one process, or one rank of a launcher)
     dist-ft launch RECIPE.yaml --nproc-per-node N [...]   start the ranks (torchrun's machinery) and train
+    dist-ft slurm RECIPE.yaml --nodes N --gpus-per-node G  write (--submit: and submit) a Slurm batch script
     dist-ft export SOURCE OUT [--merge-lora] [--dtype D]  a Hugging Face folder from a checkpoint or a run
     dist-ft report RUN_DIR                                report.md and PNG plots from metrics.jsonl
     dist-ft demo [--nproc-per-node N] [--output-dir D]    the embedded real fine-tune (SmolLM2 on WordNet)
@@ -47,6 +48,7 @@ def cmd_schema(args) -> int:
 
 def cmd_train(args) -> int:
     from .checkpoint import CheckpointError
+    from .signals import EXIT_STOPPED
     from .trainer import run_training
 
     try:
@@ -55,7 +57,8 @@ def cmd_train(args) -> int:
     except (RecipeError, DataError, CheckpointError) as exc:
         return _fail(exc)
     if result.stopped_at is not None:
-        return 0
+        # A planned stop (training.stop_after_steps) succeeded; a signal's stop is to be continued: say so.
+        return 0 if result.stop_reason == "training.stop_after_steps" else EXIT_STOPPED
     if result.eval_after and os.environ.get("RANK", "0") == "0":
         print(f"[dist_ft] done: {result.steps} steps in {result.seconds:.1f} s; eval_loss "
               f"{result.eval_before.get('eval_loss', float('nan')):.4f} -> {result.eval_after['eval_loss']:.4f}",
@@ -104,7 +107,8 @@ def _route_address(host: str, port: int) -> str | None:
 
 def launch(recipe_path: str, overrides: list[str], *, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
            rdzv_endpoint: str | None = None, max_restarts: int = 0, shutdown_timeout: int = 120,
-           local_addr: str | None = None, read_timeout: int = 60) -> int:
+           local_addr: str | None = None, read_timeout: int = 60, rdzv_id: str | None = None,
+           output_dir: str | None = None) -> int:
     """Start `nproc_per_node` ranks of `dist-ft train` through torchrun's elastic agent; return the exit status."""
     from torch.distributed.run import get_args_parser, run
 
@@ -115,7 +119,7 @@ def launch(recipe_path: str, overrides: list[str], *, nproc_per_node: int, nnode
         if not rdzv_endpoint:
             raise RecipeError(["--rdzv-endpoint HOST:PORT is needed with --nnodes > 1"], "command line")
         argv += [f"--node-rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
-                 f"--rdzv-id=dist-ft-{Path(recipe_path).stem}"]
+                 f"--rdzv-id={rdzv_id or 'dist-ft-' + Path(recipe_path).stem}"]
         host, port = rdzv_endpoint.rsplit(":", 1)
         # The agents' own store reads give up after the collective timeout too: on a partition they would
         # otherwise wait for TCP retransmissions long after the ranks have timed out.
@@ -149,14 +153,30 @@ def launch(recipe_path: str, overrides: list[str], *, nproc_per_node: int, nnode
 
     from .distributed.watchdog import AgentWatchdog
 
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from .signals import EXIT_STOPPED
+    from .telemetry import stopped_since
+
+    started = time.time()
     watchdog = AgentWatchdog(grace=5).start()  # the agent reacts in well under a second when it can
     try:
         run(parser.parse_args(argv))
     except SignalException as exc:  # the ranks got the same signal and checkpointed (or were killed after the wait)
-        print(f"[dist_ft] launcher received {exc.sigval.name}: the ranks were asked to checkpoint and stop",
-              file=sys.stderr)
-        return 128 + int(exc.sigval)
-    except Exception as exc:  # torchrun's ChildFailedError carries the failing rank and its error
+        # torchrun keeps no exit status of ranks it signalled: the run's own log says whether they checkpointed.
+        saved = output_dir is not None and stopped_since(Path(output_dir), started) is not None
+        print(f"[dist_ft] launcher received {exc.sigval.name}: the ranks were asked to checkpoint and stop"
+              + ("; they did" if saved else ""), file=sys.stderr)
+        return EXIT_STOPPED if saved else 128 + int(exc.sigval)
+    except ChildFailedError as exc:  # carries the failing rank and its error
+        # A signal that reached the ranks but not this agent: they checkpointed and left with EXIT_STOPPED (a rank
+        # still closing may then get the agent's SIGTERM; the checkpoint is written by then).
+        codes = {f.exitcode for f in exc.failures.values()}
+        if EXIT_STOPPED in codes and output_dir is not None and stopped_since(Path(output_dir), started):
+            return EXIT_STOPPED
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -176,7 +196,42 @@ def cmd_launch(args) -> int:
                   node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, local_addr=args.local_addr,
                   # A checkpoint is bounded by the collective timeout anyway (ranks wait on each other in it).
                   shutdown_timeout=recipe.distributed.timeout_seconds + 30,
-                  read_timeout=recipe.distributed.timeout_seconds)
+                  read_timeout=recipe.distributed.timeout_seconds, output_dir=recipe.output_dir,
+                  rdzv_id=args.rdzv_id or (f"dist-ft-{os.environ['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in os.environ
+                                           else None))
+
+
+def cmd_slurm(args) -> int:
+    from .preflight import preflight
+    from .slurm import SlurmJob, submit, write_job
+
+    job = SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node,
+                   cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
+                   account=args.account, job_name=args.job_name, signal_grace_seconds=args.signal_grace_seconds,
+                   launcher=args.launcher)
+    problems = job.problems()
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        preflight(recipe, source=args.recipe)
+    except RecipeError as exc:
+        problems = exc.problems + problems
+    if problems:
+        return _fail(RecipeError(problems, "dist-ft slurm"))
+    if job.signal_grace_seconds < recipe.distributed.timeout_seconds:
+        print(f"[dist_ft] note: --signal-grace-seconds {job.signal_grace_seconds} is shorter than "
+              f"distributed.timeout_seconds {recipe.distributed.timeout_seconds}: a slow step or checkpoint may "
+              "not finish before Slurm's SIGKILL", file=sys.stderr)
+    path = write_job(job, Path(args.recipe), args.overrides, Path(recipe.output_dir))
+    print(f"[dist_ft] wrote {path}")
+    if args.submit:
+        try:
+            print(f"[dist_ft] submitted job {submit(path)}; log: {path.parent}/slurm-JOBID.out")
+        except (OSError, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    else:
+        print(f"[dist_ft] submit with: sbatch {path}")
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -229,9 +284,25 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--nnodes", type=int, default=1)
     la.add_argument("--node-rank", type=int, default=0)
     la.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous (multi-node)")
+    la.add_argument("--rdzv-id", default=None, help="rendezvous id shared by the nodes of one job (default: "
+                    "dist-ft-$SLURM_JOB_ID under Slurm, else from the recipe's file name)")
     la.add_argument("--local-addr", default=None, help="the address other nodes reach this one at (multi-node; "
                     "default: this machine's address on the route to the rendezvous host)")
     la.set_defaults(fn=cmd_launch)
+    sl = with_recipe("slurm", "write a Slurm batch script for the recipe into its run directory (and submit it)")
+    sl.add_argument("--nodes", type=int, default=1)
+    sl.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; 0: CPU processes")
+    sl.add_argument("--procs-per-node", type=int, default=None, help="ranks per node (default: the GPUs, else 1)")
+    sl.add_argument("--cpus-per-task", type=int, default=None, help="CPU cores per node's launcher and its ranks")
+    sl.add_argument("--partition", default=None)
+    sl.add_argument("--time", default=None, help="time limit, HH:MM:SS or D-HH:MM:SS")
+    sl.add_argument("--account", default=None)
+    sl.add_argument("--job-name", default=None)
+    sl.add_argument("--signal-grace-seconds", type=int, default=120, help="how long before the time limit the "
+                    "ranks are told to checkpoint (Slurm may send it up to 60 s earlier)")
+    sl.add_argument("--launcher", default="torchrun", help="torchrun (dist-ft launch) or accelerate")
+    sl.add_argument("--submit", action="store_true", help="run sbatch on the written file")
+    sl.set_defaults(fn=cmd_slurm)
     e = sub.add_parser("export", help="write a Hugging Face folder (or PEFT adapter) from a checkpoint or run")
     e.add_argument("source", help="a run directory (its final/ model, else its newest complete checkpoint) or a "
                                    "checkpoints/step-N folder")

@@ -5,6 +5,7 @@
     crash:3:1              rank 1 raises before step 3
     kill:3:1               rank 1 dies of SIGKILL before step 3 (what the out-of-memory killer does)
     signal:3:1             rank 1 sends itself SIGTERM before step 3 (a preemption that reaches one rank)
+    slow:0.3               every rank sleeps 0.3 s before each step (a run long enough to be signalled mid-way)
 
 Unset (always, outside tests), this is one dictionary lookup.
 """
@@ -21,6 +22,9 @@ def inject(point: str, step: int, rank: int = 0) -> None:
     if not spec:
         return
     parts = spec.split(":")
+    if parts[0] == "slow" == point:
+        time.sleep(float(parts[1]))
+        return
     if parts[0] != point or int(parts[1]) != step or (len(parts) > 2 and int(parts[2]) != rank):
         return
     if point in ("checkpoint-write", "kill"):

@@ -154,6 +154,11 @@ def strategy_problems(recipe: Recipe) -> list[str]:
     return [f"distributed.deepspeed_config: {p}" for p in problems if "train_batch_size" not in p]
 
 
+# What a launcher keeps in the run directory before training starts (`dist-ft slurm` writes its batch script and the
+# job's log there): neither makes the folder "already used", and overwrite_output_dir leaves them alone.
+LAUNCHER_FILES = frozenset({"slurm"})
+
+
 def output_problems(recipe: Recipe) -> list[str]:
     out = Path(recipe.output_dir)
     if out.exists() and not out.is_dir():
@@ -165,7 +170,7 @@ def output_problems(recipe: Recipe) -> list[str]:
     if resume not in (None, "auto") and not Path(resume).is_dir():
         return [f"checkpoint.resume: {resume} does not exist; give a checkpoints/step-N folder, a run directory, "
                 "or auto"]
-    if out.is_dir() and any(out.iterdir()) and not recipe.overwrite_output_dir and resume is None:
+    if out.is_dir() and any(c.name not in LAUNCHER_FILES for c in out.iterdir()) and not recipe.overwrite_output_dir and resume is None:
         return [f"output_dir: {out} already holds files; choose a new output_dir, set checkpoint.resume: auto to "
                 "continue the run in it, or set overwrite_output_dir: true to replace them"]
     return []

@@ -6,7 +6,9 @@ necessarily all, at any moment: inside a collective, a checkpoint write or an ev
 the handler; the trainer folds the request into the all-reduce it already runs after every step, every rank learns
 of it at the same step, and they write one checkpoint together before leaving.
 
-A second signal means "now". Python runs signal handlers only between bytecodes of the main thread, which may be
+A second signal means "now" -- unless it arrives within a second of the first: a signal sent to a whole process
+group or Slurm job step (Ctrl-C in a terminal, srun forwarding the batch script's warning) reaches each rank
+directly *and* through the launcher, which forwards it again. Python runs signal handlers only between bytecodes of the main thread, which may be
 blocked in C++ for minutes (a collective waiting on a dead peer, a large file write). So signals are also read
 from a wakeup pipe by a small thread, which ends the process at once on the second one. Nothing is lost by that:
 a checkpoint becomes visible only by its final rename (see checkpoint.py).
@@ -18,8 +20,14 @@ import os
 import signal
 import sys
 import threading
+import time
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# The exit status of a run that stopped on a signal after writing its checkpoint (sysexits' EX_TEMPFAIL: "try
+# again later"). Batch scripts requeue on it; 128+N would read as "killed by signal N, nothing saved".
+EXIT_STOPPED = 75
+# A repeat of a stop signal within this many seconds is the same request delivered twice (see the docstring).
+REPEAT_WINDOW_S = 1.0
 
 
 class StopRequest:
@@ -36,6 +44,7 @@ class StopRequest:
         self._previous: dict[int, object] = {}
         self._previous_fd = -1
         self._pipe: tuple[int, int] | None = None
+        self._first_at = 0.0
 
     @property
     def requested(self) -> bool:
@@ -57,11 +66,13 @@ class StopRequest:
 
     def _record(self, signum: int) -> None:
         if self.signum is None:
-            self.signum = signum
+            self.signum, self._first_at = signum, time.monotonic()
             if self.deadline:
                 timer = threading.Timer(self.deadline, self._expire, args=(signum,))
                 timer.daemon = True
                 timer.start()
+            return
+        if time.monotonic() - self._first_at < REPEAT_WINDOW_S:
             return
         os.write(2, f"[dist_ft] second {self.name_of(signum)}: exiting now, without a checkpoint\n".encode())
         os._exit(128 + signum)

@@ -19,6 +19,23 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def stopped_since(run_dir: Path, since: float) -> dict | None:
+    """The run's `stopped` event (a checkpoint written on a signal) if one was logged at or after `since`."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    for line in reversed(path.read_text(encoding="utf-8").splitlines()):
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if record.get("time", 0) < since:
+            return None
+        if record.get("event") == "stopped" and record.get("reason") != "training.stop_after_steps":
+            return record
+    return None
+
+
 class MetricsFile:
     """One JSON object a line; written by rank 0 only, flushed every record so a crash loses nothing."""
 
@@ -27,7 +44,8 @@ class MetricsFile:
 
     def write(self, record: dict) -> None:
         if self._fh is not None:
-            self._fh.write(json.dumps(record) + "\n")
+            # Wall-clock time on every record: how long a stop, a save or a requeue took is read from here.
+            self._fh.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
             self._fh.flush()
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from .methods import UnfreezeSchedule
 from .model import ModelBuilder, count_parameters, load_tokenizer, resolve_attention
 from .preflight import preflight
 from .schedule import make_scheduler
+from .preflight import LAUNCHER_FILES
 from .signals import StopRequest
 from .flops import device_peak, flops_per_token, mfu
 from .telemetry import Progress, peak_memory_mb
@@ -54,7 +56,8 @@ class TrainResult:
     stopped_early: bool
     seconds: float
     resumed_from: Path | None = None
-    stopped_at: int | None = None  # training.stop_after_steps ended this invocation at this step
+    stopped_at: int | None = None  # this invocation stopped here, with a checkpoint, to be resumed
+    stop_reason: str | None = None  # "training.stop_after_steps", or the signal's name
 
 
 def seed_everything(seed: int) -> None:
@@ -120,6 +123,8 @@ def _prepare_output(recipe: Recipe, topo: Topology) -> Path:
         # (preflight refuses overwrite_output_dir together with checkpoint.resume: checkpoints are never wiped)
         if recipe.overwrite_output_dir and out.is_dir():
             for child in out.iterdir():
+                if child.name in LAUNCHER_FILES:  # the running batch script and its log
+                    continue
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
@@ -223,7 +228,10 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
         peak, peak_source = device_peak(topo.device, dtype) if topo.is_main else (None, "")
         if peak:
             _log(topo, f"[telemetry] MFU against {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
-    metrics.write({"event": "start", "world_size": topo.world_size, "trainable_params": counts.trainable,
+    hosts = [socket.gethostname()] * topo.world_size  # which machines ran this (a Slurm log rarely says)
+    if topo.world_size > 1:
+        dist.all_gather_object(hosts, socket.gethostname())
+    metrics.write({"event": "start", "world_size": topo.world_size, "hosts": hosts, "trainable_params": counts.trainable,
                    "total_params": counts.total, "global_batch": layout.global_batch, "attention": attn,
                    "run_id": state.run_id, "step": state.step,
                    **({"resumed_from": str(resume.path), "load_seconds": load_seconds} if resume else {})})
@@ -270,6 +278,7 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
             faults.inject("crash", step, topo.rank)
             faults.inject("kill", step, topo.rank)
             faults.inject("signal", step, topo.rank)
+            faults.inject("slow", step, topo.rank)
             t0 = time.perf_counter()
             if unfreeze is not None:
                 strategy.grad_mask = unfreeze.frozen_params(step)
@@ -356,7 +365,7 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
         metrics.close()
         strategy.close()
         return TrainResult(step, losses, eval_before, {}, None, False, time.perf_counter() - t_start,
-                           resume.path if resume else None, stopped_at)
+                           resume.path if resume else None, stopped_at, stop_reason)
     last_eval = state.last_eval
     eval_after = run_eval(step) if not (stopped_early and last_eval) else last_eval
     if eval_after:

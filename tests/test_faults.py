@@ -19,6 +19,7 @@ import pytest
 from safetensors.torch import load_file
 
 from dist_ft import checkpoint as ckpt
+from dist_ft.signals import EXIT_STOPPED
 
 from conftest import REPO, read_metrics, run_cli, tiny_recipe, write_recipe
 
@@ -124,7 +125,7 @@ def test_sigterm_on_one_rank_checkpoints_on_all_and_resumes_exactly(tmp_path, ti
     assert run_cli("launch", str(ref_path), "--nproc-per-node", "2").returncode == 0
     out, path = _signal_recipe(tmp_path, tiny_llama)
     res = run_cli("launch", str(path), "--nproc-per-node", "2", env={"DIST_FT_FAULT": "signal:4:1"})
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert res.returncode == EXIT_STOPPED, res.stdout[-2000:] + res.stderr[-3000:]  # "to be continued"
     assert "stopping after step 4: SIGTERM received" in res.stdout + res.stderr
     assert _complete_checkpoints(out) == ["step-00000004"] and not (out / "final").exists()
     stopped = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"stopped"' in line]
@@ -141,25 +142,30 @@ def test_sigterm_on_one_rank_checkpoints_on_all_and_resumes_exactly(tmp_path, ti
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
 
 
-def test_sigterm_to_the_launcher_reaches_every_rank(tmp_path, tiny_llama):
-    """What Slurm or a user does: SIGTERM to `dist-ft launch` mid-run. The ranks agree on a step, write one
-    checkpoint, and every process is gone within seconds; the launcher reports the signal in its exit status."""
+@pytest.mark.parametrize("to", ["launcher", "process-group"])
+def test_a_stop_signal_to_the_launcher_reaches_every_rank(tmp_path, tiny_llama, to):
+    """What Slurm or a user does: SIGTERM to `dist-ft launch` mid-run, or Ctrl-C / Slurm's step signal, which reach
+    every process at once (each rank then hears it twice: directly and forwarded by the agent, and must count it
+    once). The ranks agree on a step, write one checkpoint, and every process is gone within seconds; the
+    launcher's exit status says "stopped, to be continued" (75), not "killed by a signal"."""
     out, path = _signal_recipe(tmp_path, tiny_llama, steps=400)
     proc = subprocess.Popen([sys.executable, "-m", "dist_ft", "launch", str(path), "--nproc-per-node", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    sig = signal.SIGTERM if to == "launcher" else signal.SIGINT
     try:
         _wait_for(lambda: len(_steps_logged(out)) >= 2, 240, "two training steps")
         ranks = list(_ranks(proc.pid).values())
         assert len(ranks) == 2, ranks
         t0 = time.perf_counter()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig) if to == "launcher" else os.killpg(proc.pid, sig)
         stdout, stderr = proc.communicate(timeout=120)
         elapsed = time.perf_counter() - t0
     finally:
         proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-3000:]
-    assert "SIGTERM received; checkpoint written" in stdout + stderr, stdout[-2000:] + stderr[-3000:]
+    assert proc.returncode == EXIT_STOPPED, stdout[-2000:] + stderr[-3000:]
+    assert f"{sig.name} received; checkpoint written" in stdout + stderr, stdout[-2000:] + stderr[-3000:]
+    assert "exiting now, without a checkpoint" not in stdout + stderr
     (name,) = _complete_checkpoints(out)
     assert int(name.split("-")[1]) >= 2 and not (out / "final").exists()
     assert not any(_alive(pid) for pid in ranks)
@@ -317,3 +323,23 @@ def test_a_network_partition_ends_the_job(tmp_path, tiny_llama, two_hosts):
     time.sleep(0.5)
     assert not any(_alive(p) for p in seen)
     assert not (out / "final").exists()
+
+
+@pytest.mark.parametrize("gap, exits", [(0.1, False), (1.5, True)])
+def test_a_signal_heard_twice_at_once_counts_once(gap, exits):
+    """A signal to a whole process group or Slurm step reaches a rank directly and again through its launcher,
+    a few milliseconds apart: that is one request. The same signal a second later is the user insisting."""
+    code = (
+        "import os, signal, time\n"
+        "from dist_ft.signals import StopRequest\n"
+        "with StopRequest() as stop:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        f"    time.sleep({gap})\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(0.5)\n"
+        "    print('still here', stop.signum)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    if exits:
+        assert res.returncode == 128 + signal.SIGTERM and "second SIGTERM" in res.stderr, res
+    else:
+        assert res.returncode == 0 and "still here 15" in res.stdout, res
