@@ -135,3 +135,14 @@ def test_accelerate_configs_parse():
     for path in (REPO / "launch" / "accelerate").glob("*.yaml"):
         cfg = yaml.safe_load(path.read_text())
         assert cfg["num_processes"] >= 1 and cfg["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED")
+
+
+def test_a_multi_node_slurm_step_where_each_node_trains_alone_is_refused():
+    """accelerate with DeepSpeed and its default (pdsh) multi-node launcher, or without --multi_gpu, starts a world
+    of one rank on every node of the step: each would train alone and write the same files."""
+    from dist_ft.distributed.launchers import launcher_problems
+
+    (problem,) = launcher_problems("zero2", {"SLURM_STEP_NUM_NODES": "2", "WORLD_SIZE": "1"})
+    assert "spans 2 nodes" in problem and "deepspeed_multinode_launcher standard" in problem
+    assert launcher_problems("zero2", {"SLURM_STEP_NUM_NODES": "2", "WORLD_SIZE": "2"}) == []
+    assert launcher_problems("ddp", {"SLURM_STEP_NUM_NODES": "1", "WORLD_SIZE": "1"}) == []

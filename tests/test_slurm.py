@@ -100,10 +100,11 @@ def _job_env() -> dict:
     return {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
 
 
-def _write_job(tmp_path, model, name, launcher="torchrun", **training) -> tuple[Path, Path]:
+def _write_job(tmp_path, model, name, launcher="torchrun", strategy="ddp") -> tuple[Path, Path]:
     out = tmp_path / name
     recipe = tiny_recipe(model, out, method={"kind": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.1}},
-                         training={"max_steps": STEPS, **training}, distributed={"timeout_seconds": TIMEOUT_S},
+                         training={"max_steps": STEPS},
+                         distributed={"timeout_seconds": TIMEOUT_S, "strategy": strategy},
                          checkpoint={"every_steps": 0})
     path = write_recipe(tmp_path / f"{name}.yaml", recipe)
     res = run_cli("slurm", str(path), "--nodes", "2", "--gpus-per-node", "0", "--procs-per-node", "1",
@@ -152,6 +153,20 @@ def test_two_node_job_through_accelerate(cluster, tmp_path, tiny_llama, referenc
     ref = {r["step"]: r["loss"] for r in read_metrics(reference[0])[0]}
     got = {r["step"]: r["loss"] for r in read_metrics(out)[0]}
     assert max(abs(ref[s] - got[s]) for s in ref) <= 1e-5
+
+
+def test_two_node_deepspeed_job_through_accelerate(cluster, tmp_path, tiny_llama, reference):
+    """ZeRO-2 from the recipe, accelerate's DeepSpeed config for the launcher (its JSON path is relative to the
+    repository, where the job is submitted from)."""
+    out, script = _write_job(tmp_path, tiny_llama, "zero2", launcher="accelerate", strategy="zero2")
+    env = {**_job_env(), "DIST_FT_ACCELERATE_CONFIG": str(REPO / "launch" / "accelerate" / "zero2.yaml")}
+    job = cluster.sbatch(script, env=env, cwd=REPO)
+    info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 600)
+    _assert_two_nodes(out, info)
+    assert "strategy zero2" in _log(out)
+    ref = [r["loss"] for r in read_metrics(reference[0])[0]]
+    got = [r["loss"] for r in read_metrics(out)[0]]
+    assert max(abs(a - b) / b for a, b in zip(got, ref)) < 1e-4, (got, ref)
 
 
 def test_usr1_checkpoints_requeues_and_resumes_exactly(cluster, tmp_path, tiny_llama, reference):

@@ -48,6 +48,13 @@ def launcher_problems(strategy: str, env: dict[str, str] | None = None) -> list[
     elif env.get("ACCELERATE_USE_FSDP", "").lower() == "true" and strategy != "fsdp":
         problems.append(f"launched with an accelerate FSDP config, but distributed.strategy is {strategy}; use "
                         f"launch/accelerate/{strategy}.yaml or change the recipe")
+    nodes, world = env.get("SLURM_STEP_NUM_NODES", ""), env.get("WORLD_SIZE", "")
+    if nodes.isdigit() and world.isdigit() and int(world) < int(nodes):
+        # Every node would train alone, each its own "rank 0" writing the same files: a silent waste of the job.
+        problems.append(f"this Slurm job step spans {nodes} nodes but the launcher started a world of {world} "
+                        "rank(s): each node is training alone. Give the launcher the node count and the first "
+                        "node's address (slurm/dist-ft.sbatch does); with accelerate and DeepSpeed also "
+                        "--deepspeed_multinode_launcher standard")
     return problems
 
 
