@@ -159,12 +159,31 @@ def _step_of(suffix: str) -> int:
         return -1
 
 
+BEST_FILE = "best.json"
+
+
+def best_checkpoint(root: Path) -> dict | None:
+    """What checkpoint.keep_best kept: {"step", "metric", "value"}, or None."""
+    try:
+        return json.loads((root / BEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def mark_best(root: Path, step: int, metric: str, value: float) -> None:
+    """Record step's checkpoint as the best (rank 0, after the checkpoint is complete); prune keeps it."""
+    tmp = root / (BEST_FILE + ".tmp")
+    tmp.write_text(json.dumps({"step": step, "metric": metric, "value": value}))
+    os.replace(tmp, root / BEST_FILE)
+
+
 def prune(root: Path, keep_last: int | None, log) -> None:
     """Delete the oldest complete checkpoints beyond keep_last (and the leftovers of interrupted writes). The
-    newest complete checkpoint is never deleted: keep_last is at least 1."""
+    newest complete checkpoint is never deleted: keep_last is at least 1; nor is the keep_best one."""
     complete, incomplete = list_checkpoints(root)
+    best = (best_checkpoint(root) or {}).get("step")
     if keep_last is not None:
-        for c in complete[max(1, keep_last):]:
+        for c in [c for c in complete[max(1, keep_last):] if c.step != best]:
             shutil.rmtree(c.path, ignore_errors=True)
             log(f"[checkpoint] removed {c.path.name} (keep_last {keep_last})")
     newest = complete[0].step if complete else -1
@@ -206,6 +225,8 @@ class TrainerState:
     samples_seen: int = 0  # global sample positions consumed: independent of the number of ranks
     scheduler: dict = field(default_factory=dict)
     best_eval_loss: float | None = None
+    best_value: float | None = None  # checkpoint.keep_best's metric at the best checkpoint so far
+    best_step: int | None = None
     bad_evals: int = 0
     last_eval: dict = field(default_factory=dict)
     eval_before: dict = field(default_factory=dict)

@@ -1,9 +1,10 @@
-"""Command line: `dist-ft {check,train,launch,slurm,export,report,demo}`.
+"""Command line: `dist-ft {check,train,launch,slurm,sweep,export,report,demo}`.
 
     dist-ft check RECIPE.yaml [section.key=value ...]     validate; print the resolved recipe; exit 2 on errors
     dist-ft train RECIPE.yaml [overrides]                 train here (one process, or one rank of a launcher)
     dist-ft launch RECIPE.yaml --nproc-per-node N [...]   start the ranks (torchrun's machinery) and train
     dist-ft slurm RECIPE.yaml --nodes N --gpus-per-node G  write (--submit: and submit) a Slurm batch script
+    dist-ft sweep RECIPE.yaml SWEEP.yaml [--trials N]      hyperparameter search, each trial a real run
     dist-ft export SOURCE OUT [--merge-lora] [--dtype D]  a Hugging Face folder from a checkpoint or a run
     dist-ft report RUN_DIR                                report.md and PNG plots from metrics.jsonl
     dist-ft demo [--nproc-per-node N] [--output-dir D]    the embedded real fine-tune (SmolLM2 on WordNet)
@@ -234,6 +235,17 @@ def cmd_slurm(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import load_sweep, run_sweep
+
+    try:
+        cfg = load_sweep(args.sweep, args.recipe, args.overrides, trials=args.trials, parallel=args.parallel)
+    except RecipeError as exc:
+        return _fail(exc)
+    result = run_sweep(args.recipe, args.overrides, cfg)
+    return 0 if result.get("complete") else 1
+
+
 def cmd_export(args) -> int:
     from .checkpoint import CheckpointError
     from .export import export
@@ -303,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--launcher", default="torchrun", help="torchrun (dist-ft launch) or accelerate")
     sl.add_argument("--submit", action="store_true", help="run sbatch on the written file")
     sl.set_defaults(fn=cmd_slurm)
+    sw = sub.add_parser("sweep", help="hyperparameter search: each trial a real run (grid, random, Bayesian)")
+    sw.add_argument("recipe")
+    sw.add_argument("sweep", help="the sweep file: method, objective, params (see dist_ft/sweep.py)")
+    sw.add_argument("overrides", nargs="*", help="section.key=value overrides of the recipe, for every trial")
+    sw.add_argument("--trials", type=int, default=None, help="total trials (the sweep file's by default)")
+    sw.add_argument("--parallel", type=int, default=None, help="trials run at once")
+    sw.set_defaults(fn=cmd_sweep)
     e = sub.add_parser("export", help="write a Hugging Face folder (or PEFT adapter) from a checkpoint or run")
     e.add_argument("source", help="a run directory (its final/ model, else its newest complete checkpoint) or a "
                                    "checkpoints/step-N folder")

@@ -187,6 +187,36 @@ class CheckpointConfig:
                                            "only, or sizes and sha256 (the hashing split over ranks).")
     allow_pickle: list[str] = _f(factory=list, help="Checkpoint files you made and trust to be unpickled in full. Everything else "
                                  "is read by torch's weights-only unpickler, which refuses code (safe_load.py).")
+    keep_best: Optional[str] = _f(None, "Keep the checkpoint with the best value of this evaluation metric "
+                                  "(eval_loss, eval_accuracy, eval_rougeL, ...), apart from keep_last; it is written "
+                                  "at the evaluation that found it (needs training.eval_every).")
+    best_mode: Literal["auto", "min", "max"] = _f("auto", "Which way keep_best is better (auto: lower for "
+                                                 "losses and perplexity, higher otherwise).")
+    final: Literal["last", "best"] = _f("last", "What final/ holds: the model after the last step, or the "
+                                        "keep_best checkpoint's (when the last is not better).")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = _f(32, "Tokens generated per answer (always this many; the answer is cut at EOS).",
+                             ge=1, le=4096)
+    do_sample: bool = _f(False, "Sample (with temperature and top_p) instead of greedy decoding.")
+    temperature: float = _f(1.0, "Sampling temperature.", gt=0.0)
+    top_p: float = _f(1.0, "Nucleus sampling mass.", gt=0.0, le=1.0)
+    sample_size: Optional[int] = _f(64, "Answer the first N evaluation prompts (None: all of them).", ge=1)
+    seed: int = _f(0, "Seed of each answer's sampling (plus the prompt's index).", ge=0)
+
+
+@dataclass
+class EvalConfig:
+    metrics: list[str] = _f(factory=list, help="Beyond loss and perplexity (always): accuracy, f1 (macro and per "
+                            "class), confusion for classification; exact_match, rouge, bleu on answers generated for "
+                            "instruction or chat data.")
+    generation: GenerationConfig = _f(factory=GenerationConfig, help="How answers are generated for exact_match, "
+                                      "rouge and bleu.")
+    forgetting: Optional[str] = _f(None, "General text (builtin:pydoc, or any text data) whose loss is measured "
+                                   "before training and at every evaluation: the catastrophic-forgetting signal.")
+    forgetting_samples: int = _f(64, "How many texts of eval.forgetting (a fixed, seeded choice).", ge=1)
 
 
 @dataclass
@@ -217,6 +247,7 @@ class Recipe:
     method: MethodConfig = _f(factory=MethodConfig, help="Which weights are trained.")
     training: TrainingConfig = _f(factory=TrainingConfig, help="The optimisation.")
     distributed: DistributedConfig = _f(factory=DistributedConfig, help="Sharding and precision.")
+    eval: EvalConfig = _f(factory=EvalConfig, help="Held-out metrics, generation, forgetting.")
     checkpoint: CheckpointConfig = _f(factory=CheckpointConfig, help="Resumable checkpoints.")
     logging: LoggingConfig = _f(factory=LoggingConfig, help="Telemetry: W&B, TensorBoard, MFU.")
 
@@ -350,6 +381,7 @@ def _cross_checks(r: Recipe) -> list[str]:
     if r.data.eval is None and r.data.eval_fraction == 0 and r.training.eval_every:
         p.append("training.eval_every: no evaluation data; set data.eval or data.eval_fraction > 0")
     p += _method_checks(r)
+    p += _eval_checks(r)
     if r.method.kind in ("lora", "qlora") and isinstance(r.method.lora.target_modules, list) \
             and not r.method.lora.target_modules:
         p.append("method.lora.target_modules: empty list; name modules (e.g. [q_proj, v_proj]) or use all-linear")
@@ -383,6 +415,47 @@ def _cross_checks(r: Recipe) -> list[str]:
             and r.distributed.precision == "fp32":
         p.append(f"model.attn_implementation: {r.model.attn_implementation} needs bf16 or fp16 weights; set "
                  "distributed.precision to bf16-mixed, or use sdpa")
+    return p
+
+
+def _eval_checks(r: Recipe) -> list[str]:
+    from .metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, METRICS
+
+    p, e, c = [], r.eval, r.checkpoint
+    for m in e.metrics:
+        if m not in METRICS:
+            close = difflib.get_close_matches(m, METRICS, n=1)
+            p.append(f"eval.metrics: unknown metric {m!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                     + f" (known: {', '.join(METRICS)}; loss and perplexity are always reported)")
+        elif m in CLASSIFICATION_METRICS and r.data.format != "classification":
+            p.append(f"eval.metrics: {m} needs classification data (data.format is {r.data.format}); use "
+                     "exact_match, rouge or bleu for generated answers")
+        elif m in GENERATION_METRICS and r.data.format not in ("instruction", "chat"):
+            p.append(f"eval.metrics: {m} scores answers generated for prompts, which {r.data.format} data has not; "
+                     "use data.format instruction or chat" + (", or accuracy/f1 for classification"
+                                                              if r.data.format == "classification" else ""))
+    if e.forgetting is not None and r.model.task != "causal_lm":
+        p.append("eval.forgetting: measures language-model loss on general text; model.task is "
+                 f"{r.model.task}, so remove it")
+    if c.keep_best is not None:
+        known = {"eval_loss", "eval_perplexity"}
+        if r.data.format == "classification":
+            known |= {"eval_accuracy", "eval_f1"}
+        if "exact_match" in e.metrics:
+            known.add("eval_exact_match")
+        if "rouge" in e.metrics:
+            known |= {"eval_rouge1", "eval_rouge2", "eval_rougeL"}
+        if "bleu" in e.metrics:
+            known.add("eval_bleu")
+        if e.forgetting is not None:
+            known |= {"eval_forgetting_loss", "eval_forgetting_delta"}
+        if c.keep_best not in known:
+            p.append(f"checkpoint.keep_best: {c.keep_best} is not reported by this recipe; choose one of "
+                     f"{', '.join(sorted(known))} (generation metrics need eval.metrics)")
+        if not r.training.eval_every:
+            p.append("checkpoint.keep_best: needs evaluations during training; set training.eval_every > 0")
+    if c.final == "best" and c.keep_best is None:
+        p.append("checkpoint.final: best needs checkpoint.keep_best (the metric that decides what is best)")
     return p
 
 

@@ -1,4 +1,5 @@
-"""Held-out evaluation, sharded across ranks and reduced exactly.
+"""Held-out evaluation, sharded across ranks and reduced exactly: loss and perplexity, classification metrics, and
+answers generated for the prompts of instruction or chat data, scored against their references.
 
 Rank r evaluates examples r, r+W, r+2W, ... Every rank runs the same number of forward passes (a sharded model
 needs every rank in every forward), padding its last batch with zero-weight repeats. Sums and counts (and, for
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from .data.batching import collate
 from .data.formats import IGNORE, Example
 from .losses import forward_logits, loss_sum
+from .metrics import classification_metrics, generation_metrics
 
 
 def _reduce(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -25,8 +28,8 @@ def _reduce(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(strategy, examples: list[Example], *, micro_batch: int, pad_id: int, num_labels: int | None = None
-             ) -> dict[str, float]:
+def evaluate(strategy, examples: list[Example], *, micro_batch: int, pad_id: int, num_labels: int | None = None,
+             label_names: list[str] | None = None, detail: bool = False) -> dict:
     topo = strategy.topo
     mine = examples[topo.rank::topo.world_size]
     per_rank = math.ceil(len(examples) / topo.world_size)
@@ -60,19 +63,108 @@ def evaluate(strategy, examples: list[Example], *, micro_batch: int, pad_id: int
     out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
     if classification:
         confusion = _reduce(confusion, topo.device)
-        out.update(classification_metrics(confusion))
+        out.update(classification_metrics(confusion, label_names, detail))
     return out
 
 
-def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
-    """Accuracy and macro F1 from a confusion matrix (rows: true class, columns: predicted). Classes absent from
-    both the labels and the predictions are left out of the macro average."""
-    tp = confusion.diag()
-    support, predicted = confusion.sum(1), confusion.sum(0)
-    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
-    recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
-                     torch.zeros_like(tp))
-    present = (support + predicted) > 0
-    return {"eval_accuracy": float(tp.sum() / confusion.sum().clamp(min=1)),
-            "eval_f1": float(f1[present].mean()) if present.any() else 0.0}
+def prompt_and_reference(example: Example) -> tuple[np.ndarray, np.ndarray] | None:
+    """The prompt (tokens before the first loss-bearing token) and the reference answer (the first contiguous run
+    of loss-bearing tokens) of an instruction or chat example; None for one without a prompt."""
+    target = np.flatnonzero(example.labels != IGNORE)
+    if len(target) == 0 or target[0] == 0:
+        return None
+    start = int(target[0])
+    end = start
+    while end < len(example.labels) and example.labels[end] != IGNORE:
+        end += 1
+    return example.input_ids[:start], example.input_ids[start:end]
+
+
+@torch.no_grad()
+def generate_answers(strategy, examples: list[Example], tok, *, max_new_tokens: int, do_sample: bool,
+                     temperature: float, top_p: float, sample_size: int | None, seed: int) -> tuple[list[str], list[str]]:
+    """Answers to the first `sample_size` prompts, generated across ranks, returned in order on every rank.
+
+    One prompt at a time, each with its own seed: the text does not depend on how many ranks share the work.
+    Every rank runs the same number of generations of exactly max_new_tokens (EOS does not stop it; the answer is
+    cut there afterwards), because a sharded model (FSDP2, ZeRO-3) needs every rank in every forward.
+    """
+    topo = strategy.topo
+    pairs = [pr for pr in (prompt_and_reference(e) for e in examples) if pr is not None][:sample_size]
+    mine = list(range(topo.rank, len(pairs), topo.world_size))
+    rounds = math.ceil(len(pairs) / topo.world_size) if pairs else 0
+    model = strategy.unwrap()
+    was_training = model.training
+    strategy.train(False)
+    answers: list[tuple[int, str]] = []
+    eos = tok.eos_token_id
+    with torch.random.fork_rng(devices=[topo.device] if topo.device.type == "cuda" else []):
+        for r in range(rounds):
+            index = mine[r] if r < len(mine) else None
+            prompt = pairs[index if index is not None else 0][0]
+            torch.manual_seed(seed + (index or 0))
+            ids = torch.as_tensor(prompt, dtype=torch.long, device=topo.device)[None]
+            kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else \
+                {"do_sample": False}
+            with strategy.forward_context():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                     eos_token_id=None, pad_token_id=tok.pad_token_id, **kwargs)
+            if index is None:
+                continue  # a dummy round that kept this rank in step with the others
+            new = out[0, ids.shape[1]:].tolist()
+            if eos is not None and eos in new:
+                new = new[:new.index(eos)]
+            answers.append((index, tok.decode(new, skip_special_tokens=True).strip()))
+    strategy.train(was_training)
+    gathered = [answers]
+    if dist.is_initialized() and topo.world_size > 1:
+        gathered = [None] * topo.world_size
+        dist.all_gather_object(gathered, answers)
+    predictions = [text for _, text in sorted(a for part in gathered for a in part)]
+    references = [tok.decode(ref.tolist(), skip_special_tokens=True).strip() for _, ref in pairs]
+    return predictions, references
+
+
+def generated_metrics(strategy, examples: list[Example], tok, wanted: list[str], gen) -> tuple[dict, list[dict]]:
+    """generation_metrics over answers from `generate_answers`; also a few (prompt, answer, reference) samples."""
+    preds, refs = generate_answers(strategy, examples, tok, max_new_tokens=gen.max_new_tokens,
+                                   do_sample=gen.do_sample, temperature=gen.temperature, top_p=gen.top_p,
+                                   sample_size=gen.sample_size, seed=gen.seed)
+    samples = [{"answer": p, "reference": r} for p, r in zip(preds[:1], refs[:1])]
+    return generation_metrics(preds, refs, wanted), samples
+
+
+class RunEvaluator:
+    """One evaluation of a run, as the recipe asks for it: loss and perplexity on the held-out data, its listed
+    metrics, answers generated and scored, and the loss on eval.forgetting's general text against `baseline`
+    (the evaluation before training)."""
+
+    def __init__(self, recipe, strategy, data, tok, forgetting: list[Example]):
+        self.recipe, self.strategy, self.data, self.tok, self.forgetting = recipe, strategy, data, tok, forgetting
+        wanted = recipe.eval.metrics
+        self.detail = "f1" in wanted or "confusion" in wanted
+        self.generated = [m for m in wanted if m in ("exact_match", "rouge", "bleu")]
+
+    def __call__(self, baseline: dict | None) -> tuple[dict, list[dict]]:
+        r, data = self.recipe, self.data
+        res: dict = {}
+        samples: list[dict] = []
+        if data.eval:
+            classification = data.train[0].is_classification
+            res = evaluate(self.strategy, data.eval, micro_batch=r.training.micro_batch_size,
+                           pad_id=self.tok.pad_token_id, num_labels=data.num_labels if classification else None,
+                           label_names=data.label_names, detail=self.detail)
+            if "confusion" not in r.eval.metrics:
+                res.pop("eval_confusion", None)
+            if "f1" not in r.eval.metrics:
+                res.pop("eval_f1_per_class", None)
+            if self.generated:
+                scores, samples = generated_metrics(self.strategy, data.eval, self.tok, self.generated,
+                                                    r.eval.generation)
+                res.update(scores)
+        if self.forgetting:
+            loss = evaluate(self.strategy, self.forgetting, micro_batch=r.training.micro_batch_size,
+                            pad_id=self.tok.pad_token_id)["eval_loss"]
+            base = (baseline or {}).get("eval_forgetting_loss", loss)
+            res.update({"eval_forgetting_loss": loss, "eval_forgetting_delta": loss - base})
+        return res, samples

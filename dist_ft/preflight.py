@@ -76,6 +76,10 @@ def data_problems(recipe: Recipe) -> list[str]:
                     problems.append(f"data.{field}: {spec} has no column {columns[role]!r} that format "
                                     f"{recipe.data.format!r} needs (columns: {have}); rename it in the file or set "
                                     f"data.columns.{role}")
+    if recipe.eval.forgetting is not None:
+        problem = check_spec(recipe.eval.forgetting)
+        if problem:
+            problems.append(f"eval.forgetting: {problem}")
     return problems
 
 
@@ -113,6 +117,9 @@ def package_problems(recipe: Recipe) -> list[str]:
         needs.append(("wandb", "wandb", "logging.wandb.mode"))
     if recipe.logging.tensorboard:
         needs.append(("tensorboard", "tensorboard", "logging.tensorboard"))
+    for metric, pkg in (("rouge", "rouge_score"), ("bleu", "sacrebleu")):
+        if metric in recipe.eval.metrics:
+            needs.append((pkg, "eval", f"eval.metrics: {metric}"))
     return [f"{field}: needs the {pkg} package: pip install 'dist-ft[{extra}]'" if extra else
             f"{field}: needs the {pkg} package: pip install {pkg}"
             for pkg, extra, field in needs if importlib.util.find_spec(pkg) is None]

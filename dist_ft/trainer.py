@@ -28,12 +28,13 @@ from . import faults, safe_load
 from .assets import resolve_model_path
 from .config import Recipe, RecipeError, dump_recipe, recipe_to_dict
 from .data.batching import BatchLayout, SampleOrder, collate, count_targets, pack
-from .data.dataset import prepare_data
+from .data.dataset import forgetting_examples, prepare_data
 from .distributed.launchers import launcher_problems
 from .distributed.precision import precision_plan
 from .distributed.strategy import Strategy, make_strategy
 from .distributed.topology import Topology, init_distributed, shutdown
-from .evaluation import evaluate
+from .evaluation import RunEvaluator
+from .metrics import better
 from .losses import forward_logits, loss_sum
 from .methods import UnfreezeSchedule
 from .model import ModelBuilder, count_parameters, load_tokenizer, resolve_attention
@@ -149,16 +150,18 @@ def run_training(recipe: Recipe, *, source: str = "recipe") -> TrainResult:
     tok = load_tokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
     # 2. Tokenize before the process group exists: no collective can time out while one rank tokenizes.
     data = prepare_data(recipe, tok, log=(lambda m: None) if quiet else print)
+    forgetting = forgetting_examples(recipe, tok) if recipe.eval.forgetting else []
     # 3. Processes and devices.
     topo = init_distributed(timeout_seconds=recipe.distributed.timeout_seconds,
                             threads_per_process=recipe.distributed.threads_per_process)
     try:
-        return _train(recipe, topo, tok, data, model_path, t_start)
+        return _train(recipe, topo, tok, data, model_path, t_start, forgetting)
     finally:
         shutdown()
 
 
-def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start: float) -> TrainResult:
+def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start: float,
+           forgetting: list) -> TrainResult:
     t = recipe.training
     _log(topo, f"[dist_ft] {topo.describe()}; world size {topo.world_size}")
     if topo.world_size > 1 and not topo.is_main:
@@ -236,12 +239,14 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
                    "run_id": state.run_id, "step": state.step,
                    **({"resumed_from": str(resume.path), "load_seconds": load_seconds} if resume else {})})
 
+    evaluator = RunEvaluator(recipe, strategy, data, tok, forgetting)
+
     def run_eval(step: int) -> dict:
-        if not data.eval:
-            return {}
-        res = evaluate(strategy, data.eval, micro_batch=t.micro_batch_size, pad_id=pad_id,
-                       num_labels=data.num_labels if data.train[0].is_classification else None)
-        metrics.write({"step": step, **res})
+        res, samples = evaluator(state.eval_before or None)
+        if res:
+            metrics.write({"step": step, **res})
+        for s in samples:
+            _log(topo, f"[eval] generated: {s['answer'][:120]!r} (reference {s['reference'][:120]!r})")
         return res
 
     if resume is None:
@@ -269,6 +274,21 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
                                     meta={**meta, "global_batch": layout.global_batch},
                                     keep_last=recipe.checkpoint.keep_last, log=progress.write)
         metrics.write({"event": "checkpoint", "step": step, **info})
+
+    def keep_if_best(step: int, result: dict) -> bool:
+        """checkpoint.keep_best: a checkpoint of this step if `result` is the best so far; whether it wrote one."""
+        c = recipe.checkpoint
+        if c.keep_best is None or c.keep_best not in result:
+            return False
+        if not better(c.keep_best, c.best_mode, result[c.keep_best], state.best_value):
+            return False
+        state.best_value, state.best_step = result[c.keep_best], step
+        save(step)
+        if topo.is_main:
+            ckpt.mark_best(ckpt.checkpoints_root(out), step, c.keep_best, result[c.keep_best])
+        dist.barrier()
+        progress.write(f"[checkpoint] step {step} is the best so far ({c.keep_best} {result[c.keep_best]:.4f})")
+        return True
 
     if resume is not None:
         _restore_rng(resume, topo)
@@ -323,9 +343,11 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
                                         topo.world_size)
                 metrics.write(record)
             progress.update(step=step, loss=loss, tokens_per_s=global_tokens / dt)
+            saved = False
             if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
                 state.last_eval = run_eval(step)
                 progress.write(f"[eval] step {step}: " + _fmt_metrics(state.last_eval))
+                saved = keep_if_best(step, state.last_eval)
                 best = state.best_eval_loss if state.best_eval_loss is not None else math.inf
                 if state.last_eval["eval_loss"] < best - 1e-12:
                     state.best_eval_loss, state.bad_evals = state.last_eval["eval_loss"], 0
@@ -338,9 +360,9 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
                         break
             stop_here = t.stop_after_steps is not None and step - first_step + 1 >= t.stop_after_steps \
                 and step < t.max_steps
-            saved = bool(recipe.checkpoint.every_steps) and (step % recipe.checkpoint.every_steps == 0 or stop_here)
-            if saved:
+            if not saved and recipe.checkpoint.every_steps and (step % recipe.checkpoint.every_steps == 0 or stop_here):
                 save(step)
+                saved = True
             if stops:
                 stop_request.acknowledge()
                 # Name the signal even on ranks that did not get it (the highest number, where they differ).
@@ -370,6 +392,8 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
     eval_after = run_eval(step) if not (stopped_early and last_eval) else last_eval
     if eval_after:
         _log(topo, f"[eval] after {step} steps: " + _fmt_metrics(eval_after))
+        if not keep_if_best(step, eval_after) and recipe.checkpoint.final == "best" and state.best_step is not None:
+            eval_after = _load_best(strategy, ckpt.checkpoints_root(out), topo, run_eval)
     final = _save_final(strategy, tok, out / "final", topo)
     seconds = time.perf_counter() - t_start
     peaks = [None] * topo.world_size
@@ -461,8 +485,20 @@ def _truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def _load_best(strategy: Strategy, root: Path, topo: Topology, run_eval) -> dict:
+    """checkpoint.final: best: the weights of the keep_best checkpoint, evaluated again (what final/ will hold)."""
+    best = ckpt.best_checkpoint(root)
+    folder = ckpt.step_dir(root, best["step"])
+    strategy.load_state(folder / "state", ckpt.read_manifest(folder))
+    result = run_eval(best["step"])
+    _log(topo, f"[checkpoint] final/ holds the best checkpoint, step {best['step']} ({best['metric']} "
+               f"{best['value']:.4f}), not the last step: " + _fmt_metrics(result))
+    return result
+
+
 def _fmt_metrics(m: dict) -> str:
-    return ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in m.items())
+    """The scalar metrics on one line (per-class F1 and the confusion matrix go to metrics.jsonl only)."""
+    return ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in m.items() if isinstance(v, (int, float)))
 
 
 def _save_final(strategy: Strategy, tok, final: Path, topo: Topology) -> Path | None:

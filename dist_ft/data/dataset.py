@@ -174,3 +174,19 @@ def _read_cache(folder: Path) -> PreparedData:
     return PreparedData(_load_split(folder / "train.npz"), _load_split(folder / "eval.npz"),
                         FormatStats(**meta["train_stats"]), FormatStats(**meta["eval_stats"]),
                         meta["label_names"], meta["num_labels"], folder)
+
+
+def forgetting_examples(recipe: Recipe, tok) -> list[Example]:
+    """eval.forgetting's texts (its 'text' column), tokenized as plain text: a fixed seeded choice of
+    eval.forgetting_samples records, the same for every recipe, so that runs can be compared on it."""
+    source = resolve_source(recipe.eval.forgetting)
+    records = [r for r in source.load() if isinstance(r.get("text"), str) and r["text"].strip()]
+    if not records:
+        raise DataError(f"eval.forgetting: {source.name} holds no texts (a 'text' column, or .txt lines)")
+    random.Random(0).shuffle(records)
+    spec = FormatSpec(format="text", max_length=recipe.data.max_length, too_long="truncate",
+                      columns={**dataclasses.asdict(recipe.data.columns), "text": "text"}, system_prompt=None,
+                      use_chat_template=False)
+    examples, _ = tokenize_records(tok, records[:recipe.eval.forgetting_samples], spec,
+                                   f"eval.forgetting {source.name}")
+    return examples
