@@ -126,12 +126,12 @@ def generate_answers(strategy, examples: list[Example], tok, *, max_new_tokens: 
 
 
 def generated_metrics(strategy, examples: list[Example], tok, wanted: list[str], gen) -> tuple[dict, list[dict]]:
-    """generation_metrics over answers from `generate_answers`; also a few (prompt, answer, reference) samples."""
+    """generation_metrics over answers from `generate_answers`, and the answers with their references."""
     preds, refs = generate_answers(strategy, examples, tok, max_new_tokens=gen.max_new_tokens,
                                    do_sample=gen.do_sample, temperature=gen.temperature, top_p=gen.top_p,
                                    sample_size=gen.sample_size, seed=gen.seed)
-    samples = [{"answer": p, "reference": r} for p, r in zip(preds[:1], refs[:1])]
-    return generation_metrics(preds, refs, wanted), samples
+    answers = [{"answer": p, "reference": r} for p, r in zip(preds, refs)]
+    return generation_metrics(preds, refs, wanted), answers
 
 
 class RunEvaluator:

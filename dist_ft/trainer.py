@@ -242,11 +242,16 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
     evaluator = RunEvaluator(recipe, strategy, data, tok, forgetting)
 
     def run_eval(step: int) -> dict:
-        res, samples = evaluator(state.eval_before or None)
+        res, answers = evaluator(state.eval_before or None)
         if res:
             metrics.write({"step": step, **res})
-        for s in samples:
-            _log(topo, f"[eval] generated: {s['answer'][:120]!r} (reference {s['reference'][:120]!r})")
+        if answers and topo.is_main:
+            # Every generated answer next to its reference: what the scores are made of.
+            folder = out / "generations"
+            folder.mkdir(exist_ok=True)
+            (folder / f"step-{step:08d}.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+            _log(topo, f"[eval] generated {len(answers)} answers ({folder}), e.g. {answers[0]['answer'][:100]!r} "
+                       f"for {answers[0]['reference'][:100]!r}")
         return res
 
     if resume is None:
