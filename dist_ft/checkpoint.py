@@ -227,6 +227,7 @@ class TrainerState:
     best_eval_loss: float | None = None
     best_value: float | None = None  # checkpoint.keep_best's metric at the best checkpoint so far
     best_step: int | None = None
+    stream_positions: list = field(default_factory=list)  # data.streaming: records consumed, per rank
     bad_evals: int = 0
     last_eval: dict = field(default_factory=dict)
     eval_before: dict = field(default_factory=dict)

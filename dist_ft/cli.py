@@ -1,9 +1,10 @@
-"""Command line: `dist-ft {check,train,launch,slurm,sweep,export,report,demo}`.
+"""Command line: `dist-ft {check,train,launch,slurm,data,sweep,export,report,demo}`.
 
     dist-ft check RECIPE.yaml [section.key=value ...]     validate; print the resolved recipe; exit 2 on errors
     dist-ft train RECIPE.yaml [overrides]                 train here (one process, or one rank of a launcher)
     dist-ft launch RECIPE.yaml --nproc-per-node N [...]   start the ranks (torchrun's machinery) and train
     dist-ft slurm RECIPE.yaml --nodes N --gpus-per-node G  write (--submit: and submit) a Slurm batch script
+    dist-ft data RECIPE.yaml                              the data report: sizes, lengths, labels, duplicates
     dist-ft sweep RECIPE.yaml SWEEP.yaml [--trials N]      hyperparameter search, each trial a real run
     dist-ft export SOURCE OUT [--merge-lora] [--dtype D]  a Hugging Face folder from a checkpoint or a run
     dist-ft report RUN_DIR                                report.md and PNG plots from metrics.jsonl
@@ -235,6 +236,27 @@ def cmd_slurm(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from .assets import resolve_model_path
+    from .data.report import data_report
+    from .model import load_tokenizer
+    from .preflight import data_problems
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        problems = data_problems(recipe)
+        if problems:
+            raise RecipeError(problems, args.recipe)
+        tok = load_tokenizer(resolve_model_path(recipe.model.path), trust_remote_code=recipe.model.trust_remote_code)
+        out = Path(recipe.output_dir) / "data-report"
+        rep = data_report(recipe, tok, out)
+    except (RecipeError, DataError) as exc:
+        return _fail(exc)
+    print((out / "report.md").read_text())
+    print(f"[dist_ft] wrote {out}/report.md, report.json and lengths.png")
+    return 0 if rep.get("tokens") else 1
+
+
 def cmd_sweep(args) -> int:
     from .sweep import load_sweep, run_sweep
 
@@ -315,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--launcher", default="torchrun", help="torchrun (dist-ft launch) or accelerate")
     sl.add_argument("--submit", action="store_true", help="run sbatch on the written file")
     sl.set_defaults(fn=cmd_slurm)
+    with_recipe("data", "report on the recipe's data before training (sizes, lengths, labels, duplicates)"
+                ).set_defaults(fn=cmd_data)
     sw = sub.add_parser("sweep", help="hyperparameter search: each trial a real run (grid, random, Bayesian)")
     sw.add_argument("recipe")
     sw.add_argument("sweep", help="the sweep file: method, objective, params (see dist_ft/sweep.py)")

@@ -58,9 +58,29 @@ class DataColumns:
 
 
 @dataclass
+class SourceConfig:
+    path: str = _f("", "A .jsonl/.json/.csv/.parquet/.txt file, a folder of shards (streaming), or builtin:NAME.")
+    weight: float = _f(1.0, "Share of the mixture: sources are sampled in proportion to their weights.", gt=0.0)
+    format: Optional[DataFormat] = _f(None, "This source's format (None: data.format).")
+    columns: Optional[DataColumns] = _f(None, "This source's column names (None: data.columns).")
+    name: Optional[str] = _f(None, "Its name in logs and per-source evaluation (None: from the path).")
+
+
+@dataclass
+class CleanConfig:
+    strip: bool = _f(False, "Strip whitespace around every text field.")
+    normalize_unicode: Optional[Literal["NFC", "NFKC"]] = _f(None, "Unicode normalisation of every text field.")
+    drop_empty: bool = _f(False, "Drop records whose text fields are all empty (otherwise tokenization drops and "
+                          "counts them).")
+    max_chars: Optional[int] = _f(None, "Drop records longer than this many characters (all text fields).", ge=1)
+
+
+@dataclass
 class DataConfig:
-    train: str = _f("builtin:wordnet-definitions", "Training data: a .jsonl/.json/.csv/.parquet/.txt file or "
-                    "builtin:NAME (wordnet-definitions, wordnet-categories, fortunes, pydoc).")
+    train: Union[str, list[SourceConfig]] = _f(
+        "builtin:wordnet-definitions", "Training data: a .jsonl/.json/.csv/.parquet/.txt file, builtin:NAME "
+        "(wordnet-definitions, wordnet-categories, fortunes, pydoc), or a list of sources {path, weight, format, "
+        "columns, name}: a mixture sampled by weight.")
     eval: Optional[str] = _f(None, "Held-out data in the same forms; if unset, eval_fraction of train is held out.")
     eval_fraction: float = _f(0.05, "Fraction of train held out for evaluation when eval is unset.", ge=0.0, lt=1.0)
     format: DataFormat = _f("instruction", "How records become tokens.")
@@ -75,6 +95,18 @@ class DataConfig:
                                       "(None: the chat template's own default).")
     use_chat_template: bool = _f(True, "Render instruction data through the tokenizer's chat template when it "
                                  "has one.")
+    shuffle: bool = _f(True, "Shuffle records (seeded) before the hold-out split and the order of samples in "
+                       "each epoch; false keeps the files' order.")
+    clean: CleanConfig = _f(factory=CleanConfig, help="Cleaning before tokenization (counts are logged).")
+    dedup: Literal["none", "exact", "near"] = _f("none", "Remove duplicate training records: identical text "
+                                                 "(exact), or also near-identical (MinHash, near_threshold).")
+    near_threshold: float = _f(0.8, "Word-3-shingle Jaccard similarity from which records are near duplicates.",
+                               gt=0.0, le=1.0)
+    balance: Literal["none", "oversample", "undersample", "class_weights"] = _f(
+        "none", "Classification: equalise class counts by repeating or dropping training records, or weight the "
+        "loss by inverse class frequency.")
+    streaming: bool = _f(False, "Read a large corpus (a folder or glob of .jsonl/.parquet shards) as a stream: "
+                         "tokenized on the fly, each rank reading its own shards; needs data.eval.")
 
 
 @dataclass
@@ -286,6 +318,9 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        listed = [a for a in args if typing.get_origin(a) is list]
+        if isinstance(value, list) and listed:
+            return _convert(value, listed[0], path, problems)
         for arg in (a for a in args if a is not type(None)):
             trial: list[str] = []
             out = _convert(value, arg, path, trial)
@@ -382,6 +417,7 @@ def _cross_checks(r: Recipe) -> list[str]:
         p.append("training.eval_every: no evaluation data; set data.eval or data.eval_fraction > 0")
     p += _method_checks(r)
     p += _eval_checks(r)
+    p += _data_checks(r)
     if r.method.kind in ("lora", "qlora") and isinstance(r.method.lora.target_modules, list) \
             and not r.method.lora.target_modules:
         p.append("method.lora.target_modules: empty list; name modules (e.g. [q_proj, v_proj]) or use all-linear")
@@ -415,6 +451,48 @@ def _cross_checks(r: Recipe) -> list[str]:
             and r.distributed.precision == "fp32":
         p.append(f"model.attn_implementation: {r.model.attn_implementation} needs bf16 or fp16 weights; set "
                  "distributed.precision to bf16-mixed, or use sdpa")
+    return p
+
+
+def data_sources(d: "DataConfig") -> list[SourceConfig]:
+    """data.train as a list of sources (one, weight 1, for a plain path)."""
+    if isinstance(d.train, str):
+        return [SourceConfig(path=d.train, name=d.train)]
+    return [dataclasses.replace(s, name=s.name or s.path) for s in d.train]
+
+
+def source_format(d: "DataConfig", s: SourceConfig) -> str:
+    return s.format or d.format
+
+
+def _data_checks(r: Recipe) -> list[str]:
+    p, d = [], r.data
+    sources = data_sources(d)
+    if isinstance(d.train, list):
+        if not d.train:
+            p.append("data.train: an empty list; give a path or at least one source {path: ..., weight: ...}")
+        for i, s in enumerate(d.train):
+            if not s.path:
+                p.append(f"data.train[{i}].path: missing; give a file, folder or builtin:NAME")
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            p.append("data.train: two sources have the same name; set data.train[i].name to tell them apart")
+    formats = {source_format(d, s) for s in sources}
+    if "classification" in formats and len(formats) > 1:
+        p.append("data.train: classification sources cannot be mixed with text/instruction/chat sources")
+    if d.balance != "none" and d.format != "classification":
+        p.append(f"data.balance: {d.balance} balances classes, which only classification data has; set it to none")
+    if d.streaming:
+        if d.eval is None:
+            p.append("data.streaming: a stream cannot hold out evaluation data; set data.eval to a file")
+        if len(sources) > 1:
+            p.append("data.streaming: one streamed source at a time; mix sources in memory (streaming: false)")
+        if d.dedup != "none" or d.balance != "none":
+            p.append("data.streaming: dedup and balance need every record at once; run them when writing the "
+                     "shards, or set streaming: false")
+        if d.format == "classification":
+            p.append("data.streaming: for language-model data (text, instruction, chat); classification sets fit "
+                     "in memory")
     return p
 
 

@@ -150,7 +150,7 @@ class RunEvaluator:
         res: dict = {}
         samples: list[dict] = []
         if data.eval:
-            classification = data.train[0].is_classification
+            classification = r.data.format == "classification"
             res = evaluate(self.strategy, data.eval, micro_batch=r.training.micro_batch_size,
                            pad_id=self.tok.pad_token_id, num_labels=data.num_labels if classification else None,
                            label_names=data.label_names, detail=self.detail)
@@ -158,6 +158,12 @@ class RunEvaluator:
                 res.pop("eval_confusion", None)
             if "f1" not in r.eval.metrics:
                 res.pop("eval_f1_per_class", None)
+            for name, part in data.eval_by_source().items():  # a mixture: each source's own held-out loss
+                if part:
+                    res[f"eval_loss/{name}"] = evaluate(self.strategy, part, micro_batch=r.training.micro_batch_size,
+                                                        pad_id=self.tok.pad_token_id,
+                                                        num_labels=data.num_labels if classification else None
+                                                        )["eval_loss"]
             if self.generated:
                 scores, samples = generated_metrics(self.strategy, data.eval, self.tok, self.generated,
                                                     r.eval.generation)

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 from .assets import alias_available, is_alias
-from .config import Recipe, RecipeError
+from .config import Recipe, RecipeError, data_sources, source_format
 from .data.sources import FILE_SUFFIXES, check_spec
+from .data.streaming import stream_problem
 from .distributed.precision import hardware_problem
 from .model import flash_attention_problem
 
@@ -57,24 +58,31 @@ def _peek_records(path: Path, n: int = 5) -> list[dict]:
 
 def data_problems(recipe: Recipe) -> list[str]:
     problems = []
-    columns = {k: getattr(recipe.data.columns, k) for k in ("text", "prompt", "response", "messages", "label")}
-    for field in ("train", "eval"):
-        spec = getattr(recipe.data, field)
-        if spec is None:
+    d = recipe.data
+    entries = [(f"data.train[{i}]" if isinstance(d.train, list) else "data.train", s.path, source_format(d, s),
+                s.columns or d.columns) for i, s in enumerate(data_sources(d))]
+    if d.eval is not None:
+        entries.append(("data.eval", d.eval, d.format, d.columns))
+    for field, spec, fmt, cols in entries:
+        columns = {k: getattr(cols, k) for k in ("text", "prompt", "response", "messages", "label")}
+        if d.streaming and field == "data.train":
+            problem = stream_problem(spec)
+            if problem:
+                problems.append(f"{field}: {problem}")
             continue
         problem = check_spec(spec)
         if problem:
-            problems.append(f"data.{field}: {problem}")
+            problems.append(f"{field}: {problem}")
             continue
         path = Path(spec)
         if spec.startswith("builtin:") or path.suffix not in FILE_SUFFIXES:
             continue
         for rec in _peek_records(path)[:1]:
-            for role in _NEEDED_COLUMNS[recipe.data.format]:
+            for role in _NEEDED_COLUMNS[fmt]:
                 if columns[role] not in rec:
                     have = ", ".join(map(str, rec)) or "none"
-                    problems.append(f"data.{field}: {spec} has no column {columns[role]!r} that format "
-                                    f"{recipe.data.format!r} needs (columns: {have}); rename it in the file or set "
+                    problems.append(f"{field}: {spec} has no column {columns[role]!r} that format "
+                                    f"{fmt!r} needs (columns: {have}); rename it in the file or set "
                                     f"data.columns.{role}")
     if recipe.eval.forgetting is not None:
         problem = check_spec(recipe.eval.forgetting)
@@ -161,9 +169,9 @@ def strategy_problems(recipe: Recipe) -> list[str]:
     return [f"distributed.deepspeed_config: {p}" for p in problems if "train_batch_size" not in p]
 
 
-# What a launcher keeps in the run directory before training starts (`dist-ft slurm` writes its batch script and the
-# job's log there): neither makes the folder "already used", and overwrite_output_dir leaves them alone.
-LAUNCHER_FILES = frozenset({"slurm"})
+# What tools keep in the run directory before training starts (`dist-ft slurm` writes its batch script and the
+# job's log there, `dist-ft data` its report): neither makes the folder "already used", and overwrite_output_dir leaves them alone.
+LAUNCHER_FILES = frozenset({"slurm", "data-report"})
 
 
 def output_problems(recipe: Recipe) -> list[str]:

@@ -27,7 +27,8 @@ from . import checkpoint as ckpt
 from . import faults, safe_load
 from .assets import resolve_model_path
 from .config import Recipe, RecipeError, dump_recipe, recipe_to_dict
-from .data.batching import BatchLayout, SampleOrder, collate, count_targets, pack
+from .data.batching import BatchLayout, collate, count_targets
+from .data.feed import TrainFeed
 from .data.dataset import forgetting_examples, prepare_data
 from .distributed.launchers import launcher_problems
 from .distributed.precision import precision_plan
@@ -74,7 +75,8 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def train_step(strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]], max_grad_norm: float | None):
+def train_step(strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]], max_grad_norm: float | None,
+               class_weights: torch.Tensor | None = None):
     """One optimizer step over this rank's micro-batches.
 
     The loss is normalised by the number of target tokens in the whole global batch (all micro-steps, all ranks),
@@ -91,7 +93,7 @@ def train_step(strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]],
         with strategy.sync_context(sync=i == len(micro_batches) - 1):
             with strategy.forward_context():
                 logits = forward_logits(strategy.model, mb)
-            total = loss_sum(logits, mb["labels"])
+            total = loss_sum(logits, mb["labels"], class_weights)
             strategy.backward(total * scale)
         local_loss += float(total.detach())
     result = strategy.step(max_grad_norm)
@@ -202,16 +204,20 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
         _log(topo, f"[checkpoint] loaded step {state.step} in {load_seconds:.1f} s; continuing at sample "
                    f"{state.samples_seen:,}")
 
-    rows = pack(data.train, recipe.data.max_length) if recipe.data.packing else data.train
-    if recipe.data.packing:
-        _log(topo, f"[data] packed {len(data.train)} samples into {len(rows)} rows of <= {recipe.data.max_length}")
-    order = SampleOrder(len(rows), recipe.seed)
+    if recipe.data.streaming and resume is not None and len(state.stream_positions) != topo.world_size:
+        raise ckpt.CheckpointError(f"{resume.path}: a streamed run resumes on the number of ranks that wrote it "
+                                   f"({len(state.stream_positions)}), each reading its own shards; this run has "
+                                   f"{topo.world_size}")
+    feed = TrainFeed(recipe, data, tok, rank=topo.rank, world_size=topo.world_size,
+                     stream_position=state.stream_positions[topo.rank] if state.stream_positions else None,
+                     log=lambda m: _log(topo, m))
+    class_weights = torch.tensor(data.class_weights, device=topo.device) if data.class_weights else None
     layout = BatchLayout(t.micro_batch_size, topo.world_size, t.gradient_accumulation_steps)
     unfreeze = None
     pc = recipe.method.partial
     if recipe.method.kind == "partial" and (pc.unfreeze_every_steps or pc.unfreeze_every_epochs):
         unfreeze = UnfreezeSchedule(strategy.unwrap(), recipe,
-                                    steps_per_epoch=math.ceil(len(rows) / layout.global_batch))
+                                    steps_per_epoch=math.ceil((feed.num_rows or 1) / layout.global_batch))
         _log(topo, f"[method] gradual unfreezing: {unfreeze.open_blocks(1)} of {unfreeze.n_blocks} blocks open at "
                    f"step 1, one more every {unfreeze.every} steps, down to block {pc.unfreeze_floor}")
     pad_id = tok.pad_token_id
@@ -273,6 +279,11 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
 
     def save(step: int) -> None:
         state.step, state.scheduler = step, scheduler.state_dict()
+        if feed.position is not None:  # a stream's place on every rank (each reads its own shards)
+            positions = [feed.position] * topo.world_size
+            if topo.world_size > 1:
+                dist.all_gather_object(positions, feed.position)
+            state.stream_positions = positions
         state.strategy_extra = strategy.extra_state()
         info = ckpt.save_checkpoint(root=ckpt.checkpoints_root(out), strategy=strategy, trainer_state=state,
                                     recipe_yaml=dump_recipe(recipe), tokenizer=tok, topo=topo,
@@ -317,8 +328,8 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
                 # Positions count from the samples consumed so far, so a resume on another number of ranks reads on
                 # exactly where the run stopped.
                 start, count = layout.micro_positions(0, m, topo.rank)
-                micro.append(collate([rows[i] for i in order.rows(state.samples_seen + start, count)], pad_id))
-            loss, n_targets, result = train_step(strategy, micro, t.max_grad_norm)
+                micro.append(collate(feed.rows(state.samples_seen + start, count), pad_id))
+            loss, n_targets, result = train_step(strategy, micro, t.max_grad_norm, class_weights)
             state.samples_seen += layout.global_batch
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
@@ -388,7 +399,8 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
                 break
     progress.close()
     if stopped_at is not None:
-        metrics.write({"event": "stopped", "step": step, "reason": stop_reason})
+        metrics.write({"event": "stopped", "step": step, "reason": stop_reason,
+                       **({"data_mix_seen": feed.seen(state.samples_seen)} if feed.mixture else {})})
         metrics.close()
         strategy.close()
         return TrainResult(step, losses, eval_before, {}, None, False, time.perf_counter() - t_start,
@@ -404,7 +416,11 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
     peaks = [None] * topo.world_size
     dist.all_gather_object(peaks, round(peak_memory_mb(topo.device), 1))
     _log(topo, f"[dist_ft] peak memory per rank (MiB): {peaks}")
-    metrics.write({"event": "end", "step": step, "seconds": seconds, "peak_memory_mb": peaks})
+    mix = feed.seen(state.samples_seen)
+    if mix:
+        _log(topo, "[data] mixture seen: " + ", ".join(f"{n} {v:.1%}" for n, v in mix.items()))
+    metrics.write({"event": "end", "step": step, "seconds": seconds, "peak_memory_mb": peaks,
+                   **({"data_mix_seen": mix} if mix else {})})
     metrics.close()
     strategy.close()
     return TrainResult(step, losses, eval_before, eval_after, final, stopped_early, seconds,

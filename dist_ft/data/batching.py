@@ -55,9 +55,11 @@ def pack(examples: list[Example], max_length: int) -> list[PackedRow]:
 
 @dataclass(frozen=True)
 class SampleOrder:
-    """Which dataset row each global sample position reads."""
+    """Which dataset row each global sample position reads: a seeded permutation per epoch (or the rows in order,
+    shuffle=False)."""
     num_rows: int
     seed: int
+    shuffle: bool = True
 
     def rows(self, start: int, count: int) -> list[int]:
         out = []
@@ -70,8 +72,66 @@ class SampleOrder:
         cache = self.__dict__.setdefault("_cache", {})
         if epoch not in cache:
             cache.clear()
-            cache[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+            cache[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows) if self.shuffle \
+                else np.arange(self.num_rows)
         return cache[epoch]
+
+
+class MixtureOrder:
+    """Which row each global sample position reads when the rows come from several sources mixed by weight.
+
+    Position p draws its source from a seeded categorical over the weights (blocks of BLOCK positions, each from
+    its own generator, so any position can be found without drawing all before it twice); the n-th draw of source
+    s reads that source's n-th sample in its own epoch order. Rows of source s are numbered from offsets[s].
+    A function of the seed and the position only: the same on any number of ranks, and a resume continues it.
+    """
+
+    BLOCK = 4096
+
+    def __init__(self, sizes: list[int], weights: list[float], seed: int, shuffle: bool = True):
+        self.sizes, self.seed = list(sizes), seed
+        p = np.asarray(weights, np.float64)
+        self.p = p / p.sum()
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self.orders = [SampleOrder(n, seed * 7919 + s, shuffle) for s, n in enumerate(sizes)]
+        self._starts = [np.zeros(len(sizes), np.int64)]  # per block: draws of each source before it
+        self._block: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def _draws(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block b's sources, and each position's index among its source's draws."""
+        if self._block is not None and self._block[0] == b:
+            return self._block[1], self._block[2]
+        while len(self._starts) <= b:  # the counts before each block, computed once, in order
+            k = len(self._starts) - 1
+            src = np.random.default_rng([self.seed, 104729, k]).choice(len(self.sizes), self.BLOCK, p=self.p)
+            self._starts.append(self._starts[k] + np.bincount(src, minlength=len(self.sizes)))
+        src = np.random.default_rng([self.seed, 104729, b]).choice(len(self.sizes), self.BLOCK, p=self.p)
+        index = np.empty(self.BLOCK, np.int64)
+        seen = self._starts[b].copy()
+        for i, s in enumerate(src):
+            index[i] = seen[s]
+            seen[s] += 1
+        self._block = (b, src, index)
+        return src, index
+
+    def source_of(self, k: int) -> int:
+        b, i = divmod(k, self.BLOCK)
+        return int(self._draws(b)[0][i])
+
+    def rows(self, start: int, count: int) -> list[int]:
+        out = []
+        for k in range(start, start + count):
+            b, i = divmod(k, self.BLOCK)
+            src, index = self._draws(b)
+            s = int(src[i])
+            out.append(int(self.offsets[s]) + self.orders[s].rows(int(index[i]), 1)[0])
+        return out
+
+    def counts(self, n: int) -> list[int]:
+        """How many of the first n positions each source supplied (the proportions actually seen)."""
+        b, i = divmod(n, self.BLOCK)
+        src, _ = self._draws(b)
+        return (self._starts[b] + np.bincount(src[:i], minlength=len(self.sizes))).tolist()
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from ..assets import cache_root, file_lock
-from ..config import Recipe
+from ..config import Recipe, data_sources, source_format
 from .formats import Example, FormatSpec, FormatStats, tokenize_records
+from .quality import QualityReport, balance, clean, dedup, record_text
 from .sources import DataError, resolve_source
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 
 
 @dataclass
@@ -35,6 +36,23 @@ class PreparedData:
     label_names: list[str]
     num_labels: int | None
     cache_dir: Path | None = None
+    source_names: list[str] = dataclasses.field(default_factory=lambda: ["train"])
+    weights: list[float] = dataclasses.field(default_factory=lambda: [1.0])
+    train_source: np.ndarray | None = None  # which source each training example came from (mixtures)
+    eval_source: np.ndarray | None = None  # and each held-out one (None: one eval set)
+    class_weights: list[float] | None = None  # data.balance: class_weights, per label index
+    report: list[str] = dataclasses.field(default_factory=list)  # what cleaning, dedup and balance did
+
+    def train_by_source(self) -> list[list[Example]]:
+        if self.train_source is None:
+            return [self.train]
+        return [[e for e, s in zip(self.train, self.train_source) if s == i] for i in range(len(self.source_names))]
+
+    def eval_by_source(self) -> dict[str, list[Example]]:
+        if self.eval_source is None or len(self.source_names) < 2:
+            return {}
+        return {name: [e for e, s in zip(self.eval, self.eval_source) if s == i]
+                for i, name in enumerate(self.source_names)}
 
 
 def tokenizer_fingerprint(tok) -> str:
@@ -80,38 +98,106 @@ def _load_split(path: Path) -> list[Example]:
     return out
 
 
-def _split_records(recipe: Recipe) -> tuple[list[dict], list[dict], str, str]:
+def _spec(recipe: Recipe, fmt: str, columns, label_names=None, num_labels=None) -> FormatSpec:
     d = recipe.data
-    train_src = resolve_source(d.train)
-    records = train_src.load()
-    rng = random.Random(recipe.seed)
-    order = list(range(len(records)))
-    rng.shuffle(order)  # shuffle before the hold-out split so that held-out records are not one file's tail
-    records = [records[i] for i in order]
+    return FormatSpec(format=fmt, max_length=d.max_length, too_long=d.too_long, columns=dataclasses.asdict(columns),
+                      system_prompt=d.system_prompt, use_chat_template=d.use_chat_template,
+                      label_names=label_names or [], num_labels=num_labels)
+
+
+def _used_columns(fmt: str, columns) -> list[str]:
+    return {"text": [columns.text], "instruction": [columns.prompt, columns.response],
+            "chat": [columns.messages], "classification": [columns.text]}[fmt]
+
+
+@dataclass
+class _Part:
+    """One source's records on their way to tokens."""
+    name: str
+    fmt: str
+    columns: object
+    train: list[dict]
+    eval: list[dict]
+
+
+def _collect(recipe: Recipe, log) -> tuple[list[_Part], list[dict] | None, str | None, QualityReport]:
+    """Every source loaded, cleaned, shuffled (seeded) and split; then dedup and balance over the training part."""
+    d = recipe.data
+    report = QualityReport()
+    parts = []
+    for i, src in enumerate([] if d.streaming else data_sources(d)):  # a stream is read while training
+        fmt, columns = source_format(d, src), src.columns or d.columns
+        source = resolve_source(src.path)
+        records = source.load()
+        used = _used_columns(fmt, columns)
+        c = d.clean
+        if c.strip or c.normalize_unicode or c.drop_empty or c.max_chars:
+            records, counts = clean(records, used, strip=c.strip, normalize_unicode=c.normalize_unicode,
+                                    drop_empty=c.drop_empty, max_chars=c.max_chars)
+            for k, v in counts.items():
+                report.cleaned[k] = report.cleaned.get(k, 0) + v
+        if d.shuffle:
+            # Shuffle before the hold-out split so that held-out records are not one file's tail.
+            random.Random(recipe.seed if i == 0 else recipe.seed * 1000003 + i).shuffle(records)
+        eval_records: list[dict] = []
+        if d.eval is None:
+            n_eval = int(round(len(records) * d.eval_fraction))
+            if d.eval_fraction > 0 and n_eval == 0:
+                n_eval = 1
+            if n_eval >= len(records):
+                raise DataError(f"{src.path}: {len(records)} record(s) are too few to hold out data.eval_fraction="
+                                f"{d.eval_fraction}; add data or set data.eval")
+            eval_records, records = records[:n_eval], records[n_eval:]
+        if d.max_train_samples:
+            records = records[: d.max_train_samples]
+        parts.append(_Part(src.name, fmt, columns, records, eval_records))
+    if d.dedup != "none":
+        tagged = [(p, r) for p in parts for r in p.train]
+        key_cols = ["__dedup_text"]
+        keyed = [{"__dedup_text": record_text(r, _used_columns(p.fmt, p.columns))} for p, r in tagged]
+        kept_rows, counts = dedup(keyed, key_cols, d.dedup, d.near_threshold)
+        kept_ids = {id(k) for k in kept_rows}
+        for p in parts:
+            p.train = []
+        for (p, r), k in zip(tagged, keyed):
+            if id(k) in kept_ids:
+                p.train.append(r)
+        report.duplicates = counts
+    if d.balance != "none":
+        label = d.columns.label
+        for p in parts:
+            p.train, b = balance(p.train, p.columns.label if p.columns else label, d.balance, recipe.seed)
+            if b:
+                report.balance = b if not report.balance else _merge_balance(report.balance, b)
+    eval_name = None
+    eval_records = None
     if d.eval is not None:
         eval_src = resolve_source(d.eval)
         eval_records, eval_name = eval_src.load(), eval_src.name
-    else:
-        n_eval = int(round(len(records) * d.eval_fraction))
-        if d.eval_fraction > 0 and n_eval == 0:
-            n_eval = 1
-        if n_eval >= len(records):
-            raise DataError(f"{d.train}: {len(records)} record(s) are too few to hold out data.eval_fraction="
-                            f"{d.eval_fraction}; add data or set data.eval")
-        eval_records, records = records[:n_eval], records[n_eval:]
-        eval_name = f"{train_src.name} (held-out {d.eval_fraction:.0%})"
-    if d.max_train_samples:
-        records = records[: d.max_train_samples]
-    if d.max_eval_samples:
-        eval_records = eval_records[: d.max_eval_samples]
-    return records, eval_records, train_src.name, eval_name
+        if d.max_eval_samples:
+            eval_records = eval_records[: d.max_eval_samples]
+    elif d.max_eval_samples:
+        for p in parts:
+            p.eval = p.eval[: d.max_eval_samples]
+    return parts, eval_records, eval_name, report
+
+
+def _stream_fingerprint(spec: str) -> list:
+    from .streaming import list_shards
+    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in list_shards(spec)]
+
+
+def _merge_balance(a: dict, b: dict) -> dict:
+    add = lambda x, y: {k: x.get(k, 0) + y.get(k, 0) for k in sorted(set(x) | set(y))}  # noqa: E731
+    return {**a, "before": add(a["before"], b["before"]), "after": add(a["after"], b["after"])}
 
 
 def cache_key(recipe: Recipe, tok) -> str:
     d = recipe.data
     parts = {
         "version": CACHE_VERSION,
-        "train": resolve_source(d.train).fingerprint,
+        "train": _stream_fingerprint(d.train) if d.streaming else [resolve_source(s.path).fingerprint
+                                                                   for s in data_sources(d)],
         "eval": resolve_source(d.eval).fingerprint if d.eval else None,
         "data": {k: v for k, v in dataclasses.asdict(d).items() if k != "packing"},  # packing happens at load
         "seed": recipe.seed,
@@ -139,20 +225,49 @@ def prepare_data(recipe: Recipe, tok, *, use_cache: bool = True, log=print) -> P
 
 def _tokenize(recipe: Recipe, tok, log) -> PreparedData:
     d = recipe.data
-    train_records, eval_records, train_name, eval_name = _split_records(recipe)
+    parts, eval_records, eval_name, report = _collect(recipe, log)
     label_names, num_labels = [], recipe.model.num_labels
     if d.format == "classification":
-        label_names, num_labels = _label_names(train_records, d.columns.label, recipe.model.num_labels)
-    spec = FormatSpec(format=d.format, max_length=d.max_length, too_long=d.too_long,
-                      columns=dataclasses.asdict(d.columns), system_prompt=d.system_prompt,
-                      use_chat_template=d.use_chat_template, label_names=label_names, num_labels=num_labels)
-    train, train_stats = tokenize_records(tok, train_records, spec, train_name)
-    evals, eval_stats = tokenize_records(tok, eval_records, spec, eval_name)
-    log(f"[data] train {train_name}: {train_stats.summary()}")
-    log(f"[data] eval {eval_name}: {eval_stats.summary()}")
-    if not train:
-        raise DataError(f"{train_name}: no usable training samples remain ({train_stats.summary()})")
-    return PreparedData(train, evals, train_stats, eval_stats, label_names, num_labels)
+        label_names, num_labels = _label_names([r for p in parts for r in p.train], d.columns.label,
+                                               recipe.model.num_labels)
+    train, train_src, evals, eval_src = [], [], [], []
+    train_stats, eval_stats = FormatStats(), FormatStats()
+    for i, p in enumerate(parts):
+        spec = _spec(recipe, p.fmt, p.columns, label_names, num_labels)
+        ex, st = tokenize_records(tok, p.train, spec, p.name)
+        train += ex
+        train_src += [i] * len(ex)
+        _add_stats(train_stats, st)
+        log(f"[data] train {p.name}: {st.summary()}")
+        if eval_records is None:
+            ex, st = tokenize_records(tok, p.eval, spec, f"{p.name} (held-out {d.eval_fraction:.0%})")
+            evals += ex
+            eval_src += [i] * len(ex)
+            _add_stats(eval_stats, st)
+    if eval_records is not None:
+        evals, eval_stats = tokenize_records(tok, eval_records, _spec(recipe, d.format, d.columns, label_names,
+                                                                      num_labels), eval_name)
+        eval_src = None
+    log(f"[data] eval: {eval_stats.summary()}")
+    for line in report.lines():
+        log(f"[data] {line}")
+    if not train and not d.streaming:
+        raise DataError(f"{d.train}: no usable training samples remain ({train_stats.summary()})")
+    class_weights = None
+    if report.balance.get("weights"):
+        w = report.balance["weights"]
+        class_weights = [float(w.get(name, w.get(str(i), 1.0))) for i, name in enumerate(label_names)]
+    many = len(parts) > 1
+    return PreparedData(train, evals, train_stats, eval_stats, label_names, num_labels,
+                        source_names=[p.name for p in parts], weights=[s.weight for s in data_sources(d)],
+                        train_source=np.asarray(train_src, np.int32) if many else None,
+                        eval_source=np.asarray(eval_src, np.int32) if many and eval_src is not None else None,
+                        class_weights=class_weights, report=report.lines())
+
+
+def _add_stats(total: FormatStats, part: FormatStats) -> None:
+    for f in dataclasses.fields(FormatStats):
+        setattr(total, f.name, getattr(total, f.name) + getattr(part, f.name))
 
 
 def _write_cache(folder: Path, p: PreparedData) -> None:
@@ -161,7 +276,10 @@ def _write_cache(folder: Path, p: PreparedData) -> None:
     _save_split(tmp / "train.npz", p.train)
     _save_split(tmp / "eval.npz", p.eval)
     meta = {"train_stats": dataclasses.asdict(p.train_stats), "eval_stats": dataclasses.asdict(p.eval_stats),
-            "label_names": p.label_names, "num_labels": p.num_labels}
+            "label_names": p.label_names, "num_labels": p.num_labels, "source_names": p.source_names,
+            "weights": p.weights, "class_weights": p.class_weights, "report": p.report,
+            "train_source": None if p.train_source is None else p.train_source.tolist(),
+            "eval_source": None if p.eval_source is None else p.eval_source.tolist()}
     (tmp / "meta.json").write_text(json.dumps(meta))
     if folder.exists():
         import shutil
@@ -171,9 +289,11 @@ def _write_cache(folder: Path, p: PreparedData) -> None:
 
 def _read_cache(folder: Path) -> PreparedData:
     meta = json.loads((folder / "meta.json").read_text())
+    arr = lambda v: None if v is None else np.asarray(v, np.int32)  # noqa: E731
     return PreparedData(_load_split(folder / "train.npz"), _load_split(folder / "eval.npz"),
                         FormatStats(**meta["train_stats"]), FormatStats(**meta["eval_stats"]),
-                        meta["label_names"], meta["num_labels"], folder)
+                        meta["label_names"], meta["num_labels"], folder, meta["source_names"], meta["weights"],
+                        arr(meta["train_source"]), arr(meta["eval_source"]), meta["class_weights"], meta["report"])
 
 
 def forgetting_examples(recipe: Recipe, tok) -> list[Example]:

@@ -1,0 +1,60 @@
+"""The training samples a rank reads at each global sample position, whatever their origin: one source in memory,
+a mixture of sources sampled by weight, or a stream of shards. The trainer asks `rows(position, count)` and
+never knows which.
+"""
+
+from __future__ import annotations
+
+from .batching import MixtureOrder, SampleOrder, pack
+from .dataset import PreparedData
+from .streaming import StreamingRows
+
+
+class TrainFeed:
+    def __init__(self, recipe, data: PreparedData, tok, *, rank: int, world_size: int,
+                 stream_position: int | None = None, log=print):
+        d = recipe.data
+        self.names = data.source_names
+        self.stream: StreamingRows | None = None
+        self.mixture: MixtureOrder | None = None
+        if d.streaming:
+            from .dataset import _spec
+            self.stream = StreamingRows(d.train, tok, _spec(recipe, d.format, d.columns), rank=rank,
+                                        world_size=world_size, packing=d.packing, position=stream_position or 0)
+            self.num_rows = None
+            log(f"[data] streaming {d.train}: {len(self.stream.shards)} shard(s) on this rank"
+                + (f", from record {stream_position:,}" if stream_position else ""))
+            return
+        parts = data.train_by_source()
+        if d.packing:
+            packed = [pack(p, d.max_length) for p in parts]
+            log(f"[data] packed {len(data.train)} samples into {sum(map(len, packed))} rows of <= {d.max_length}")
+            parts = packed
+        self.table = [row for p in parts for row in p]
+        self.num_rows = len(self.table)
+        if len(parts) > 1:
+            self.mixture = MixtureOrder([len(p) for p in parts], data.weights, recipe.seed, d.shuffle)
+            total = sum(data.weights)
+            log("[data] mixture: " + ", ".join(f"{n} {len(p):,} rows, weight {w / total:.0%}"
+                                               for n, p, w in zip(self.names, parts, data.weights)))
+            self.order = self.mixture
+        else:
+            self.order = SampleOrder(self.num_rows, recipe.seed, d.shuffle)
+
+    def rows(self, start: int, count: int) -> list:
+        """The rows at global positions start .. start+count (this rank's share of a micro-batch)."""
+        if self.stream is not None:
+            return self.stream.take(count)
+        return [self.table[i] for i in self.order.rows(start, count)]
+
+    @property
+    def position(self) -> int | None:
+        """A stream's exact place (records consumed by this rank); None in memory (the position says it all)."""
+        return self.stream.position if self.stream is not None else None
+
+    def seen(self, samples: int) -> dict[str, float] | None:
+        """The share of each source among the first `samples` positions (mixtures only)."""
+        if self.mixture is None or samples <= 0:
+            return None
+        counts = self.mixture.counts(samples)
+        return {n: round(c / samples, 4) for n, c in zip(self.names, counts)}
