@@ -1,9 +1,10 @@
-"""Command line: `dist-ft {check,train,launch,slurm,data,sweep,export,report,demo}`.
+"""Command line: `dist-ft {check,train,launch,slurm,plan,data,sweep,export,report,demo}`.
 
     dist-ft check RECIPE.yaml [section.key=value ...]     validate; print the resolved recipe; exit 2 on errors
     dist-ft train RECIPE.yaml [overrides]                 train here (one process, or one rank of a launcher)
     dist-ft launch RECIPE.yaml --nproc-per-node N [...]   start the ranks (torchrun's machinery) and train
     dist-ft slurm RECIPE.yaml --nodes N --gpus-per-node G  write (--submit: and submit) a Slurm batch script
+    dist-ft plan RECIPE.yaml --nodes N --gpus-per-node G  memory per rank, verdict, speed, for any model and cluster
     dist-ft data RECIPE.yaml                              the data report: sizes, lengths, labels, duplicates
     dist-ft sweep RECIPE.yaml SWEEP.yaml [--trials N]      hyperparameter search, each trial a real run
     dist-ft export SOURCE OUT [--merge-lora] [--dtype D]  a Hugging Face folder from a checkpoint or a run
@@ -339,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     sl.set_defaults(fn=cmd_slurm)
     with_recipe("data", "report on the recipe's data before training (sizes, lengths, labels, duplicates)"
                 ).set_defaults(fn=cmd_data)
+    from .plan import add_parser as add_plan
+    add_plan(sub)
     sw = sub.add_parser("sweep", help="hyperparameter search: each trial a real run (grid, random, Bayesian)")
     sw.add_argument("recipe")
     sw.add_argument("sweep", help="the sweep file: method, objective, params (see dist_ft/sweep.py)")
