@@ -34,7 +34,7 @@ def run_demo(*, nproc: int | None, output_dir: str | None, overrides: list[str])
     from .assets import resolve_model_path
     from .cli import launch, packaged_recipe
     from .config import load_recipe
-    from .data.dataset import _split_records
+    from .data.dataset import _collect
     from .preflight import preflight
 
     recipe_path = packaged_recipe("demo.yaml")
@@ -53,8 +53,8 @@ def run_demo(*, nproc: int | None, output_dir: str | None, overrides: list[str])
     evals = [json.loads(line) for line in open(Path(out) / "metrics.jsonl") if '"eval_loss"' in line]
     before, after = evals[0]["eval_loss"], evals[-1]["eval_loss"]
     # A word from the held-out split: the model never saw its definition during training.
-    _, held_out, _, _ = _split_records(recipe)
-    record = held_out[0]
+    parts, _, _, _ = _collect(recipe, lambda m: None)
+    record = parts[0].eval[0]
     base_path = resolve_model_path(recipe.model.path)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(Path(out) / "final")
@@ -65,6 +65,14 @@ def run_demo(*, nproc: int | None, output_dir: str | None, overrides: list[str])
     print("\n=== dist_ft demo ===")
     print(f"held-out loss: {before:.4f} -> {after:.4f}  (perplexity {torch.tensor(before).exp():.1f} -> "
           f"{torch.tensor(after).exp():.1f})")
+    first, last = evals[0], evals[-1]
+    if "eval_rougeL" in last:
+        print(f"generated answers ({int(last['eval_generated'])} held-out words): ROUGE-L {first['eval_rougeL']:.3f} "
+              f"-> {last['eval_rougeL']:.3f}, exact match {first['eval_exact_match']:.3f} -> "
+              f"{last['eval_exact_match']:.3f}")
+    if "eval_forgetting_delta" in last:
+        print(f"forgetting (loss on general text, {recipe.eval.forgetting}): {first['eval_forgetting_loss']:.4f} -> "
+              f"{last['eval_forgetting_loss']:.4f} ({last['eval_forgetting_delta']:+.4f})")
     print(f"training wall time: {train_s:.0f} s on {nproc} process(es); adapter saved in {Path(out) / 'final'}")
     print(f"Q: {record['prompt']}")
     print(f"WordNet:    {record['response']}")

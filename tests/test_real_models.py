@@ -41,3 +41,16 @@ def test_minilm_classifier_learns_categories(tmp_path):
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert evals[-1]["eval_accuracy"] > evals[0]["eval_accuracy"]
     assert 0 <= evals[-1]["eval_f1"] <= 1
+
+
+def test_the_demo_runs_end_to_end(tmp_path):
+    """`dist-ft demo`, shortened: 2 ranks on the bundled SmolLM2, then its summary (loss, generated-answer scores,
+    forgetting) and the held-out question answered by the base and the tuned model."""
+    res = run_cli("demo", "--nproc-per-node", "2", "--output-dir", str(tmp_path / "demo"), "training.max_steps=2",
+                  "training.warmup_steps=0", "data.max_train_samples=64", "data.max_eval_samples=8",
+                  "eval.generation.sample_size=2", "eval.generation.max_new_tokens=4", "eval.forgetting_samples=2",
+                  timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    for needle in ("=== dist_ft demo ===", "held-out loss:", "ROUGE-L", "forgetting (loss on general text",
+                   "fine-tuned:"):
+        assert needle in res.stdout, (needle, res.stdout[-2000:])
