@@ -27,7 +27,7 @@ SHARDS = 64
 
 def build_corpus(folder: Path, gib: float) -> tuple[int, int]:
     """(records, bytes) of the corpus in `folder`, writing it first if it is not complete."""
-    done = folder / "DONE"
+    done = folder / "DONE-v2"
     if done.is_file():
         meta = json.loads(done.read_text())
         if meta["gib"] >= gib:
@@ -45,9 +45,15 @@ def build_corpus(folder: Path, gib: float) -> tuple[int, int]:
     handles = [open(folder / f"part-{i:03d}.jsonl", "w", encoding="utf-8") for i in range(SHARDS)]
     written = records = 0
     round_ = 0
+    # Records of ~2,000 characters (several texts joined), like documents: per-record overhead does not dominate.
+    chunk: list[str] = []
     while written < target:
         for t in texts:
-            line = json.dumps({"text": f"[{round_}] {t}"}) + "\n"
+            chunk.append(t)
+            if sum(map(len, chunk)) < 2000:
+                continue
+            line = json.dumps({"text": f"[{round_}] " + "\n\n".join(chunk)}) + "\n"
+            chunk = []
             handles[records % SHARDS].write(line)
             written += len(line.encode())
             records += 1
@@ -72,7 +78,7 @@ def _run_mode(mode: str, folder: Path, tokenizer: str, limit: int) -> dict:
         from dist_ft.data.dataset import _tokenize
         shards = sorted(folder.glob("part-*.jsonl"))
         sources = "[" + ", ".join(f"{{path: {p}, name: s{i}}}" for i, p in enumerate(shards)) + "]"
-        recipe = load_recipe(None, [f"data.train={sources}", "data.format=text", "data.max_length=512",
+        recipe = load_recipe(None, [f"data.train={sources}", "data.format=text", "data.max_length=1024",
                                     "data.eval_fraction=0.0", "data.shuffle=false", "seed=0"])
         data = _tokenize(recipe, tok, lambda m: None)
         samples = len(data.train)
@@ -80,7 +86,7 @@ def _run_mode(mode: str, folder: Path, tokenizer: str, limit: int) -> dict:
     else:
         from dist_ft.data.dataset import _spec
         from dist_ft.data.streaming import StreamingRows
-        recipe = load_recipe(None, ["data.format=text", "data.max_length=512"])
+        recipe = load_recipe(None, ["data.format=text", "data.max_length=1024"])
         stream = StreamingRows(str(folder), tok, _spec(recipe, "text", recipe.data.columns), rank=0,
                                world_size=1, packing=True)
         tokens = 0
@@ -102,11 +108,11 @@ def main() -> None:
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.mode:
-        meta = json.loads((Path(args.folder) / "DONE").read_text())
+        meta = json.loads((Path(args.folder) / "DONE-v2").read_text())
         print(json.dumps(_run_mode(args.mode, Path(args.folder), args.tokenizer, meta["records"])))
         return
     from dist_ft.assets import cache_root
-    folder = cache_root() / "bench-corpus"
+    folder = cache_root() / "bench-corpus-v2"
     t0 = time.perf_counter()
     records, size = build_corpus(folder, args.gib)
     print(f"[bench] corpus: {records:,} records, {size / 2**30:.2f} GiB in {SHARDS} shards ({folder}; "
