@@ -788,7 +788,10 @@ def buffer_bytes(facts: ModelFacts, mc: MethodCounts, rules: ByteRules, recipe, 
         largest = max(units.values(), key=lambda v: v[0]) if units else [0, 0]
         largest_block = max((v[0] for v in blocks), default=0)
         gathered = (largest[0] + largest_block + root[0]) * rules.compute
-        unsharded_grads = max((v[1] for v in [*units.values(), root]), default=0) * (rules.compute + rules.reduce)
+        # Gradients come out of backward in the compute dtype; a separate copy for the reduce-scatter exists only
+        # when it reduces in another dtype (bf16 compute, fp32 reduce).
+        per_grad = rules.compute + (rules.reduce if rules.reduce != rules.compute else 0)
+        unsharded_grads = max((v[1] for v in [*units.values(), root]), default=0) * per_grad
         rows.append(Row("buffers", "buffers", f"FSDP2: 2 units gathered ({_dt(rules.compute)}) + 1 unit's grads "
                         f"({_dt(rules.compute)} + {_dt(rules.reduce)} reduce)", gathered + unsharded_grads,
                         phase="fwd_bwd"))

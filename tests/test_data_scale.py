@@ -120,7 +120,7 @@ def _shards(tmp_path, n_shards=8, per=13):
     return folder, records, evals
 
 
-@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("packing", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_streaming_equals_the_in_memory_run_for_the_same_order(tmp_path, tiny_llama, packing):
     folder, records, evals = _shards(tmp_path)
     whole = write_jsonl(tmp_path / "all.jsonl", records)  # the shards, concatenated in order

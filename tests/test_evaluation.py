@@ -161,7 +161,7 @@ def _rows(root):
     return json.loads((root / "trials.json").read_text())
 
 
-@pytest.mark.parametrize("method", ["random", "grid"])
+@pytest.mark.parametrize("method", ["random", pytest.param("grid", marks=pytest.mark.slow)])
 def test_a_four_trial_sweep_finishes_and_its_best_recipe_checks(tmp_path, tiny_llama, method):
     recipe, sweep, root = _sweep_files(tmp_path, tiny_llama, method)
     res = run_cli("sweep", str(recipe), str(sweep), timeout=900)

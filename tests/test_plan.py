@@ -397,3 +397,23 @@ def test_cpu_device_counts_offload_in_the_same_memory(tmp_path):
     assert c.device_memory_gib == 8
     assert rows(plan)["runtime"].device == P.CPU_PROCESS_RSS_GIB * GIB
     assert plan.device_total >= sum(r.cpu for r in plan.rows if r.phase == "resident")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["ddp:none:full", "zero3:none:full", "ddp:none:lora"])
+def test_prediction_within_15_percent_of_a_measured_run(tmp_path, spec):
+    """The planner against a real 2-rank run of the ~130M Llama-shaped model (benchmarks/plan_check.py runs the
+    full table): predicted per-rank peak within +-15% of the measured peak resident set."""
+    import sys as _sys
+    _sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from plan_check import predict
+    from strategies import model_folder, run_one
+
+    strategy, offload, method = spec.split(":")
+    res = run_one(model_folder("130m"), tmp_path, strategy=strategy, offload=offload, method=method, ac=False,
+                  steps=2, micro=2, seq=256, nproc=2)
+    assert "error" not in res, res
+    predicted = predict(next(tmp_path.glob("*.yaml")), 2)
+    measured = res["peak_mb_per_rank"] / 1024
+    print(f"\n[plan] {spec}: predicted {predicted:.2f} GiB, measured {measured:.2f} GiB")
+    assert abs(predicted / measured - 1) <= 0.15, (predicted, measured)

@@ -155,6 +155,7 @@ def test_two_node_job_through_accelerate(cluster, tmp_path, tiny_llama, referenc
     assert max(abs(ref[s] - got[s]) for s in ref) <= 1e-5
 
 
+@pytest.mark.slow  # ~1 min; the same launch path as the accelerate test, with DeepSpeed's engine
 def test_two_node_deepspeed_job_through_accelerate(cluster, tmp_path, tiny_llama, reference):
     """ZeRO-2 from the recipe, accelerate's DeepSpeed config for the launcher (its JSON path is relative to the
     repository, where the job is submitted from)."""
