@@ -81,7 +81,9 @@ class DataConfig:
         "builtin:wordnet-definitions", "Training data: a .jsonl/.json/.csv/.parquet/.txt file, builtin:NAME "
         "(wordnet-definitions, wordnet-categories, fortunes, pydoc), or a list of sources {path, weight, format, "
         "columns, name}: a mixture sampled by weight.")
-    eval: Optional[str] = _f(None, "Held-out data in the same forms; if unset, eval_fraction of train is held out.")
+    eval: Optional[Union[str, list[SourceConfig]]] = _f(
+        None, "Held-out data in the same forms (a path, builtin:NAME, or a list of sources, each evaluated on its "
+        "own as well as together); if unset, eval_fraction of each training source is held out.")
     eval_fraction: float = _f(0.05, "Fraction of train held out for evaluation when eval is unset.", ge=0.0, lt=1.0)
     format: DataFormat = _f("instruction", "How records become tokens.")
     columns: DataColumns = _f(factory=DataColumns, help="Column names in the data files.")
@@ -459,6 +461,15 @@ def data_sources(d: "DataConfig") -> list[SourceConfig]:
     if isinstance(d.train, str):
         return [SourceConfig(path=d.train, name=d.train)]
     return [dataclasses.replace(s, name=s.name or s.path) for s in d.train]
+
+
+def eval_sources(d: "DataConfig") -> list[SourceConfig]:
+    """data.eval as a list of sources ([] when unset)."""
+    if d.eval is None:
+        return []
+    if isinstance(d.eval, str):
+        return [SourceConfig(path=d.eval, name=d.eval)]
+    return [dataclasses.replace(s, name=s.name or s.path) for s in d.eval]
 
 
 def source_format(d: "DataConfig", s: SourceConfig) -> str:

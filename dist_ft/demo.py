@@ -53,7 +53,7 @@ def run_demo(*, nproc: int | None, output_dir: str | None, overrides: list[str])
     evals = [json.loads(line) for line in open(Path(out) / "metrics.jsonl") if '"eval_loss"' in line]
     before, after = evals[0]["eval_loss"], evals[-1]["eval_loss"]
     # A word from the held-out split: the model never saw its definition during training.
-    parts, _, _, _ = _collect(recipe, lambda m: None)
+    parts, _, _ = _collect(recipe, lambda m: None)
     record = parts[0].eval[0]
     base_path = resolve_model_path(recipe.model.path)
     from transformers import AutoTokenizer

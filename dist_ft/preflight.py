@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from .assets import alias_available, is_alias
-from .config import Recipe, RecipeError, data_sources, source_format
+from .config import Recipe, RecipeError, data_sources, eval_sources, source_format
 from .data.sources import FILE_SUFFIXES, check_spec
 from .data.streaming import stream_problem
 from .distributed.precision import hardware_problem
@@ -61,8 +61,8 @@ def data_problems(recipe: Recipe) -> list[str]:
     d = recipe.data
     entries = [(f"data.train[{i}]" if isinstance(d.train, list) else "data.train", s.path, source_format(d, s),
                 s.columns or d.columns) for i, s in enumerate(data_sources(d))]
-    if d.eval is not None:
-        entries.append(("data.eval", d.eval, d.format, d.columns))
+    entries += [(f"data.eval[{i}]" if isinstance(d.eval, list) else "data.eval", s.path, source_format(d, s),
+                 s.columns or d.columns) for i, s in enumerate(eval_sources(d))]
     for field, spec, fmt, cols in entries:
         columns = {k: getattr(cols, k) for k in ("text", "prompt", "response", "messages", "label")}
         if d.streaming and field == "data.train":

@@ -194,3 +194,19 @@ def test_data_settings_that_cannot_work_are_refused(tmp_path, tiny_llama):
     for needle in ("cannot be mixed", "data.balance", "data.streaming: a stream cannot hold out",
                    "one streamed source at a time"):
         assert needle in res.stderr, (needle, res.stderr)
+
+
+def test_several_eval_sources_are_evaluated_each_and_together(tmp_path, tiny_llama):
+    train = write_jsonl(tmp_path / "t.jsonl", _texts(40, "train"))
+    a = write_jsonl(tmp_path / "a.jsonl", _texts(6, "alpha"))
+    b = write_jsonl(tmp_path / "b.jsonl", _texts(10, "beta"))
+    out = tmp_path / "run"
+    r = tiny_recipe(tiny_llama, out, data={"train": str(train), "format": "text", "max_train_samples": None,
+                                           "eval": [{"path": str(a), "name": "alpha"}, {"path": str(b)}]},
+                    training={"max_steps": 2})
+    res = run_cli("train", str(write_recipe(tmp_path / "r.yaml", r)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    last = read_metrics(out)[1][-1]
+    each = last["eval_loss/alpha"], last[f"eval_loss/{b}"]
+    # Together is the target-weighted mean of the two (each sample's tokens count once).
+    assert min(each) - 1e-9 <= last["eval_loss"] <= max(each) + 1e-9 and each[0] != each[1]

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from ..assets import cache_root, file_lock
-from ..config import Recipe, data_sources, source_format
+from ..config import Recipe, data_sources, eval_sources, source_format
 from .formats import Example, FormatSpec, FormatStats, tokenize_records
 from .quality import QualityReport, balance, clean, dedup, record_text
 from .sources import DataError, resolve_source
 
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"
 
 
 @dataclass
@@ -42,6 +42,7 @@ class PreparedData:
     eval_source: np.ndarray | None = None  # and each held-out one (None: one eval set)
     class_weights: list[float] | None = None  # data.balance: class_weights, per label index
     report: list[str] = dataclasses.field(default_factory=list)  # what cleaning, dedup and balance did
+    eval_names: list[str] = dataclasses.field(default_factory=list)  # the groups eval_source numbers
 
     def train_by_source(self) -> list[list[Example]]:
         if self.train_source is None:
@@ -49,10 +50,10 @@ class PreparedData:
         return [[e for e, s in zip(self.train, self.train_source) if s == i] for i in range(len(self.source_names))]
 
     def eval_by_source(self) -> dict[str, list[Example]]:
-        if self.eval_source is None or len(self.source_names) < 2:
+        names = self.eval_names or self.source_names
+        if self.eval_source is None or len(names) < 2:
             return {}
-        return {name: [e for e, s in zip(self.eval, self.eval_source) if s == i]
-                for i, name in enumerate(self.source_names)}
+        return {name: [e for e, s in zip(self.eval, self.eval_source) if s == i] for i, name in enumerate(names)}
 
 
 def tokenizer_fingerprint(tok) -> str:
@@ -169,17 +170,17 @@ def _collect(recipe: Recipe, log) -> tuple[list[_Part], list[dict] | None, str |
             p.train, b = balance(p.train, p.columns.label if p.columns else label, d.balance, recipe.seed)
             if b:
                 report.balance = b if not report.balance else _merge_balance(report.balance, b)
-    eval_name = None
-    eval_records = None
+    evals = None  # data.eval's own sources, when it is set
     if d.eval is not None:
-        eval_src = resolve_source(d.eval)
-        eval_records, eval_name = eval_src.load(), eval_src.name
-        if d.max_eval_samples:
-            eval_records = eval_records[: d.max_eval_samples]
+        evals = []
+        for src in eval_sources(d):
+            records = resolve_source(src.path).load()
+            evals.append(_Part(src.name, source_format(d, src), src.columns or d.columns, [],
+                               records[: d.max_eval_samples] if d.max_eval_samples else records))
     elif d.max_eval_samples:
         for p in parts:
             p.eval = p.eval[: d.max_eval_samples]
-    return parts, eval_records, eval_name, report
+    return parts, evals, report
 
 
 def _stream_fingerprint(spec: str) -> list:
@@ -198,7 +199,7 @@ def cache_key(recipe: Recipe, tok) -> str:
         "version": CACHE_VERSION,
         "train": _stream_fingerprint(d.train) if d.streaming else [resolve_source(s.path).fingerprint
                                                                    for s in data_sources(d)],
-        "eval": resolve_source(d.eval).fingerprint if d.eval else None,
+        "eval": [resolve_source(s.path).fingerprint for s in eval_sources(d)],
         "data": {k: v for k, v in dataclasses.asdict(d).items() if k != "packing"},  # packing happens at load
         "seed": recipe.seed,
         "num_labels": recipe.model.num_labels,
@@ -225,7 +226,7 @@ def prepare_data(recipe: Recipe, tok, *, use_cache: bool = True, log=print) -> P
 
 def _tokenize(recipe: Recipe, tok, log) -> PreparedData:
     d = recipe.data
-    parts, eval_records, eval_name, report = _collect(recipe, log)
+    parts, eval_parts, report = _collect(recipe, log)
     label_names, num_labels = [], recipe.model.num_labels
     if d.format == "classification":
         label_names, num_labels = _label_names([r for p in parts for r in p.train], d.columns.label,
@@ -239,15 +240,19 @@ def _tokenize(recipe: Recipe, tok, log) -> PreparedData:
         train_src += [i] * len(ex)
         _add_stats(train_stats, st)
         log(f"[data] train {p.name}: {st.summary()}")
-        if eval_records is None:
+        if eval_parts is None:
             ex, st = tokenize_records(tok, p.eval, spec, f"{p.name} (held-out {d.eval_fraction:.0%})")
             evals += ex
             eval_src += [i] * len(ex)
             _add_stats(eval_stats, st)
-    if eval_records is not None:
-        evals, eval_stats = tokenize_records(tok, eval_records, _spec(recipe, d.format, d.columns, label_names,
-                                                                      num_labels), eval_name)
-        eval_src = None
+    eval_names = [p.name for p in parts]
+    if eval_parts is not None:
+        eval_names = [p.name for p in eval_parts]
+        for i, p in enumerate(eval_parts):
+            ex, st = tokenize_records(tok, p.eval, _spec(recipe, p.fmt, p.columns, label_names, num_labels), p.name)
+            evals += ex
+            eval_src += [i] * len(ex)
+            _add_stats(eval_stats, st)
     log(f"[data] eval: {eval_stats.summary()}")
     for line in report.lines():
         log(f"[data] {line}")
@@ -261,7 +266,8 @@ def _tokenize(recipe: Recipe, tok, log) -> PreparedData:
     return PreparedData(train, evals, train_stats, eval_stats, label_names, num_labels,
                         source_names=[p.name for p in parts], weights=[s.weight for s in data_sources(d)],
                         train_source=np.asarray(train_src, np.int32) if many else None,
-                        eval_source=np.asarray(eval_src, np.int32) if many and eval_src is not None else None,
+                        eval_source=np.asarray(eval_src, np.int32) if len(eval_names) > 1 else None,
+                        eval_names=eval_names,
                         class_weights=class_weights, report=report.lines())
 
 
@@ -279,7 +285,7 @@ def _write_cache(folder: Path, p: PreparedData) -> None:
             "label_names": p.label_names, "num_labels": p.num_labels, "source_names": p.source_names,
             "weights": p.weights, "class_weights": p.class_weights, "report": p.report,
             "train_source": None if p.train_source is None else p.train_source.tolist(),
-            "eval_source": None if p.eval_source is None else p.eval_source.tolist()}
+            "eval_source": None if p.eval_source is None else p.eval_source.tolist(), "eval_names": p.eval_names}
     (tmp / "meta.json").write_text(json.dumps(meta))
     if folder.exists():
         import shutil
@@ -293,7 +299,8 @@ def _read_cache(folder: Path) -> PreparedData:
     return PreparedData(_load_split(folder / "train.npz"), _load_split(folder / "eval.npz"),
                         FormatStats(**meta["train_stats"]), FormatStats(**meta["eval_stats"]),
                         meta["label_names"], meta["num_labels"], folder, meta["source_names"], meta["weights"],
-                        arr(meta["train_source"]), arr(meta["eval_source"]), meta["class_weights"], meta["report"])
+                        arr(meta["train_source"]), arr(meta["eval_source"]), meta["class_weights"], meta["report"],
+                        meta["eval_names"])
 
 
 def forgetting_examples(recipe: Recipe, tok) -> list[Example]:

@@ -65,7 +65,7 @@ def data_report(recipe: Recipe, tok, out_dir: Path, log=print) -> dict:
         records_for_dups: list[tuple[dict, list[str]]] = []
         parts = []
     else:
-        parts, _, _, quality = _collect(recipe, lambda m: None)
+        parts, _, quality = _collect(recipe, lambda m: None)
         rep["quality"] = quality.lines()
         label_names, num_labels = [], recipe.model.num_labels
         records_for_dups = []
