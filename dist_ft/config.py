@@ -507,6 +507,22 @@ def _data_checks(r: Recipe) -> list[str]:
     return p
 
 
+def reported_metrics(r: Recipe) -> set[str]:
+    """The scalar metrics an evaluation of this recipe reports (what keep_best and sweeps may aim at)."""
+    e, known = r.eval, {"eval_loss", "eval_perplexity"}
+    if r.data.format == "classification":
+        known |= {"eval_accuracy", "eval_f1"}
+    if "exact_match" in e.metrics:
+        known.add("eval_exact_match")
+    if "rouge" in e.metrics:
+        known |= {"eval_rouge1", "eval_rouge2", "eval_rougeL"}
+    if "bleu" in e.metrics:
+        known.add("eval_bleu")
+    if e.forgetting is not None:
+        known |= {"eval_forgetting_loss", "eval_forgetting_delta"}
+    return known
+
+
 def _eval_checks(r: Recipe) -> list[str]:
     from .metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, METRICS
 
@@ -527,17 +543,7 @@ def _eval_checks(r: Recipe) -> list[str]:
         p.append("eval.forgetting: measures language-model loss on general text; model.task is "
                  f"{r.model.task}, so remove it")
     if c.keep_best is not None:
-        known = {"eval_loss", "eval_perplexity"}
-        if r.data.format == "classification":
-            known |= {"eval_accuracy", "eval_f1"}
-        if "exact_match" in e.metrics:
-            known.add("eval_exact_match")
-        if "rouge" in e.metrics:
-            known |= {"eval_rouge1", "eval_rouge2", "eval_rougeL"}
-        if "bleu" in e.metrics:
-            known.add("eval_bleu")
-        if e.forgetting is not None:
-            known |= {"eval_forgetting_loss", "eval_forgetting_delta"}
+        known = reported_metrics(r)
         if c.keep_best not in known:
             p.append(f"checkpoint.keep_best: {c.keep_best} is not reported by this recipe; choose one of "
                      f"{', '.join(sorted(known))} (generation metrics need eval.metrics)")

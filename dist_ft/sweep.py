@@ -31,7 +31,7 @@ from typing import Literal, Optional
 
 import yaml
 
-from .config import RecipeError, _build, dump_recipe, load_recipe
+from .config import RecipeError, _build, dump_recipe, load_recipe, reported_metrics
 from .metrics import LOWER_IS_BETTER
 
 KINDS = ("log_uniform", "uniform", "int", "choice")
@@ -113,27 +113,15 @@ def load_sweep(path: str | Path, recipe_path: str, overrides: list[str] | None =
                     load_recipe(recipe_path, [*(overrides or []), _override(key, v)])
                 except RecipeError as exc:
                     problems += [f"params.{key} = {v!r}: {p}" for p in exc.problems]
-        if cfg.objective not in _reported(recipe):
+        if cfg.objective not in reported_metrics(recipe):
             problems.append(f"objective: {cfg.objective} is not reported by this recipe; choose one of "
-                            f"{', '.join(sorted(_reported(recipe)))}")
+                            f"{', '.join(sorted(reported_metrics(recipe)))}")
         if cfg.pruning and not recipe.training.eval_every:
             problems.append("pruning: needs evaluations during training; set training.eval_every in the recipe")
     if problems:
         raise RecipeError(problems, str(path))
     cfg.output_dir = cfg.output_dir or f"{recipe.output_dir.rstrip('/')}-sweep"
     return cfg
-
-
-def _reported(recipe) -> set[str]:
-    names = {"eval_loss", "eval_perplexity"}
-    if recipe.data.format == "classification":
-        names |= {"eval_accuracy", "eval_f1"}
-    m = recipe.eval.metrics
-    names |= {"eval_exact_match"} if "exact_match" in m else set()
-    names |= {"eval_rouge1", "eval_rouge2", "eval_rougeL"} if "rouge" in m else set()
-    names |= {"eval_bleu"} if "bleu" in m else set()
-    names |= {"eval_forgetting_loss", "eval_forgetting_delta"} if recipe.eval.forgetting else set()
-    return names
 
 
 def _override(key: str, value) -> str:
