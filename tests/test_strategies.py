@@ -71,3 +71,58 @@ def test_llama_parity(tmp_path, references, tiny_llama, strategy, offload, metho
 def test_qwen2_parity(tmp_path, references, tiny_qwen2, strategy, offload, method):
     # Activation checkpointing on for the second architecture (off is covered by the first).
     _check(tmp_path, references, tiny_qwen2, "qwen2", strategy, offload, method, True)
+
+
+def test_zero3_released_gradients(tmp_path, references, tiny_llama, monkeypatch):
+    """ZeRO-3's gradient buffer is freed after each step and re-allocated by the next backward. With that memory
+    filled with NaN on every re-allocation, and two accumulation micro-steps (the first overwrites, the second adds),
+    the run still matches the reference: no value from the released memory reaches the optimizer."""
+    monkeypatch.setenv("DIST_FT_POISON_RELEASED_GRADS", "1")
+    out = tmp_path / "z3-poisoned"
+    r = tiny_recipe(tiny_llama, out, method=METHODS["full"],
+                    training={"max_steps": STEPS, "micro_batch_size": 1, "gradient_accumulation_steps": 2,
+                              "learning_rate": 2e-3},
+                    distributed={"strategy": "zero3"})
+    res = run_cli("launch", str(write_recipe(tmp_path / "z3.yaml", r)), "--nproc-per-node", "2")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    losses = [r["loss"] for r in read_metrics(out)[0]]
+    ref = references["llama", "full"]
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses, ref)) <= 1e-4, (losses, ref)
+
+
+def test_gradient_release_zeroes_unwritten_slices():
+    """The slices DeepSpeed never writes in a step (a parameter without a gradient, a partition of padding only)
+    are zeroed after the first backward; written slices are left to DeepSpeed; the storage goes after the step."""
+    import torch
+
+    from dist_ft.distributed.deepspeed_zero import _GradientRelease
+
+    sizes = [(4, 8), (3, 6), (2, 2)]  # (partition numel, whole numel): the third is padding only on rank 1
+    params, views, flat = [], {}, torch.zeros(sum(s for s, _ in sizes))
+    offset = 0
+    for i, (part, whole) in enumerate(sizes):
+        p = torch.nn.Parameter(torch.zeros(1))
+        p.ds_id, p.ds_numel, p.partition_numel = i, whole, (lambda n=part: n)
+        params.append(p)
+        views[i] = flat.narrow(0, offset, part)
+        offset += part
+
+    class FakeZero:
+        grad_partitions_flat_buffer = flat
+        fp16_groups = [params]
+        _DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition = views
+
+    release = _GradientRelease(FakeZero(), rank_in_group=1)
+    assert release.enabled
+    release.after_step()
+    assert flat.untyped_storage().nbytes() == 0
+    release.poison = True
+    release.before_backward()
+    assert flat.untyped_storage().nbytes() == flat.numel() * 4 and torch.isnan(flat).all()
+    params[0].grad = torch.ones(1)
+    release._mark(params[0])  # what the post-accumulate hook does when params[0] gets its gradient
+    release.after_backward()
+    assert torch.isnan(views[0]).all()  # written by DeepSpeed (here: left as it was)
+    assert (views[1] == 0).all() and (views[2] == 0).all()  # no gradient / padding only: zeroed
+    release.before_backward()  # a second micro-step adds to what is there: nothing is re-allocated or zeroed
+    assert torch.isnan(views[0]).all()

@@ -1,0 +1,455 @@
+"""dist_ft against a hand-written PyTorch loop and against TRL's SFTTrainer: the same fine-tuning job, three ways.
+
+    .venv/bin/python benchmarks/compare.py                    # job a, 30 steps, 2 rounds (~15 min on 2 cores)
+    .venv/bin/python benchmarks/compare.py --job b --steps 10 # job b: full fine-tuning, FSDP2 and ZeRO-3
+    .venv/bin/python benchmarks/compare.py --job a --steps 8 --profile   # where the time goes (py-spy)
+
+Jobs, each on 2 processes x 1 thread, fp32, micro-batch 4, examples of <= 128 tokens:
+  a  LoRA r16 (all linear layers) on the bundled SmolLM2-135M-Instruct, WordNet definitions, DDP
+  b  full fine-tuning of a random ~130M Llama-shaped model on the same data, FSDP2 and DeepSpeed ZeRO-3
+
+Runners, alternated within each round (the machine is noisy, so every ratio is taken within a round and the
+median over rounds is reported):
+  dist_ft      `dist-ft launch` of a recipe (dist_ft/recipes/demo.yaml with the job's changes)
+  raw          benchmarks/raw_loop.py under torchrun: the same calls and step math, no framework (the floor)
+  trl          TRL SFTTrainer under `accelerate launch` (CPU multi-process), packing off, then on (job a only)
+
+The same work: dist_ft's data pipeline is run once here and its tokenised examples, in dist_ft's order, exported to
+a job folder (compare_common.py says what is in it). The raw loop reads those token ids; TRL gets the same records
+as prompt/completion messages, tokenises them itself (its token ids are checked against dist_ft's) and reads them in
+the same order (train_sampling_strategy: sequential). The LoRA adapter starts from dist_ft's initial values in all
+three. TRL with packing reads further along the same order: a packed row holds ~2 examples.
+
+Measured: useful (non-padding) tokens/s and seconds per step (medians over steps 3..N), peak resident memory per
+rank, the loss on 64 held-out examples after the last step (mean over answer tokens, evaluated the same way in
+every runner), and MFU: PaLM model FLOPs/s over this machine's fp32 matrix-multiply FLOP/s, measured at the start
+of the invocation with 2 processes x 1 thread, like the training. Results: benchmarks/results/compare-<job>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+HELD_OUT = 64
+ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "0", "PYTHONUNBUFFERED": "1"}
+
+JOBS = {
+    "a": {"title": "LoRA r16 on SmolLM2-135M-Instruct, WordNet definitions, DDP", "model": "smollm2-135m-instruct",
+          "method": "lora", "lr": 1e-3, "strategies": ["ddp"], "trl": True},
+    "b": {"title": "full fine-tuning of a ~130M Llama-shaped model, WordNet definitions, FSDP2 and ZeRO-3",
+          "model": "llama-130m", "method": "full", "lr": 1e-4, "strategies": ["fsdp", "zero3"], "trl": False},
+}
+
+
+def job_recipe(job: dict, *, model: str, strategy: str, steps: int, out: Path) -> dict:
+    """The demo recipe with the job's model, method, strategy and steps; evaluation reduced to the held-out loss."""
+    r = yaml.safe_load((REPO / "dist_ft" / "recipes" / "demo.yaml").read_text())
+    r.update(output_dir=str(out), overwrite_output_dir=True, eval={"metrics": []})
+    r["model"]["path"] = model
+    r["data"]["max_eval_samples"] = HELD_OUT
+    if job["method"] == "full":
+        r["method"] = {"kind": "full"}
+    r["training"].update(max_steps=steps, learning_rate=job["lr"], warmup_steps=min(5, steps // 4))
+    r["distributed"]["strategy"] = strategy
+    return r
+
+
+def export_job(recipe: dict, job_dir: Path, *, positions: int) -> Path:
+    """Run dist_ft's data pipeline once and write what the raw loop and TRL read (see compare_common.py)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dist_ft.assets import resolve_model_path
+    from dist_ft.config import recipe_from_dict
+    from dist_ft.data.batching import SampleOrder
+    from dist_ft.data.dataset import _collect, prepare_data
+    from dist_ft.model import ModelBuilder, load_tokenizer
+
+    rec = recipe_from_dict(recipe)
+    path = resolve_model_path(rec.model.path)
+    tok = load_tokenizer(path)
+    data = prepare_data(rec, tok, log=lambda m: None)
+    parts, _, _ = _collect(rec, lambda m: None)  # the records behind the examples, in the same order
+    records, held = parts[0].train, parts[0].eval
+    if len(records) != len(data.train) or len(held) != len(data.eval):
+        raise RuntimeError("tokenisation dropped records: the exported examples cannot be matched to their text")
+    d = rec.data
+
+    def line(ex, r) -> str:
+        prompt = ([{"role": "system", "content": d.system_prompt}] if d.system_prompt else []) + \
+            [{"role": "user", "content": r[d.columns.prompt]}]
+        return json.dumps({"input_ids": ex.input_ids.tolist(), "labels": ex.labels.tolist(), "prompt": prompt,
+                           "completion": [{"role": "assistant", "content": r[d.columns.response]}]}) + "\n"
+
+    job_dir.mkdir(parents=True, exist_ok=True)
+    order = SampleOrder(len(data.train), rec.seed, d.shuffle).rows(0, positions)
+    (job_dir / "train.jsonl").write_text("".join(line(data.train[i], records[i]) for i in order))
+    (job_dir / "eval.jsonl").write_text("".join(line(e, r) for e, r in zip(data.eval, held)))
+    t = rec.training
+    job = {"model_path": str(path), "pad_id": tok.pad_token_id, "micro_batch": t.micro_batch_size,
+           "steps": t.max_steps, "learning_rate": t.learning_rate, "warmup_steps": t.warmup_steps,
+           "weight_decay": t.weight_decay, "betas": [t.adam_beta1, t.adam_beta2], "eps": t.adam_eps,
+           "max_grad_norm": t.max_grad_norm, "seed": rec.seed, "max_length": d.max_length,
+           "method": rec.method.kind, "positions": positions}
+    if rec.method.kind == "lora":
+        lo = rec.method.lora
+        job["lora"] = {"r": lo.r, "alpha": lo.alpha, "dropout": lo.dropout, "target_modules": lo.target_modules}
+        model = ModelBuilder(rec, path, num_labels=None, label_names=[], pad_token_id=tok.pad_token_id,
+                             dtype=torch.float32, attn_implementation="sdpa").build()
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  job_dir / "init_adapter.safetensors")
+        del model
+    (job_dir / "job.json").write_text(json.dumps(job, indent=1))
+    return job_dir
+
+
+def matmul_peak(nproc: int, seconds: float = 3.0) -> float:
+    """fp32 matmul FLOP/s of one process of `nproc` running at once, 1 thread each (as the training runs)."""
+    wait_for_quiet(QUIET_WAIT[0])
+    code = ("from dist_ft.flops import measured_cpu_peak; "
+            f"print(measured_cpu_peak(threads=1, seconds={seconds}))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
+             for _ in range(nproc)]
+    return statistics.mean(float(p.communicate()[0].split()[-1]) for p in procs)
+
+
+def _busy_seconds() -> float:
+    """CPU seconds this machine has spent busy (all cores, all processes) since boot."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 0.25) -> float:
+    """Wait (up to max_wait s) until others use < threshold of the cores; return the share seen last."""
+    deadline, cores = time.monotonic() + max_wait, os.cpu_count() or 1
+    while True:
+        b0, t0 = _busy_seconds(), time.monotonic()
+        time.sleep(2.0)
+        share = (_busy_seconds() - b0) / ((time.monotonic() - t0) * cores)
+        if share < threshold or time.monotonic() > deadline:
+            return share
+        print(f"[compare] the machine is {share:.0%} busy with other work; waiting for it to be quiet", flush=True)
+        time.sleep(8.0)
+
+
+QUIET_WAIT = [300.0]  # --quiet-wait
+
+
+def _run(cmd: list[str], log: Path, env: dict | None = None) -> dict:
+    """Run a runner; its wall time, and the share of the cores that other processes took meanwhile (noise)."""
+    before = wait_for_quiet(QUIET_WAIT[0])
+    import resource
+    ru0, b0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), _busy_seconds(), time.perf_counter()
+    with open(log, "w") as fh:
+        res = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **ENV, **(env or {})})
+    wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    ours = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    foreign = max(0.0, _busy_seconds() - b0 - ours) / (wall * (os.cpu_count() or 1))
+    if res.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed (exit {res.returncode}); log {log}:\n{tail}")
+    return {"wall_s": wall, "foreign_cpu": foreign, "busy_before": before}
+
+
+def _free_port() -> str:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def run_dist_ft(recipe: dict, work: Path, nproc: int, prefix: list[str] = ()) -> dict:
+    out = Path(recipe["output_dir"])
+    path = work / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    cmd = [*prefix, sys.executable, "-m", "dist_ft", "launch", str(path), "--nproc-per-node", str(nproc)]
+    run = _run(cmd, work / f"{out.name}.log")
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [{"step": r["step"], "loss": r["loss"], "step_time": r["step_time"], "useful_tokens": r["useful_tokens"],
+              "tokens": r["tokens"]} for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    end = next(r for r in records if r.get("event") == "end")
+    return {"steps": steps, "heldout_loss": evals[-1]["eval_loss"], "peak_mb": end["peak_memory_mb"], **run}
+
+
+def run_raw(job_dir: Path, strategy: str, work: Path, nproc: int, name: str, prefix: list[str] = ()) -> dict:
+    out = work / f"{name}.json"
+    cmd = [*prefix, sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", _free_port(), str(REPO / "benchmarks" / "raw_loop.py"), "--job-dir", str(job_dir),
+           "--strategy", strategy, "--out", str(out)]
+    run = _run(cmd, work / f"{name}.log")
+    return {**json.loads(out.read_text()), **run}
+
+
+def run_trl(job_dir: Path, packing: bool, work: Path, nproc: int, name: str) -> dict:
+    out = work / f"{name}.json"
+    script = [str(REPO / "benchmarks" / "trl_sft.py"), "--job-dir", str(job_dir), "--out", str(out),
+              "--output-dir", str(work / name), "--packing", "on" if packing else "off"]
+    # accelerate on CPU: --cpu starts ONE process and --multi_gpu alone starts N independent trainings; this
+    # combination is the one that gives a real world size of N (trl_sft.py checks it).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+           "--num_machines", "1", "--main_process_port", _free_port(), "--mixed_precision", "no",
+           "--dynamo_backend", "no", *script]
+    run = _run(cmd, work / f"{name}.log", env={"ACCELERATE_USE_CPU": "1"})
+    return {**json.loads(out.read_text()), **run}
+
+
+def run_kind(kind: str, opt: dict, job: dict, job_dir: Path, work: Path, nproc: int, name: str, steps: int) -> dict:
+    if kind == "dist_ft":
+        return run_dist_ft(job_recipe(job, model=job["model_path"], strategy=opt["strategy"], steps=steps,
+                                      out=work / name), work, nproc)
+    if kind == "raw":
+        return run_raw(job_dir, opt["strategy"], work, nproc, name)
+    return run_trl(job_dir, opt["packing"], work, nproc, name)
+
+
+def summarise_run(run: dict, skip: int = 2) -> dict:
+    timed = run["steps"][skip:] or run["steps"]
+    return {"useful_tokens_per_s": sum(s["useful_tokens"] for s in timed) / sum(s["step_time"] for s in timed),
+            "s_per_step": statistics.median(s["step_time"] for s in timed), "peak_mb": max(run["peak_mb"]),
+            "heldout_loss": run["heldout_loss"]}
+
+
+def runners_for(job: dict) -> list[tuple[str, str, dict]]:
+    """(label, kind, options) in the order each round runs them."""
+    out = []
+    for s in job["strategies"]:
+        suffix = f" {s}" if len(job["strategies"]) > 1 else ""
+        out += [(f"dist_ft{suffix}", "dist_ft", {"strategy": s}), (f"raw{suffix}", "raw", {"strategy": s})]
+    if job["trl"]:
+        out += [("trl", "trl", {"packing": False}), ("trl packed", "trl", {"packing": True})]
+    return out
+
+
+def table(job: dict, runs: list[dict], *, peak_flops: float, flops_tok: float, nproc: int) -> tuple[str, list, dict]:
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    by = collections.defaultdict(dict)  # label -> round -> summary
+    for r in runs:
+        by[r["label"]][r["round"]] = summarise_run(r)
+    rounds = sorted({r["round"] for r in runs})
+
+    def med(label, key):
+        return statistics.median(by[label][k][key] for k in by[label])
+
+    def ratio(a, b, key="useful_tokens_per_s"):
+        vals = [by[a][k][key] / by[b][k][key] for k in rounds if k in by[a] and k in by[b]]
+        return statistics.median(vals) if vals else None
+
+    rows = []
+    for label in labels:
+        strat = label.split(" ")[-1] if len(job["strategies"]) > 1 and label.split(" ")[-1] in job["strategies"] \
+            else job["strategies"][0]
+        raw = f"raw {strat}" if len(job["strategies"]) > 1 else "raw"
+        tps = med(label, "useful_tokens_per_s")
+        row = {"runner": label, "useful_tokens_per_s": tps, "s_per_step": med(label, "s_per_step"),
+               "peak_mb": med(label, "peak_mb"), "heldout_loss": med(label, "heldout_loss"),
+               "mfu": flops_tok * tps / (peak_flops * nproc),
+               "tokens_per_s_rounds": [by[label][k]["useful_tokens_per_s"] for k in sorted(by[label])],
+               "others_cpu_max": max(r.get("foreign_cpu", 0.0) for r in runs if r["label"] == label)}
+        if label.startswith("dist_ft"):
+            row["x_raw"] = ratio(label, raw)
+            row["x_trl"] = ratio(label, "trl") if "trl" in by else None
+            row["x_trl_packed"] = ratio(label, "trl packed") if "trl packed" in by else None
+        rows.append(row)
+    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    lines = ["| runner | useful tokens/s | s / step | peak MiB / rank | held-out loss | MFU | dist_ft ÷ raw | "
+             "dist_ft ÷ TRL (packed) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        trl = "-" if r.get("x_trl") is None else f"{r['x_trl']:.2f} ({f(r.get('x_trl_packed'), '.2f')})"
+        lines.append(f"| {r['runner']} | {r['useful_tokens_per_s']:,.0f} | {r['s_per_step']:.2f} | {r['peak_mb']:,.0f} | "
+                     f"{r['heldout_loss']:.4f} | {r['mfu']:.1%} | {f(r.get('x_raw'), '.3f')} | {trl} |")
+    # Targets.
+    targets = []
+    row = {r["runner"]: r for r in rows}
+    for r in rows:
+        if not r["runner"].startswith("dist_ft"):
+            continue
+        raw = row.get(r["runner"].replace("dist_ft", "raw"))
+        if raw is None or r["x_raw"] is None:
+            continue
+        ok = r["x_raw"] >= 0.95 and r["peak_mb"] <= raw["peak_mb"] * 1.01
+        targets.append(f"{r['runner']} ÷ raw loop >= 0.95 tokens/s at equal or lower peak memory: "
+                       f"{r['x_raw']:.3f}, {r['peak_mb']:,.0f} vs {raw['peak_mb']:,.0f} MiB -> "
+                       f"{'met' if ok else 'NOT met'}")
+        for t in ("trl", "trl packed"):
+            if t not in row:
+                continue
+            x = r["x_trl"] if t == "trl" else r["x_trl_packed"]
+            if x is None:
+                continue
+            dloss = r["heldout_loss"] - row[t]["heldout_loss"]
+            ok = x >= 1.25 and dloss <= 0.02 and r["peak_mb"] < row[t]["peak_mb"]
+            targets.append(f"{r['runner']} ÷ {t} >= 1.25 useful tokens/s, held-out loss no worse (+0.02), lower "
+                           f"peak memory: {x:.2f}x, loss {dloss:+.4f}, {r['peak_mb']:,.0f} vs "
+                           f"{row[t]['peak_mb']:,.0f} MiB -> {'met' if ok else 'NOT met'}")
+    noisy = max(r["others_cpu_max"] for r in rows)
+    lines.append(f"\nOther processes on the machine took up to {noisy:.0%} of its cores during a run"
+                 + (" (the figures above are disturbed)." if noisy > 0.1 else "."))
+    return "\n".join(lines), rows, {"targets": targets}
+
+
+# ------------------------------------------------------------------------------------------------ profiling
+
+CATEGORIES = [  # (category, any of these in a stack); the first match wins
+    ("collective (all-reduce, barrier)", ("all_reduce", "all_gather", "barrier", "broadcast", "reduce_scatter")),
+    ("optimizer step", ("step (torch/optim", "adamw", "_multi_tensor_adam", "_single_tensor_adam")),
+    ("gradient clipping", ("clip_grad_norm_", "get_total_norm")),
+    ("backward (autograd)", ("_engine_run_backward", "backward (torch/_tensor.py", "backward (torch/autograd")),
+    ("loss", ("loss_sum", "cross_entropy")),
+    ("forward (model)", ("forward (transformers/", "forward (peft/", "forward (torch/nn/modules")),
+    ("data (rows, collate)", ("collate", "rows (dist_ft", "feed.py", "batching.py")),
+]
+IN_LOOP = {"dist_ft": ("_train (dist_ft/trainer.py",), "raw": ("main (raw_loop.py", "main (benchmarks/raw_loop.py")}
+NOT_STEP = ("run_eval", "evaluate (", "heldout_loss", "_save_final", "build_model", "setup (", "from_pretrained",
+            "initialize (", "all_gather_object", "destroy_process_group", "gather (", "DistributedDataParallel.__init__",
+            "init_process_group", "fully_shard (", "<module> (", "measured_cpu_peak")
+
+
+def where_time_goes(raw_file: Path, kind: str) -> dict[str, float]:
+    """Share of the training ranks' samples (steps only: no set-up, evaluation or saving) by category."""
+    counts = collections.Counter()
+    for line in raw_file.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit() or not any(k in stack for k in IN_LOOP[kind]) or any(k in stack for k in NOT_STEP):
+            continue
+        frames = stack.split(";")
+        cat = next((c for c, keys in CATEGORIES if any(k in f for f in frames for k in keys)), None)
+        if cat is None:  # the framework's own code: the innermost frame says where
+            cat = "other: " + frames[-1].split(" (")[0] + " (" + frames[-1].split(" (")[-1].split(":")[0].split("/")[-1]
+        counts[cat] += int(n)
+    total = sum(counts.values()) or 1
+    return {k: v / total for k, v in counts.most_common()}
+
+
+def profile(job: dict, job_dir: Path, work: Path, steps: int, nproc: int) -> str:
+    spy = Path(sys.executable).parent / "py-spy"
+    if not spy.exists():
+        raise SystemExit("--profile needs py-spy: pip install 'dist-ft[bench]'")
+    s = job["strategies"][0]
+    lines = []
+    for kind in ("dist_ft", "raw"):
+        out = work / f"profile-{kind}.txt"
+        prefix = [str(spy), "record", "--subprocesses", "--idle", "--rate", "50", "--format", "raw", "-o", str(out),
+                  "--"]
+        if kind == "dist_ft":
+            run = run_dist_ft(job_recipe(job, model=job["model_path"], strategy=s, steps=steps,
+                                         out=work / f"profile-dist_ft-{s}"), work, nproc, prefix)
+        else:
+            run = run_raw(job_dir, s, work, nproc, f"profile-raw-{s}", prefix)
+        shares = where_time_goes(out, kind)
+        step = summarise_run(run)["s_per_step"]
+        lines.append(f"\n{kind} ({s}, {steps} steps under py-spy, median {step:.2f} s/step; samples of both ranks "
+                     f"inside the training steps):\n")
+        lines += [f"  {share:6.1%}  {share * step:6.3f} s/step  {cat}" for cat, share in list(shares.items())[:14]]
+        lines.append(f"  (raw stacks: {out})")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--job", default="a", choices=["a", "b", "all"])
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--only", default=None, help="comma-separated runner kinds to run (dist_ft,raw,trl)")
+    p.add_argument("--profile", action="store_true", help="profile dist_ft and the raw loop with py-spy instead")
+    p.add_argument("--quiet-wait", type=float, default=300.0, help="seconds to wait, before each run, for other "
+                   "work on the machine to stop (it would slow one runner and not the others)")
+    a = p.parse_args(argv)
+    QUIET_WAIT[0] = a.quiet_wait
+    argv_text = " ".join(argv if argv is not None else sys.argv[1:])
+    work_root = Path(os.environ.get("TMPDIR", "/tmp")) / "dist_ft_compare"
+    for key in (["a", "b"] if a.job == "all" else [a.job]):
+        job = dict(JOBS[key])
+        if job["model"] == "llama-130m":
+            sys.path.insert(0, str(REPO / "benchmarks"))
+            from strategies import model_folder
+            job["model_path"] = str(model_folder("130m"))
+        else:
+            job["model_path"] = job["model"]
+        work = work_root / key
+        work.mkdir(parents=True, exist_ok=True)
+        nproc = a.nproc
+        G = 4 * nproc
+        positions = a.steps * G * (3 if job["trl"] else 1)  # packed rows hold ~2 examples each
+        print(f"[compare] job {key}: {job['title']}; exporting {positions} examples from dist_ft's pipeline",
+              flush=True)
+        job_dir = export_job(job_recipe(job, model=job["model_path"], strategy=job["strategies"][0], steps=a.steps,
+                                        out=work / "export"), work / "job", positions=positions)
+        if a.profile:
+            text = profile(job, job_dir, work, a.steps, nproc)
+            print(text)
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            (RESULTS / f"compare-{key}-profile.md").write_text(
+                f"# Where the time goes, job {key}\n\nCommand: `python benchmarks/compare.py {argv_text}`\n\n"
+                f"```\n{text}\n```\n")
+            continue
+        peak = matmul_peak(nproc)
+        print(f"[compare] fp32 matmul: {peak / 1e9:.1f} GFLOP/s per process ({nproc} processes x 1 thread)",
+              flush=True)
+        from transformers import AutoConfig
+
+        from dist_ft.assets import resolve_model_path
+        from dist_ft.flops import flops_per_token
+        trained = [json.loads(x) for x in (job_dir / "train.jsonl").read_text().splitlines()[:a.steps * G]]
+        mean_len = statistics.mean(len(x["input_ids"]) for x in trained)
+        flops_tok = flops_per_token(AutoConfig.from_pretrained(resolve_model_path(job["model_path"])), mean_len)
+        only = set(a.only.split(",")) if a.only else None
+        runs, failures = [], []
+        for rnd in range(1, a.rounds + 1):
+            for label, kind, opt in runners_for(job):
+                if only and kind not in only:
+                    continue
+                name = f"{label.replace(' ', '-')}-r{rnd}"
+                print(f"[compare] round {rnd}: {label} ...", flush=True)
+                try:
+                    res = run_kind(kind, opt, job, job_dir, work, nproc, name, a.steps)
+                except RuntimeError as exc:  # one failed runner must not lose the others' figures
+                    print(f"[compare]   failed: {exc}", flush=True)
+                    failures.append(f"{label} (round {rnd}): {str(exc).splitlines()[0]}")
+                    continue
+                res.update(label=label, round=rnd)
+                s = summarise_run(res)
+                print(f"[compare]   {s['useful_tokens_per_s']:,.0f} useful tokens/s, {s['s_per_step']:.2f} s/step, "
+                      f"peak {res['peak_mb']} MiB, held-out loss {s['heldout_loss']:.4f} ({res['wall_s']:.0f} s; other "
+                      f"processes took {res['foreign_cpu']:.0%} of the cores meanwhile)",
+                      flush=True)
+                runs.append(res)
+        md, rows, extra = table(job, runs, peak_flops=peak, flops_tok=flops_tok, nproc=nproc)
+        head = (f"Job {key}: {job['title']}; {a.steps} steps, {nproc} processes x 1 thread, micro-batch 4, fp32, "
+                f"{a.rounds} round(s) alternating the runners. Medians over steps 3..{a.steps} and over rounds; "
+                f"ratios taken within each round. MFU against {peak / 1e9:.1f} GFLOP/s per process (fp32 matmul, "
+                f"measured now); {flops_tok / 1e6:.0f} MFLOP per token (PaLM, mean length {mean_len:.0f}).")
+        text = f"{head}\n\n{md}\n\nTargets:\n" + "\n".join(f"- {t}" for t in extra["targets"])
+        if failures:
+            text += "\n\nFailed runs:\n" + "\n".join(f"- {f}" for f in failures)
+        print("\n" + text)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"compare-{key}.json").write_text(json.dumps(
+            {"command": f"python benchmarks/compare.py {argv_text}", "job": key, "title": job["title"],
+             "steps": a.steps, "rounds": a.rounds, "nproc": nproc, "matmul_flops_per_process": peak,
+             "flops_per_token": flops_tok, "rows": rows, **extra, "failures": failures, "runs": runs}, indent=1) + "\n")
+        (RESULTS / f"compare-{key}.md").write_text(
+            f"# dist_ft vs raw loop vs TRL, job {key}\n\nCommand: `python benchmarks/compare.py {argv_text}`\n\n"
+            f"{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""What the raw loop (raw_loop.py) and the TRL runner (trl_sft.py) of benchmarks/compare.py share, without dist_ft:
+reading the exported job, padding a micro-batch, the held-out loss, and each rank's peak memory.
+
+The job folder is written once per invocation by compare.py from dist_ft's own data pipeline:
+
+    job.json          model path, pad id, batch, optimiser and schedule settings, strategy-independent
+    train.jsonl       one line per global sample position, in dist_ft's order: input_ids, labels (-100 where no
+                      loss), and the record as prompt/completion messages (what TRL is given)
+    eval.jsonl        the held-out examples, the same fields
+    init_adapter.safetensors   (LoRA jobs) the adapter's initial values as dist_ft sets them (name-seeded)
+
+Rank r of step s reads positions s*G + r*B .. s*G + (r+1)*B (G = B x world size), as dist_ft does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def read_job(job_dir: Path) -> dict:
+    return json.loads((Path(job_dir) / "job.json").read_text())
+
+
+def read_examples(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest member, labels IGNORE and attention_mask 0 on the padding (as dist_ft's collate)."""
+    T = max(len(e["input_ids"]) for e in items)
+    ids = torch.full((len(items), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(items), T), dtype=torch.long)
+    for i, e in enumerate(items):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the target tokens."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, examples: list[dict], *, pad_id: int, micro_batch: int) -> float:
+    """Mean loss per target token over `examples`, split over ranks (r, r+W, ...); every rank runs the same number
+    of forward passes (a sharded model needs all of them). The same sums and counts as dist_ft's evaluation."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = examples[rank::world]
+    n_batches = math.ceil(math.ceil(len(examples) / world) / micro_batch)
+    was = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for b in range(n_batches):
+        chunk = mine[b * micro_batch:(b + 1) * micro_batch]
+        batch = collate(chunk or examples[:1], pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if chunk:
+            total[0] += float(loss_sum(logits, batch["labels"]))
+            total[1] += count_targets(batch)
+    model.train(was)
+    if world > 1:
+        dist.all_reduce(total)
+    return float(total[0] / max(total[1], 1))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (what dist_ft reports on CPU)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gather(value) -> list:
+    """Every rank's value, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
