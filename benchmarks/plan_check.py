@@ -24,9 +24,9 @@ from strategies import model_folder, run_one  # noqa: E402
 
 CASES = {
     "130m": ["ddp:none:full", "ddp:none:lora", "fsdp:none:full", "fsdp:none:lora:ac", "zero2:none:full",
-             "zero3:none:full"],
+             "zero3:none:full", "zero3:all:full", "zero3:none:full:ac"],
     "smollm2": ["ddp:none:lora", "fsdp:none:full"],
-    "1.1b": ["fsdp:all:full", "fsdp:none:lora:ac"],
+    "1.1b": ["fsdp:all:full", "fsdp:none:lora:ac", "zero3:none:full"],
 }
 TOLERANCE = 0.15
 RESULTS_JSON = REPO / "benchmarks" / "results" / "plan-check.json"

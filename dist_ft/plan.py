@@ -19,7 +19,8 @@ ddp.py, deepspeed_zero.py), with AdamW (two moments m, v in the dtype of the wei
                                                                  (MixedPrecisionPolicy) and reduces grads in fp32
     ddp, fsdp      bf16-true      2       2      -      4     8
     zero1/2/3      bf16-mixed     2       2      4      8    16  DeepSpeed casts the module to bf16 and keeps an
-    zero1/2/3      fp32           4       4      4      8    20    fp32 master partition (a clone even in fp32)
+    zero1/2        fp32           4       4      4      8    20    fp32 master partition (a clone even in fp32;
+    zero3          fp32           4       4      -      8    16    deepspeed_zero._share_fp32_master removes it)
 
   So a 7B model with AdamW in mixed precision needs 16 bytes per parameter before sharding (112 GB).
   adamw_8bit (bitsandbytes): m, v in 8 bits plus one fp32 absmax per 256 values each: 2 + 8/256 B; tensors under
@@ -63,8 +64,10 @@ Transient buffers (`buffer_bytes`):
   zero3  the gathered working set: max(stage3_max_live_parameters, largest parameter) + stage3_prefetch_bucket_size
          elements, plus the reduce buckets as above. Bucket sizes come from the resolved DeepSpeed JSON
          (distributed/deepspeed_config.py fills "auto" from the hidden size), else DeepSpeed's defaults.
-  step   torch AdamW (foreach) allocates one temporary of the local trainable parameters in the state dtype;
-         DeepSpeed also casts the gradient partition to fp32 for the step.
+  step   dist_ft's AdamW is fused (no temporary); ZeRO-1/2 flatten the gradient partition into a new fp32
+         tensor for the step (ZeRO-3 steps on it in place). ZeRO-3's gradient partitions exist only from the backward to the step
+         (deepspeed_zero._GradientRelease): on GPUs the allocation counts from the start of the backward; on CPU a
+         page counts once written, as the backward frees activations, so there they are counted with the step.
 Total per rank = resident state + max(forward/backward transients, optimizer-step transients) + runtime overhead
 (CUDA context and workspaces, NCCL buffers; on CPU the resident size of an idle python + torch + transformers
 process). Transients that never coexist are not added; the rest is summed as if every term peaked at once, so the
@@ -113,7 +116,7 @@ INTER_NODE_GBPS = 25.0       # GB/s each rank moves across nodes (200 Gb/s Infin
 PCIE_GBPS = 25.0             # GB/s host <-> device per GPU (PCIe Gen4 x16, effective)
 CPU_ADAM_PARAMS_PER_S = {"deepspeed": 1.0e9, "torch": 3.0e8}   # parameter updates per second per node
 QLORA_COMPUTE_FACTOR = 1.3  # bitsandbytes dequantises every 4-bit weight in forward and backward (a guess)
-LOGITS_LOSS_BYTES = 12       # per logit beyond the head's output: fp32 log-softmax (4) + its backward (4 + 4)
+LOGITS_LOSS_BYTES = 12       # classification: per logit beyond the head's output, fp32 log-softmax (4) + backward (8)
 ADAM_8BIT_BYTES = 2 + 2 * 4 / 256   # two uint8 states + an fp32 absmax per 256 values for each
 ADAM_8BIT_MIN_SIZE = 4096    # bitsandbytes keeps 32-bit states for smaller tensors
 DDP_BUCKET_MIB = 25          # bucket_cap_mb (the buckets together hold every gradient once more)
@@ -637,10 +640,13 @@ def byte_rules(strategy: str, precision: str, optimizer: str) -> ByteRules:
     dtype = {4: "fp32", 2: "bf16" if "bf16" in precision else "fp16"}
     if strategy.startswith("zero"):
         w = cb if precision != "fp32" else 4   # DeepSpeed casts the module to bf16/fp16
-        return ByteRules(weights=w, grads=w, master=4, optimizer=ADAM_8BIT_BYTES if optimizer == "adamw_8bit" else 8,
+        shared = strategy == "zero3" and w == 4  # the fp32 partitions are the master (_share_fp32_master)
+        return ByteRules(weights=w, grads=w, master=0 if shared else 4,
+                         optimizer=ADAM_8BIT_BYTES if optimizer == "adamw_8bit" else 8,
                          compute=cb, residual=cb, reduce=w,
                          weights_note=f"{dtype[w]} module (DeepSpeed casts it)", grads_note=dtype[w],
-                         master_note="fp32 partition (DeepSpeed)",
+                         master_note="none: ZeRO-3 updates the fp32 partitions in place" if shared
+                         else "fp32 partition (DeepSpeed)",
                          optimizer_note="8-bit m,v" if optimizer == "adamw_8bit" else "fp32 m,v")
     mixed = pb != cb
     state = pb  # torch AdamW keeps m, v in the parameters' dtype
@@ -733,9 +739,11 @@ def activation_bytes(facts: ModelFacts, *, seq: int, micro_batch: int, e: float,
 
 
 def logits_bytes(facts: ModelFacts, *, seq: int, micro_batch: int, e: float) -> float:
-    """The head's output and the fp32 cross-entropy around it (losses.loss_sum upcasts with .float())."""
+    """The head's output and the cross-entropy around it. A causal LM's loss (losses._CrossEntropySum) keeps one
+    gradient the size of the logits, in their dtype, and the logits are freed after it: 2 e bytes per logit at the
+    loss. Classification uses torch's cross-entropy on fp32 logits."""
     if facts.task == "causal_lm":
-        return micro_batch * seq * facts.vocab * (e + LOGITS_LOSS_BYTES)
+        return micro_batch * seq * facts.vocab * 2 * e
     return micro_batch * seq * max(facts.num_labels, 1) * (e + LOGITS_LOSS_BYTES)
 
 
@@ -769,8 +777,8 @@ def buffer_bytes(facts: ModelFacts, mc: MethodCounts, rules: ByteRules, recipe, 
     T = mc.n_trainable
     trainable_ids = {id(p) for p in mc.trainable}
     if strategy == "ddp":
-        rows.append(Row("buffers", "buffers", f"DDP buckets ({DDP_BUCKET_MIB} MiB each): a 2nd copy of the grads",
-                        T * rules.grads, phase="fwd_bwd"))
+        rows.append(Row("buffers", "buffers", f"DDP buckets ({DDP_BUCKET_MIB} MiB each): a 2nd copy of the grads, "
+                        "kept from the first backward on", T * rules.grads))
         if rules.weights != rules.compute:  # autocast's bf16 copies of fp32 weights
             ac = d.activation_checkpointing
             train_lin = sum(p.numel for p in mc.trainable if p.linear)
@@ -818,12 +826,13 @@ def buffer_bytes(facts: ModelFacts, mc: MethodCounts, rules: ByteRules, recipe, 
                                                                      d.offload in ("optimizer", "all"))
     if recipe.training.optimizer == "adamw_8bit":
         step, what = 0.0, "8-bit AdamW updates in place"
+    elif strategy == "zero3" and not offloaded_step:
+        step, what = 0.0, "fused AdamW on the gradient partitions in place (_step_on_gradients_in_place)"
     elif strategy.startswith("zero"):
-        step = 0.0 if offloaded_step else local_t * (4 + 4)
-        what = "fp32 grad partition + AdamW temporary" if not offloaded_step else "DeepSpeed CPU Adam"
+        step = 0.0 if offloaded_step else local_t * 4
+        what = "flattened fp32 grad partition (fused AdamW)" if not offloaded_step else "DeepSpeed CPU Adam"
     else:
-        step = local_t * (rules.optimizer / 2)
-        what = "AdamW foreach temporary (1 copy of m)"
+        step, what = 0.0, "fused AdamW: in place"
     if offloaded_step and step:
         rows.append(Row("step", "optimizer step", what + " (on CPU)", 0.0, step, phase="step"))
     else:
@@ -906,6 +915,14 @@ def _plan(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, mb: int
     seq = recipe.data.max_length + mc.extra_seq
     notes: list[str] = []
     rows = state_bytes(mc, rules, d.strategy, d.offload, cluster.world, t.optimizer)
+    # Gradients that exist only from the backward to the step grow as the backward frees activations, so they are
+    # counted with the step rather than on top of the activations: DDP's and FSDP2's (set to None after each step),
+    # and on CPU ZeRO-3's released partitions (on GPUs the buffer is allocated whole at the start of the backward).
+    if d.strategy in ("ddp", "fsdp") or (d.strategy == "zero3" and d.offload in ("none", "params")
+                                         and cluster.is_cpu):
+        for row in rows:
+            if row.key == "gradients" and row.device:
+                row.phase = "step"
     acts = activation_bytes(facts, seq=seq, micro_batch=mb, e=rules.compute, r=rules.residual,
                             eager=_attention_is_eager(recipe), layers_with_grad=mc.layers_with_grad,
                             lora_dropped=mc.lora_dropped, lora_rank=mc.lora_rank)
@@ -917,8 +934,9 @@ def _plan(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, mb: int
     rows.append(Row("activations", "activations", ac_detail, use, phase="fwd_bwd"))
     lg = logits_bytes(facts, seq=seq, micro_batch=mb, e=rules.compute)
     width = facts.vocab if facts.task == "causal_lm" else max(facts.num_labels, 1)
-    rows.append(Row("logits", "logits + loss", f"{mb}x{seq}x{width} x {rules.compute + LOGITS_LOSS_BYTES:g} B "
-                    "(output + fp32 loss)", lg, phase="fwd_bwd"))
+    per_logit = lg / max(mb * seq * width, 1)
+    rows.append(Row("logits", "logits + loss", f"{mb}x{seq}x{width} x {per_logit:g} B (output + loss gradient)",
+                    lg, phase="fwd_bwd"))
     rows += buffer_bytes(facts, mc, rules, recipe, cluster)
     rows.append(runtime_row(cluster))
     resident = sum(r.device for r in rows if r.phase == "resident")

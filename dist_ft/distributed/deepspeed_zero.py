@@ -58,6 +58,43 @@ def _share_fp32_master(zero_optimizer) -> int:
     return freed
 
 
+def _step_on_gradients_in_place(zero_optimizer) -> None:
+    """Let ZeRO-3's optimizer step read each sub-group's gradients where they are instead of from a fresh copy.
+
+    Before each sub-group's step DeepSpeed concatenates its gradient partitions into a new tensor. They already lie
+    side by side in one flat buffer, so that copy (a whole partition of gradients, the step's peak) is replaced by a view of the buffer. Anything else (a layout where
+    they are not adjacent, another dtype) takes DeepSpeed's own path.
+    """
+    original = getattr(zero_optimizer, "_prepare_fp32_grad_for_sub_group", None)
+    if original is None or zero_optimizer.offload_optimizer:
+        return
+
+    def prepare(sub_group_id: int) -> None:
+        grads = zero_optimizer.averaged_gradients[sub_group_id]
+        master = zero_optimizer.fp32_partitioned_groups_flat[sub_group_id]
+        flat = _adjacent(grads)
+        if flat is None or flat.dtype != master.dtype or flat.device != master.device or flat.numel() != master.numel():
+            return original(sub_group_id)
+        master.grad = flat
+        zero_optimizer.averaged_gradients[sub_group_id] = None
+
+    zero_optimizer._prepare_fp32_grad_for_sub_group = prepare
+
+
+def _adjacent(tensors) -> torch.Tensor | None:
+    """One 1-D view over tensors that follow each other in the same storage, else None."""
+    if not tensors:
+        return None
+    first = tensors[0]
+    ptr, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for t in tensors:
+        if (not t.is_contiguous() or t.dtype != first.dtype or t.untyped_storage().data_ptr() != ptr
+                or t.storage_offset() != offset):
+            return None
+        offset += t.numel()
+    return first.as_strided((offset - first.storage_offset(),), (1,), first.storage_offset())
+
+
 class _GradientRelease:
     """Free ZeRO-3's gradient partitions between optimizer steps, as FSDP2 does with its sharded gradients.
 
@@ -179,6 +216,7 @@ class DeepSpeedStrategy(Strategy):
         self._grads = None
         if self.stage == 3:
             _share_fp32_master(self.engine.optimizer)
+            _step_on_gradients_in_place(self.engine.optimizer)
             import torch.distributed as dist
             self._grads = _GradientRelease(self.engine.optimizer, dist.get_rank())
         # The scheduler drives the torch optimizer inside DeepSpeed's ZeRO wrapper (same param_group dicts).
