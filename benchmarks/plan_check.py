@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 measured = res["peak_mb_per_rank"] / 1024
                 row.update(measured_gib=round(measured, 3), ratio=round(predicted / measured, 3),
-                           within=abs(predicted / measured - 1) <= TOLERANCE)
+                           within=abs(predicted / measured - 1) <= TOLERANCE, s_per_step=round(res["s_per_step"], 2))
             rows.append(row)
             print(f"[plan-check] {row}", flush=True)
     results = RESULTS_JSON
