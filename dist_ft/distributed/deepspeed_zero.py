@@ -114,8 +114,10 @@ class _GradientRelease:
         self.buffer = getattr(zero_optimizer, "grad_partitions_flat_buffer", None)
         views = getattr(zero_optimizer, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", None)
         groups = getattr(zero_optimizer, "fp16_groups", None)
-        self.enabled = isinstance(self.buffer, torch.Tensor) and isinstance(views, dict) and bool(groups)
-        if not self.enabled:  # another DeepSpeed layout: keep the buffer, lose nothing but the saving
+        # Pinned host memory (offload on GPUs) comes from another allocator: kept, like another DeepSpeed layout.
+        self.enabled = (isinstance(self.buffer, torch.Tensor) and isinstance(views, dict) and bool(groups)
+                        and not self.buffer.is_pinned() and self.buffer.untyped_storage().resizable())
+        if not self.enabled:  # the buffer is kept: nothing is lost but the saving
             return
         self.nbytes = self.buffer.untyped_storage().nbytes()
         self.slices = []  # (param, its slice of the buffer, whether DeepSpeed ever writes it on this rank)
