@@ -65,9 +65,11 @@ Transient buffers (`buffer_bytes`):
          elements, plus the reduce buckets as above. Bucket sizes come from the resolved DeepSpeed JSON
          (distributed/deepspeed_config.py fills "auto" from the hidden size), else DeepSpeed's defaults.
   step   dist_ft's AdamW is fused (no temporary); ZeRO-1/2 flatten the gradient partition into a new fp32
-         tensor for the step (ZeRO-3 steps on it in place). ZeRO-3's gradient partitions exist only from the backward to the step
-         (deepspeed_zero._GradientRelease): on GPUs the allocation counts from the start of the backward; on CPU a
-         page counts once written, as the backward frees activations, so there they are counted with the step.
+         tensor for the step (ZeRO-3 steps on it in place).
+  grads  DDP's and FSDP2's gradients are set to None after each step: they grow as the backward frees
+         activations and are counted with the step. So are ZeRO-3's released partitions on CPU, where a page counts
+         once written (deepspeed_zero._GradientRelease); on GPUs that buffer is allocated whole at the start of the
+         backward and counts there.
 Total per rank = resident state + max(forward/backward transients, optimizer-step transients) + runtime overhead
 (CUDA context and workspaces, NCCL buffers; on CPU the resident size of an idle python + torch + transformers
 process). Transients that never coexist are not added; the rest is summed as if every term peaked at once, so the

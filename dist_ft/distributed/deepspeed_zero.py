@@ -34,8 +34,8 @@ def _share_fp32_master(zero_optimizer) -> int:
     """Let ZeRO-3 update an fp32 model's partitions in place instead of through a second fp32 copy. Returns bytes freed.
 
     DeepSpeed means to share them when the partition already has the master dtype and device, but its test compares a
-    torch.device with a device-name string, which is never equal: an fp32 run (fp32 or bf16/fp16 through autocast)
-    then holds every partition twice, a quarter of ZeRO-3's steady memory. Must run before the first step: the
+    torch.device with a device-name string, which is never equal: an fp32 run then holds every partition twice, a
+    quarter of ZeRO-3's steady memory. Must run before the first step: the
     optimizer's state is keyed by these tensors, and it is empty until then.
     """
     masters = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None)
@@ -62,8 +62,8 @@ def _step_on_gradients_in_place(zero_optimizer) -> None:
     """Let ZeRO-3's optimizer step read each sub-group's gradients where they are instead of from a fresh copy.
 
     Before each sub-group's step DeepSpeed concatenates its gradient partitions into a new tensor. They already lie
-    side by side in one flat buffer, so that copy (a whole partition of gradients, the step's peak) is replaced by a view of the buffer. Anything else (a layout where
-    they are not adjacent, another dtype) takes DeepSpeed's own path.
+    side by side in one flat buffer, so that copy (a whole partition of gradients, the step's peak) is replaced by a
+    view of the buffer. Anything else (a layout where they are not adjacent, another dtype) takes DeepSpeed's path.
     """
     original = getattr(zero_optimizer, "_prepare_fp32_grad_for_sub_group", None)
     if original is None or zero_optimizer.offload_optimizer:
