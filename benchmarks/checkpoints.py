@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from strategies import RESULTS, REPO, model_folder  # noqa: E402
+from strategies import REPO, model_folder, write_results  # noqa: E402
 
 DEFAULT_RUNS = "ddp:full,fsdp:full,zero2:full,zero3:full,ddp:lora,fsdp:lora,zero3:lora"
 
@@ -94,12 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {rows[-1]}", flush=True)
     md = table(rows)
     print(f"\nCheckpoints of a {a.size} Llama-shaped model (fp32, AdamW), {a.nproc} ranks\n\n{md}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"checkpoints-{a.size}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (RESULTS / f"checkpoints-{a.size}.md").write_text(
-        f"# Checkpoints, {a.size} model, {a.nproc} ranks\n\nCommand: `python benchmarks/checkpoints.py "
-        f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\nSave: write + sha256 + manifest + rename. "
-        f"Load: model + optimizer + RNG (after the checksum check).\n\n{md}\n")
+    write_results(f"checkpoints-{a.size}", f"Checkpoints, {a.size} model, {a.nproc} ranks", "checkpoints.py", argv,
+                  "Save: write + sha256 + manifest + rename. Load: model + optimizer + RNG (after the checksum "
+                  f"check).\n\n{md}", rows)
     return 0
 
 

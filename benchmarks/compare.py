@@ -40,6 +40,9 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from strategies import write_results  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 HELD_OUT = 64
@@ -440,14 +443,10 @@ def main(argv: list[str] | None = None) -> int:
         if failures:
             text += "\n\nFailed runs:\n" + "\n".join(f"- {f}" for f in failures)
         print("\n" + text)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"compare-{key}.json").write_text(json.dumps(
-            {"command": f"python benchmarks/compare.py {argv_text}", "job": key, "title": job["title"],
-             "steps": a.steps, "rounds": a.rounds, "nproc": nproc, "matmul_flops_per_process": peak,
-             "flops_per_token": flops_tok, "rows": rows, **extra, "failures": failures, "runs": runs}, indent=1) + "\n")
-        (RESULTS / f"compare-{key}.md").write_text(
-            f"# dist_ft vs raw loop vs TRL, job {key}\n\nCommand: `python benchmarks/compare.py {argv_text}`\n\n"
-            f"{text}\n")
+        write_results(f"compare-{key}", f"dist_ft vs raw loop vs TRL, job {key}", "compare.py", argv, text,
+                      {"command": f"python benchmarks/compare.py {argv_text}", "job": key, "title": job["title"],
+                       "steps": a.steps, "rounds": a.rounds, "nproc": nproc, "matmul_flops_per_process": peak,
+                       "flops_per_token": flops_tok, "rows": rows, **extra, "failures": failures, "runs": runs})
     return 0
 
 

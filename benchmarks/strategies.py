@@ -80,6 +80,14 @@ def run_one(model: Path, workdir: Path, *, strategy: str, offload: str, method: 
             "final_loss": steps_r[-1]["loss"], "wall_s": wall}
 
 
+def write_results(stem: str, title: str, script: str, argv: list[str] | None, body: str, data) -> None:
+    """benchmarks/results/<stem>.json and .md: the data, and the title, the command that made it and the body."""
+    args = " ".join(argv if argv is not None else sys.argv[1:])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
+    (RESULTS / f"{stem}.md").write_text(f"# {title}\n\nCommand: `python benchmarks/{script} {args}`\n\n{body}\n")
+
+
 def table(rows: list[dict], ref: dict | None) -> str:
     lines = ["| run | peak MiB / rank, training | x DDP | with the final save | tokens/s | x DDP | s / step | "
              "final loss |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -120,11 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     md = table(rows, ref)
     print(f"\n{a.size} Llama-shaped model, {a.nproc} ranks, micro-batch {a.micro_batch} x {a.seq} tokens, fp32\n")
     print(md)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"strategies-{a.size}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (RESULTS / f"strategies-{a.size}.md").write_text(
-        f"# Strategies, {a.size} model, {a.nproc} ranks\n\nCommand: `python benchmarks/strategies.py "
-        f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n{md}\n")
+    write_results(f"strategies-{a.size}", f"Strategies, {a.size} model, {a.nproc} ranks", "strategies.py", argv, md,
+                  rows)
     return 0
 
 
