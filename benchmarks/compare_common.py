@@ -55,6 +55,15 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            reduction="sum")
 
 
+def train_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The training loss as a hand-written loop would compute it with transformers' `logits_to_keep`: the head runs
+    only at positions whose next token is a target, as dist_ft's does (losses.forward_logits)."""
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
+    keep = targets != IGNORE
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 

@@ -8,7 +8,7 @@ tokenised examples in the same order per rank, the LoRA adapter's initial values
 loop makes the same calls dist_ft's strategies make and nothing else: `get_peft_model` + DistributedDataParallel
 (ddp); `fully_shard` per decoder layer, the untied embeddings, then the root (fsdp); `deepspeed.initialize` with
 a stage-3 config (zero3). Same step math: the loss summed over target tokens and divided by the global target count
-(one all-reduce), gradients averaged by the backend, the global norm clipped, AdamW, linear warm-up then cosine.
+(one all-reduce), the head run only at target positions, gradients averaged by the backend, the global norm clipped, AdamW, linear warm-up then cosine.
 It writes per-step time, loss and useful (non-padding) tokens, peak RSS per rank and the held-out loss to --out.
 """
 
@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_common import collate, count_targets, gather, heldout_loss, loss_sum, peak_rss_mb, read_examples, read_job  # noqa: E402
+from compare_common import (collate, count_targets, gather, heldout_loss, peak_rss_mb, read_examples,  # noqa: E402
+                            read_job, train_loss_sum)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -150,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = collate(rows, job["pad_id"])
         useful = sum(len(r["input_ids"]) for r in rows)
         (targets,) = all_reduce([count_targets(batch)])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        total = loss_sum(logits, batch["labels"])
+        total = train_loss_sum(model, batch)
         scaled = total * (world / max(targets, 1.0))
         if engine is not None:
             engine.backward(scaled)

@@ -46,17 +46,17 @@ def evaluate(strategy, examples: list[Example], *, micro_batch: int, pad_id: int
             chunk = [examples[0]]
         batch = {k: v.to(topo.device) for k, v in collate(chunk, pad_id).items()}
         with strategy.forward_context():
-            logits = forward_logits(strategy.model, batch)
+            logits, targets = forward_logits(strategy.model, batch)
         if real == 0:
             continue
-        total[0] += float(loss_sum(logits, batch["labels"]))
+        total[0] += float(loss_sum(logits, targets))
         if classification:
             total[1] += real
             preds = logits.argmax(-1).cpu()
             for t, p in zip(batch["labels"].cpu().tolist(), preds.tolist()):
                 confusion[t, p] += 1
         else:
-            total[1] += int((batch["labels"][:, 1:] != IGNORE).sum())
+            total[1] += int((targets != IGNORE).sum())
     strategy.train(was_training)
     total = _reduce(total, topo.device)
     out = {"eval_loss": float(total[0] / max(total[1], 1))}

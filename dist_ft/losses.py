@@ -3,33 +3,68 @@ training step; evaluation divides the same sums by the same counts, so the two c
 
 from __future__ import annotations
 
+import inspect
+import weakref
+
 import torch
 import torch.nn.functional as F
 
 from .data.formats import IGNORE
 
+_SELECTS_POSITIONS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
 
-def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+
+def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits the loss needs and their targets, both flat: [N, vocab] and [N] for a causal LM, [B, classes]
+    and [B] for a classifier.
+
+    A causal LM's head runs only at positions whose next token is a target. In instruction data the prompt (system
+    text, question) is most of each row and carries no target, and the head is the widest matrix multiply of a
+    small model (SmolLM2-135M: a fifth of the forward's FLOPs), so projecting every position would spend a large
+    share of the step, forward and backward, on logits the loss then ignores; it would also hold them in memory.
+    transformers' `logits_to_keep` takes a boolean [B, T] mask for exactly this.
+    """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits
-    length = batch["input_ids"].size(1)
-    if logits.dim() == 3 and logits.size(1) > length:
-        logits = logits[:, -length:]  # prompt tuning prepends its virtual tokens: they carry no target
-    return logits
-
-
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum of cross-entropies: over shifted tokens for a causal LM ([B, T, V] logits), over samples for
-    classification ([B, C] logits), each sample weighted by its class (data.balance: class_weights; the weights
-    average 1 over the training set, so the loss keeps its scale)."""
-    if logits.dim() == 2:
-        return F.cross_entropy(logits.float(), labels, weight=class_weights, reduction="sum")
+    labels = batch["labels"]
+    if labels.dim() == 1:  # one label per sample
+        return model(**inputs).logits, labels
     # Shift the labels rather than the logits: slicing [B, T, V] logits would copy the largest activation.
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
-    flat, targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
-    if torch.is_grad_enabled() and flat.requires_grad:
-        return _CrossEntropySum.apply(flat, targets)
-    return F.cross_entropy(flat.float(), targets, ignore_index=IGNORE, reduction="sum")
+    if selects_positions(model):
+        keep = targets != IGNORE
+        return model(**inputs, logits_to_keep=keep).logits, targets[keep]
+    logits = model(**inputs).logits
+    if logits.size(1) > labels.size(1):
+        logits = logits[:, -labels.size(1):]  # prompt tuning prepends its virtual tokens: they carry no target
+    return logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+
+
+def selects_positions(model: torch.nn.Module) -> bool:
+    """Whether `model` (under DDP, DeepSpeed or peft) takes a [B, T] mask of positions to project (`logits_to_keep`).
+    Prompt and prefix tuning do not: their virtual tokens shift the positions the mask would name."""
+    if model not in _SELECTS_POSITIONS:
+        inner = model
+        while isinstance(getattr(inner, "module", None), torch.nn.Module):  # DDP, DeepSpeedEngine
+            inner = inner.module
+        peft_config = getattr(inner, "active_peft_config", None)
+        if peft_config is not None:
+            if peft_config.is_prompt_learning:
+                _SELECTS_POSITIONS[model] = False
+                return False
+            inner = inner.get_base_model()
+        _SELECTS_POSITIONS[model] = "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return _SELECTS_POSITIONS[model]
+
+
+def loss_sum(logits: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of cross-entropies over the targets that `forward_logits` returns (IGNORE ones count nothing), each
+    sample weighted by its class where given (data.balance: the weights average 1 over the training set, so the
+    loss keeps its scale)."""
+    if class_weights is not None:
+        return F.cross_entropy(logits.float(), targets, weight=class_weights, ignore_index=IGNORE, reduction="sum")
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _CrossEntropySum.apply(logits, targets)
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
 
 
 class _CrossEntropySum(torch.autograd.Function):

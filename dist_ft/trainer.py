@@ -92,8 +92,8 @@ def train_step(strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]],
         mb = {k: v.to(topo.device, non_blocking=True) for k, v in mb.items()}
         with strategy.sync_context(sync=i == len(micro_batches) - 1):
             with strategy.forward_context():
-                logits = forward_logits(strategy.model, mb)
-            total = loss_sum(logits, mb["labels"], class_weights)
+                logits, targets = forward_logits(strategy.model, mb)
+            total = loss_sum(logits, targets, class_weights)
             del logits  # the loss kept what its backward needs; the logits themselves would only take up memory
             strategy.backward(total * scale)
         local_loss += float(total.detach())

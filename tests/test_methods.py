@@ -94,7 +94,7 @@ def test_method_trains_what_it_should(tmp_path, tiny_llama, tiny_qwen2, method):
     opt = torch.optim.AdamW(trainable.values(), lr=3e-2 if "tuning" in method else 1e-2)
     losses = []
     for _ in range(6):
-        loss = loss_sum(forward_logits(model, batch), batch["labels"]) / (batch["labels"].numel() - 4)
+        loss = loss_sum(*forward_logits(model, batch)) / (batch["labels"].numel() - 4)
         loss.backward()
         opt.step(), opt.zero_grad()
         losses.append(float(loss.detach()))
