@@ -71,14 +71,21 @@ def _run(label, rnd, tps, peak=1000.0, loss=2.0):
 
 def test_ratios_are_taken_within_rounds():
     job = compare.JOBS["a"]
-    runs = [_run("dist_ft", 1, 100), _run("raw", 1, 100), _run("trl", 1, 50, peak=1200), _run("trl packed", 1, 90),
-            _run("dist_ft", 2, 50), _run("raw", 2, 50), _run("trl", 2, 25, peak=1200), _run("trl packed", 2, 45)]
+    runs = [_run("dist_ft", 1, 100), _run("raw", 1, 100), _run("trl", 1, 50, peak=1200),
+            _run("dist_ft packed", 1, 100), _run("trl packed", 1, 90),
+            _run("dist_ft", 2, 50), _run("raw", 2, 50), _run("trl", 2, 25, peak=1200),
+            _run("dist_ft packed", 2, 50), _run("trl packed", 2, 45)]
     md, rows, extra = compare.table(job, runs, peak_flops=1e9, flops_tok=1e6, nproc=2)
-    d = rows[0]
+    d, packed = rows[0], next(r for r in rows if r["runner"] == "dist_ft packed")
     # Medians of per-round ratios: 1.0 and 2.0 although the medians of the tokens/s would give other numbers.
     assert d["runner"] == "dist_ft" and d["x_raw"] == pytest.approx(1.0) and d["x_trl"] == pytest.approx(2.0)
+    # Packed is set against packed only: 100/90 and 50/45; the raw loop does not pack.
+    assert packed["trl_like"] == "trl packed" and packed["x_trl"] == pytest.approx(100 / 90)
+    assert packed["x_raw"] is None
     assert d["mfu"] == pytest.approx(1e6 * 75 / 2e9)
-    assert any("raw loop" in t and "-> met" in t for t in extra["targets"])
-    assert any("÷ trl >=" in t and "-> met" in t for t in extra["targets"])
-    assert any("÷ trl packed" in t and "NOT met" in t for t in extra["targets"])
-    assert "| dist_ft |" in md
+    assert any(t.startswith("dist_ft ÷ raw loop") and "-> met" in t for t in extra["targets"])
+    assert any(t.startswith("dist_ft ÷ trl >=") and "-> met" in t for t in extra["targets"])
+    assert any(t.startswith("dist_ft packed ÷ trl packed") and "NOT met" in t for t in extra["targets"])
+    assert not any(t.startswith("dist_ft ÷ trl packed") for t in extra["targets"])
+    assert len(extra["targets"]) == 3
+    assert "| dist_ft |" in md and "| dist_ft packed |" in md
