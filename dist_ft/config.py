@@ -91,6 +91,9 @@ class DataConfig:
     too_long: Literal["truncate", "drop"] = _f("truncate", "What to do with samples longer than max_length "
                                                "(counted in the log either way).")
     packing: bool = _f(False, "Pack several samples into one max_length row (no attention across samples).")
+    packing_strategy: Literal["bfd", "greedy"] = _f(
+        "bfd", "bfd: best-fit decreasing, rows ~all full (as TRL); greedy: samples in their order, a new row when "
+        "the next does not fit. Streaming data packs greedily.")
     max_train_samples: Optional[int] = _f(None, "Use only the first N training records after shuffling.", ge=1)
     max_eval_samples: Optional[int] = _f(None, "Use only the first N evaluation records.", ge=1)
     system_prompt: Optional[str] = _f(None, "System turn prepended to chat/instruction samples "

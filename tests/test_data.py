@@ -159,7 +159,7 @@ def _ex(ids, labels=None):
 
 
 def test_packing_token_by_token():
-    rows = pack([_ex([1, 2, 3]), _ex([4, 5], [IGNORE, 5]), _ex([6, 7, 8, 9])], max_length=6)
+    rows = pack([_ex([1, 2, 3]), _ex([4, 5], [IGNORE, 5]), _ex([6, 7, 8, 9])], max_length=6, strategy="greedy")
     assert len(rows) == 2
     r = rows[0]
     assert r.input_ids.tolist() == [1, 2, 3, 4, 5]
@@ -172,6 +172,45 @@ def test_packing_token_by_token():
     # The shorter row's padding is a sample of its own: its positions restart at 0.
     assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 0]
     assert batch["labels"][1].tolist() == [IGNORE, 7, 8, 9, IGNORE]
+
+
+def _reference_bfd(lengths, capacity):
+    """Best-fit decreasing by linear scan: the bin count pack(strategy="bfd") must reach."""
+    rooms = []
+    for n in sorted(lengths, reverse=True):
+        fits = [r for r in rooms if r >= n]
+        if fits:
+            rooms[rooms.index(min(fits))] -= n
+        else:
+            rooms.append(capacity - n)
+    return len(rooms)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_best_fit_decreasing_packing(seed):
+    rng = np.random.default_rng(seed)
+    cap = int(rng.integers(8, 64))
+    examples = [_ex(rng.integers(10, 1000, int(n)), None) for n in rng.integers(1, cap + 1, int(rng.integers(1, 80)))]
+    rows = pack(examples, max_length=cap)  # bfd is the default
+    greedy = pack(examples, max_length=cap, strategy="greedy")
+    assert len(rows) == _reference_bfd([len(e.input_ids) for e in examples], cap)
+    assert len(rows) <= len(greedy)
+    # Every sample exactly once, whole, positions restarting at 0, its first token no target.
+    seen = []
+    for r in rows:
+        assert len(r.input_ids) <= cap
+        starts = np.flatnonzero(r.position_ids == 0).tolist() + [len(r.input_ids)]
+        for a, b in zip(starts, starts[1:]):
+            assert r.position_ids[a:b].tolist() == list(range(b - a))
+            assert r.labels[a] == IGNORE and r.labels[a + 1:b].tolist() == r.input_ids[a + 1:b].tolist()
+            seen.append(tuple(r.input_ids[a:b].tolist()))
+    assert sorted(seen) == sorted(tuple(e.input_ids.tolist()) for e in examples)
+
+
+def test_packing_strategy_is_a_recipe_field(tmp_path):
+    with pytest.raises(Exception, match="packing_strategy"):
+        recipe_from_dict({"model": {"path": "x"}, "data": {"train": "builtin:wordnet", "packing_strategy": "best"},
+                          "output_dir": str(tmp_path)})
 
 
 def test_collate_pads_and_counts_targets():

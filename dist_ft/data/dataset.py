@@ -200,7 +200,8 @@ def cache_key(recipe: Recipe, tok) -> str:
         "train": _stream_fingerprint(d.train) if d.streaming else [resolve_source(s.path).fingerprint
                                                                    for s in data_sources(d)],
         "eval": [resolve_source(s.path).fingerprint for s in eval_sources(d)],
-        "data": {k: v for k, v in dataclasses.asdict(d).items() if k != "packing"},  # packing happens at load
+        "data": {k: v for k, v in dataclasses.asdict(d).items()
+                 if k not in ("packing", "packing_strategy")},  # packing happens at load
         "seed": recipe.seed,
         "num_labels": recipe.model.num_labels,
         "tokenizer": tokenizer_fingerprint(tok),

@@ -27,8 +27,11 @@ class TrainFeed:
             return
         parts = data.train_by_source()
         if d.packing:
-            packed = [pack(p, d.max_length) for p in parts]
-            log(f"[data] packed {len(data.train)} samples into {sum(map(len, packed))} rows of <= {d.max_length}")
+            packed = [pack(p, d.max_length, d.packing_strategy) for p in parts]
+            n_rows = sum(map(len, packed))
+            fill = sum(len(e.input_ids) for e in data.train) / max(1, n_rows * d.max_length)
+            log(f"[data] packed {len(data.train)} samples into {n_rows} rows of <= {d.max_length} "
+                f"({d.packing_strategy}; {fill:.0%} of each row holds tokens)")
             parts = packed
         self.table = [row for p in parts for row in p]
         self.num_rows = len(self.table)

@@ -92,7 +92,7 @@ def data_report(recipe: Recipe, tok, out_dir: Path, log=print) -> dict:
                          "p50": int(np.percentile(lengths, 50)), "p95": int(np.percentile(lengths, 95)),
                          "max": int(lengths.max()), "at_max_length": int((lengths >= d.max_length).sum())}
         if not examples[0].is_classification:
-            rows = pack(examples, d.max_length)
+            rows = pack(examples, d.max_length, d.packing_strategy)
             rep["packing"] = {"rows": len(rows), "samples_per_row": round(len(examples) / max(1, len(rows)), 2),
                               "fill": round(float(lengths.sum()) / (len(rows) * d.max_length), 3),
                               "padding_without_packing": round(1 - float(lengths.mean()) / lengths.max(), 3)}
