@@ -92,7 +92,7 @@ class DataConfig:
                                                "(counted in the log either way).")
     packing: bool = _f(False, "Pack several samples into one max_length row (no attention across samples).")
     packing_strategy: Literal["bfd", "greedy"] = _f(
-        "bfd", "bfd: best-fit decreasing, rows ~all full (as TRL); greedy: samples in their order, a new row when "
+        "bfd", "bfd: best-fit decreasing, the fullest rows (as TRL); greedy: samples in their order, a new row when "
         "the next does not fit. Streaming data packs greedily.")
     max_train_samples: Optional[int] = _f(None, "Use only the first N training records after shuffling.", ge=1)
     max_eval_samples: Optional[int] = _f(None, "Use only the first N evaluation records.", ge=1)

@@ -28,8 +28,8 @@ def pack(examples: list[Example], max_length: int, strategy: str = "bfd") -> lis
     """Pack samples into rows of at most max_length tokens.
 
     bfd (best-fit decreasing, TRL's default): the longest sample first, each into the fullest row it still fits, so
-    rows come out ~all full (WordNet at 128 tokens: 0.98 of each row holds tokens, against 0.80 in order) and a step
-    trains on more samples for the same compute. The rows are then in length order, which the seeded shuffle of
+    rows come out fuller (WordNet definitions at 128 tokens: 90% of each row holds tokens, against 79% in order) and
+    a step trains on more samples for the same compute. The rows are then in length order, which the seeded shuffle of
     rows (data.shuffle) undoes. greedy: samples in their order, a new row when the next one does not fit.
 
     Position ids restart at 0 for every sample: attention backends read the restarts as sample boundaries, so no
