@@ -56,15 +56,33 @@ def selects_positions(model: torch.nn.Module) -> bool:
     return _SELECTS_POSITIONS[model]
 
 
-def loss_sum(logits: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+def loss_sum(logits: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor | None = None, *,
+             reuse_logits: bool = False) -> torch.Tensor:
     """Sum of cross-entropies over the targets that `forward_logits` returns (IGNORE ones count nothing), each
     sample weighted by its class where given (data.balance: the weights average 1 over the training set, so the
-    loss keeps its scale)."""
+    loss keeps its scale).
+
+    reuse_logits: the caller does not read the logits afterwards (the training step drops them), so the gradient may
+    be written over them: no second vocabulary-sized tensor. Not where the op that made them keeps its output for
+    its own backward (Gemma's logit soft-cap is a tanh): then the gradient gets its own tensor. An op that keeps it
+    out of sight (a custom autograd Function) makes autograd stop the backward with an in-place error, never a wrong
+    gradient."""
     if class_weights is not None:
         return F.cross_entropy(logits.float(), targets, weight=class_weights, ignore_index=IGNORE, reduction="sum")
     if torch.is_grad_enabled() and logits.requires_grad:
-        return _CrossEntropySum.apply(logits, targets)
+        return _CrossEntropySum.apply(logits, targets, reuse_logits and not _kept_by_producer(logits))
     return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
+
+
+_VIEWS = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AsStridedBackward0", "AliasBackward0")
+
+
+def _kept_by_producer(t: torch.Tensor) -> bool:
+    """Whether the op that made `t` (through reshapes) saved its output for the backward (tanh, sigmoid, exp...)."""
+    fn = t.grad_fn
+    while fn is not None and type(fn).__name__ in _VIEWS:
+        fn = fn.next_functions[0][0]
+    return fn is not None and hasattr(fn, "_saved_result")
 
 
 class _CrossEntropySum(torch.autograd.Function):
@@ -74,15 +92,17 @@ class _CrossEntropySum(torch.autograd.Function):
     more tensors of that size (the incoming gradient and the softmax), with the logits themselves still alive: about
     four vocabulary-sized tensors at the start of the backward, which is where FSDP and ZeRO-3 peak. Here only the
     gradient is kept (in the logits' dtype, so bf16 logits are never copied whole to fp32), and the caller can free
-    the logits straight after the loss: one vocabulary-sized tensor instead of four. Values are fp32 throughout.
+    the logits straight after the loss: one vocabulary-sized tensor instead of four, and none beyond the logits
+    when the gradient is written over them (reuse_logits). Values are fp32 throughout.
     """
 
-    CHUNK_ELEMENTS = 1 << 22  # rows per chunk such that one chunk's fp32 temporaries stay ~16 MB
+    CHUNK_ELEMENTS = 1 << 20  # rows per chunk such that one chunk's fp32 temporary stays ~4 MB
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, reuse_logits: bool = False) -> torch.Tensor:
         n, vocab = logits.shape
-        grad = torch.empty_like(logits)
+        # Each chunk is copied before its rows are overwritten, so writing the gradient over the logits is safe.
+        grad = logits if reuse_logits else torch.empty_like(logits)
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         rows = max(1, _CrossEntropySum.CHUNK_ELEMENTS // max(1, vocab))
         for start in range(0, n, rows):
@@ -104,4 +124,4 @@ class _CrossEntropySum(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
         # The saved gradient is used once: scaled in place rather than copied.
-        return grad.mul_(grad_output.to(grad.dtype)), None
+        return grad.mul_(grad_output.to(grad.dtype)), None, None

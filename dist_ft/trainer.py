@@ -93,8 +93,9 @@ def train_step(strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]],
         with strategy.sync_context(sync=i == len(micro_batches) - 1):
             with strategy.forward_context():
                 logits, targets = forward_logits(strategy.model, mb)
-            total = loss_sum(logits, targets, class_weights)
-            del logits  # the loss kept what its backward needs; the logits themselves would only take up memory
+            # The gradient is written over the logits: they are not read again.
+            total = loss_sum(logits, targets, class_weights, reuse_logits=True)
+            del logits
             strategy.backward(total * scale)
         local_loss += float(total.detach())
     result = strategy.step(max_grad_norm)

@@ -16,15 +16,17 @@ def _flat(logits, labels):
     return logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
 
 
+@pytest.mark.parametrize("reuse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cross_entropy_matches_torch(dtype, monkeypatch):
+def test_cross_entropy_matches_torch(dtype, reuse, monkeypatch):
     monkeypatch.setattr(_CrossEntropySum, "CHUNK_ELEMENTS", 7 * 1000)  # 7 rows a chunk: 150 rows in 22 chunks
     torch.manual_seed(0)
     logits = (3 * torch.randn(3, 50, 1000)).to(dtype).requires_grad_()
     labels = torch.randint(0, 1000, (3, 50))
     labels[0, :10] = IGNORE
     labels[2, 5] = IGNORE
-    ours = loss_sum(*_flat(logits, labels))
+    produced = logits.clone()  # as a head's output is: not a leaf, and what reuse_logits overwrites
+    ours = loss_sum(*_flat(produced, labels), reuse_logits=reuse)
     (0.37 * ours).backward()
     grad, logits.grad = logits.grad.clone(), None
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
@@ -36,6 +38,43 @@ def test_cross_entropy_matches_torch(dtype, monkeypatch):
     tol = 1e-6 if dtype == torch.float32 else 4e-3  # bf16: one rounding of the gradient
     assert (grad.float() - logits.grad.float()).abs().max() <= tol
     assert (grad[0, :9] == 0).all()  # rows whose (shifted) target is ignored get no gradient
+
+
+def test_reused_logits_hold_the_gradient_unless_their_producer_keeps_them():
+    torch.manual_seed(0)
+    z = torch.randn(4, 6, 13, requires_grad=True)
+    w = torch.randn(13, 13, requires_grad=True)
+    labels = torch.randint(0, 13, (4, 6))
+    logits = z @ w  # as a head makes them: the matmul keeps its inputs, not its output
+    loss_sum(*_flat(logits, labels), reuse_logits=True).backward()
+    grad_z = z.grad.clone()
+    torch.testing.assert_close(logits.detach() @ w.detach().T, grad_z)  # the gradient lives where the logits were
+    # A soft-cap's tanh keeps its output for its backward: the gradient gets a tensor of its own, and is right.
+    z.grad = None
+    capped = 5.0 * torch.tanh((z @ w) / 5.0)
+    loss_sum(*_flat(torch.tanh(capped), labels), reuse_logits=True).backward()
+    got, z.grad = z.grad.clone(), None
+    ref = F.cross_entropy(torch.tanh(5.0 * torch.tanh((z @ w) / 5.0)).reshape(-1, 13),
+                          F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1), ignore_index=IGNORE,
+                          reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(got, z.grad)
+    # Kept out of sight (a Function saving its own output), overwriting stops the backward: never a wrong gradient.
+
+    class Keeps(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            y = x * 2
+            ctx.save_for_backward(y)
+            return y
+
+        @staticmethod
+        def backward(ctx, g):
+            (y,) = ctx.saved_tensors
+            return g * 2 + 0 * y
+
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss_sum(*_flat(Keeps.apply(z @ w), labels), reuse_logits=True).backward()
 
 
 def test_logits_are_left_unchanged_and_eval_uses_torch():
