@@ -312,7 +312,7 @@ CATEGORIES = [  # (category, any of these in a stack); the first match wins
     ("optimizer step", ("step (torch/optim", "adamw", "_multi_tensor_adam", "_single_tensor_adam")),
     ("gradient clipping", ("clip_grad_norm_", "get_total_norm")),
     ("backward (autograd)", ("_engine_run_backward", "backward (torch/_tensor.py", "backward (torch/autograd")),
-    ("loss", ("loss_sum", "cross_entropy")),
+    ("loss", ("cross_entropy (", "_CrossEntropySum")),  # not "loss_sum": the raw loop's forward runs inside one
     ("forward (model)", ("forward (transformers/", "forward (peft/", "forward (torch/nn/modules")),
     ("data (rows, collate)", ("collate", "rows (dist_ft", "feed.py", "batching.py")),
 ]

@@ -50,8 +50,9 @@ stream (fp32 under DDP autocast, whose embedding output stays fp32; the compute 
   ((e + 1) x in_features, when lora dropout > 0) and the rank-r intermediate (e r).
   With activation checkpointing (every block recomputed, as HF's gradient_checkpointing does): each block's input
   (r h per token) plus one block's full activations (the block being recomputed).
-  Logits (`logits_bytes`): B T V x (e + 12): the head's output held by the trainer (e), the fp32 log-softmax
-  output saved by cross_entropy (4) and, in its backward, the fp32 gradients in and out (4 + 4).
+  Logits (`logits_bytes`): causal LM B T V x e: the loss writes its gradient over the head's output
+  (losses._CrossEntropySum, reuse_logits), an upper bound since the head runs only at target positions.
+  Classification B C x (e + 12): the head's output, torch's fp32 log-softmax (4) and its backward (4 + 4).
 
 Transient buffers (`buffer_bytes`):
   ddp    gradient buckets: DDP copies every gradient into its 25 MiB buckets (gradient_as_bucket_view is off),
@@ -741,13 +742,12 @@ def activation_bytes(facts: ModelFacts, *, seq: int, micro_batch: int, e: float,
 
 
 def logits_bytes(facts: ModelFacts, *, seq: int, micro_batch: int, e: float) -> float:
-    """The head's output and the cross-entropy around it. A causal LM's loss (losses._CrossEntropySum) keeps one
-    gradient the size of the logits, in their dtype, and the logits are freed after it: 2 e bytes per logit at the
-    loss. The head runs only at positions with a target (losses.forward_logits), so this counts the worst micro-batch,
+    """The head's output and the cross-entropy around it. A causal LM's loss (losses._CrossEntropySum) writes its
+    gradient over the logits, in their dtype: e bytes per logit, plus a 4 MB chunk. The head runs only at positions with a target (losses.forward_logits), so this counts the worst micro-batch,
     every position a target: instruction data, whose prompts carry none, holds less. Classification uses torch's
     cross-entropy on fp32 logits."""
     if facts.task == "causal_lm":
-        return micro_batch * seq * facts.vocab * 2 * e
+        return micro_batch * seq * facts.vocab * e
     return micro_batch * seq * max(facts.num_labels, 1) * (e + LOGITS_LOSS_BYTES)
 
 
@@ -939,8 +939,9 @@ def _plan(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, mb: int
     lg = logits_bytes(facts, seq=seq, micro_batch=mb, e=rules.compute)
     width = facts.vocab if facts.task == "causal_lm" else max(facts.num_labels, 1)
     per_logit = lg / max(mb * seq * width, 1)
-    rows.append(Row("logits", "logits + loss", f"{mb}x{seq}x{width} x {per_logit:g} B (output + loss gradient)",
-                    lg, phase="fwd_bwd"))
+    held = "the loss gradient, written over the output" if facts.task == "causal_lm" else "output + loss"
+    rows.append(Row("logits", "logits + loss", f"{mb}x{seq}x{width} x {per_logit:g} B ({held})", lg,
+                    phase="fwd_bwd"))
     rows += buffer_bytes(facts, mc, rules, recipe, cluster)
     rows.append(runtime_row(cluster))
     resident = sum(r.device for r in rows if r.phase == "resident")
