@@ -315,7 +315,7 @@ def test_llama3_8b_fsdp_8xh100_ballpark():
     assert plan.fits and plan.max_micro_batch >= 1
     # The same configuration torchtitan measured with full AC (seq 32768, batch 1): 83.9 GiB.
     long = P.make_plan(load_recipe(None, base + ["data.max_length=32768"]), cluster(8), find_max=False)
-    assert 40 < long.device_total / GIB < 110
+    assert 30 < long.device_total / GIB < 110  # below torchtitan's own figure: our loss keeps less (below)
     # torchtitan's loss upcasts the logits to fp32 and keeps the log-softmax for its backward: 2 + 12 B per logit
     # at seq 32768 x vocab 128256 (55 GiB). dist_ft's writes its bf16 gradient over the logits (2 B: 8 GiB), so its
     # own plan is ~47 GiB lower; with torchtitan's loss in place of ours the plan lands on torchtitan's figure.
