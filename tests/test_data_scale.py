@@ -129,6 +129,8 @@ def test_streaming_equals_the_in_memory_run_for_the_same_order(tmp_path, tiny_ll
         out = tmp_path / name
         r = tiny_recipe(tiny_llama, out, data={"train": train, "eval": str(evals), "format": "text",
                                                "shuffle": False, "streaming": streaming, "packing": packing,
+                                               # a stream packs greedily, in order; in memory that is opt-in
+                                               "packing_strategy": "greedy",
                                                "max_train_samples": None, "max_eval_samples": None},
                         training={"max_steps": 8})
         res = run_cli("train", str(write_recipe(tmp_path / f"{name}.yaml", r)))
