@@ -8,7 +8,8 @@ tokenised examples in the same order per rank, the LoRA adapter's initial values
 loop makes the same calls dist_ft's strategies make and nothing else: `get_peft_model` + DistributedDataParallel
 (ddp); `fully_shard` per decoder layer, the untied embeddings, then the root (fsdp); `deepspeed.initialize` with
 a stage-3 config (zero3). Same step math: the loss summed over target tokens and divided by the global target count
-(one all-reduce), the head run only at target positions, gradients averaged by the backend, the global norm clipped, AdamW, linear warm-up then cosine.
+(one all-reduce), the head run only at target positions, gradients averaged by the backend, the global norm
+clipped, AdamW, linear warm-up then cosine.
 It writes per-step time, loss and useful (non-padding) tokens, peak RSS per rank and the held-out loss to --out.
 """
 

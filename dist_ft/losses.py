@@ -47,12 +47,11 @@ def selects_positions(model: torch.nn.Module) -> bool:
         while isinstance(getattr(inner, "module", None), torch.nn.Module):  # DDP, DeepSpeedEngine
             inner = inner.module
         peft_config = getattr(inner, "active_peft_config", None)
+        prompt_learning = peft_config is not None and peft_config.is_prompt_learning
         if peft_config is not None:
-            if peft_config.is_prompt_learning:
-                _SELECTS_POSITIONS[model] = False
-                return False
             inner = inner.get_base_model()
-        _SELECTS_POSITIONS[model] = "logits_to_keep" in inspect.signature(inner.forward).parameters
+        _SELECTS_POSITIONS[model] = (not prompt_learning
+                                     and "logits_to_keep" in inspect.signature(inner.forward).parameters)
     return _SELECTS_POSITIONS[model]
 
 

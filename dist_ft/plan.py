@@ -743,9 +743,10 @@ def activation_bytes(facts: ModelFacts, *, seq: int, micro_batch: int, e: float,
 
 def logits_bytes(facts: ModelFacts, *, seq: int, micro_batch: int, e: float) -> float:
     """The head's output and the cross-entropy around it. A causal LM's loss (losses._CrossEntropySum) writes its
-    gradient over the logits, in their dtype: e bytes per logit, plus a 4 MB chunk. The head runs only at positions with a target (losses.forward_logits), so this counts the worst micro-batch,
-    every position a target: instruction data, whose prompts carry none, holds less. Classification uses torch's
-    cross-entropy on fp32 logits."""
+    gradient over the logits, in their dtype: e bytes per logit, plus a 4 MB chunk. The head runs only at positions
+    with a target (losses.forward_logits), so this counts the worst micro-batch, every position a target:
+    instruction data, whose prompts carry none, holds less. Classification uses torch's cross-entropy on fp32
+    logits."""
     if facts.task == "causal_lm":
         return micro_batch * seq * facts.vocab * e
     return micro_batch * seq * max(facts.num_labels, 1) * (e + LOGITS_LOSS_BYTES)

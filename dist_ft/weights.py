@@ -80,9 +80,6 @@ class ModelWeights:
             t = sl[start:stop] if len(shape) else sl[:]
             return t.to(dtype, copy=True)  # owns its memory once the mapping is gone
 
-    def close(self) -> None:
-        """Nothing stays mapped between reads (see rows); kept so that callers say when they are done."""
-
     def new_value(self, name: str, shape: torch.Size) -> torch.Tensor:
         """The initial value of a parameter the checkpoint lacks, the same on every rank and in every run."""
         c = canonical_name(name)

@@ -35,8 +35,8 @@ def _share_fp32_master(zero_optimizer) -> int:
 
     DeepSpeed means to share them when the partition already has the master dtype and device, but its test compares a
     torch.device with a device-name string, which is never equal: an fp32 run then holds every partition twice, a
-    quarter of ZeRO-3's steady memory. Must run before the first step: the
-    optimizer's state is keyed by these tensors, and it is empty until then.
+    quarter of ZeRO-3's steady memory. Must run before the first step: the optimizer's state is keyed by these
+    tensors, and it is empty until then.
     """
     masters = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None)
     parts = getattr(zero_optimizer, "fp16_partitioned_groups_flat", None)
@@ -195,7 +195,6 @@ class DeepSpeedStrategy(Strategy):
             model = builder.build_meta(context=contextlib.nullcontext())
             weights = builder.weights()
             self._load_partitioned(model, weights, deepspeed)
-            weights.close()
         else:
             model = builder.build()
         if self.activation_checkpointing:

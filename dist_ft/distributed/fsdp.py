@@ -62,7 +62,6 @@ class FSDP2Strategy(Strategy):
         model.to_empty(device="cpu" if offload != "none" else self.topo.device)
         weights = builder.weights()
         self._load_shards(model, weights, buffers)
-        weights.close()
         self.model = model
         self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
 
