@@ -189,7 +189,8 @@ def run_dist_ft(recipe: dict, work: Path, nproc: int, prefix: list[str] = ()) ->
               "tokens": r["tokens"]} for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     end = next(r for r in records if r.get("event") == "end")
-    return {"steps": steps, "heldout_loss": evals[-1]["eval_loss"], "peak_mb": end["peak_memory_mb"], **run}
+    return {"steps": steps, "heldout_loss": evals[-1]["eval_loss"], "heldout_loss_before": evals[0]["eval_loss"],
+            "peak_mb": end["peak_memory_mb"], **run}
 
 
 def run_raw(job_dir: Path, strategy: str, work: Path, nproc: int, name: str, prefix: list[str] = ()) -> dict:
@@ -227,7 +228,7 @@ def summarise_run(run: dict, skip: int = 2) -> dict:
     timed = run["steps"][skip:] or run["steps"]
     return {"useful_tokens_per_s": sum(s["useful_tokens"] for s in timed) / sum(s["step_time"] for s in timed),
             "s_per_step": statistics.median(s["step_time"] for s in timed), "peak_mb": max(run["peak_mb"]),
-            "heldout_loss": run["heldout_loss"]}
+            "heldout_loss": run["heldout_loss"], "heldout_loss_before": run.get("heldout_loss_before")}
 
 
 def runners_for(job: dict) -> list[tuple[str, str, dict]]:
@@ -288,8 +289,9 @@ def table(job: dict, runs: list[dict], *, peak_flops: float, flops_tok: float, n
             continue
         raw = row.get(r["runner"].replace("dist_ft", "raw"))
         if raw is not None and r["x_raw"] is not None:
+            # Equal: within 1%. Peak RSS moves by a MiB or two with what BLAS keeps in its buffer pool.
             ok = r["x_raw"] >= 0.95 and r["peak_mb"] <= raw["peak_mb"] * 1.01
-            targets.append(f"{r['runner']} ÷ raw loop >= 0.95 tokens/s at equal or lower peak memory: "
+            targets.append(f"{r['runner']} ÷ raw loop >= 0.95 tokens/s at equal (within 1%) or lower peak memory: "
                            f"{r['x_raw']:.3f}, {r['peak_mb']:,.0f} vs {raw['peak_mb']:,.0f} MiB -> "
                            f"{'met' if ok else 'NOT met'}")
         t, x = r.get("trl_like"), r.get("x_trl")

@@ -48,13 +48,6 @@ def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over the target tokens."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE,
-                           reduction="sum")
-
-
 def train_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The training loss as a hand-written loop would compute it with transformers' `logits_to_keep`: the head runs
     only at positions whose next token is a target, as dist_ft's does (losses.forward_logits)."""
@@ -71,7 +64,8 @@ def count_targets(batch: dict[str, torch.Tensor]) -> int:
 @torch.no_grad()
 def heldout_loss(model: torch.nn.Module, examples: list[dict], *, pad_id: int, micro_batch: int) -> float:
     """Mean loss per target token over `examples`, split over ranks (r, r+W, ...); every rank runs the same number
-    of forward passes (a sharded model needs all of them). The same sums and counts as dist_ft's evaluation."""
+    of forward passes (a sharded model needs all of them). The same sums and counts as dist_ft's evaluation, and
+    the same forward: the head at target positions only (train_loss_sum)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = examples[rank::world]
     n_batches = math.ceil(math.ceil(len(examples) / world) / micro_batch)
@@ -81,9 +75,9 @@ def heldout_loss(model: torch.nn.Module, examples: list[dict], *, pad_id: int, m
     for b in range(n_batches):
         chunk = mine[b * micro_batch:(b + 1) * micro_batch]
         batch = collate(chunk or examples[:1], pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = train_loss_sum(model, batch)
         if chunk:
-            total[0] += float(loss_sum(logits, batch["labels"]))
+            total[0] += float(loss)
             total[1] += count_targets(batch)
     model.train(was)
     if world > 1:

@@ -9,8 +9,9 @@ loop makes the same calls dist_ft's strategies make and nothing else: `get_peft_
 (ddp); `fully_shard` per decoder layer, the untied embeddings, then the root (fsdp); `deepspeed.initialize` with
 a stage-3 config (zero3). Same step math: the loss summed over target tokens and divided by the global target count
 (one all-reduce), the head run only at target positions, gradients averaged by the backend, the global norm
-clipped, AdamW, linear warm-up then cosine.
-It writes per-step time, loss and useful (non-padding) tokens, peak RSS per rank and the held-out loss to --out.
+clipped, AdamW, linear warm-up then cosine. Same evaluations: the held-out loss before training (dist_ft's baseline
+for its deltas) and after it.
+It writes per-step time, loss and useful (non-padding) tokens, peak RSS per rank and the held-out losses to --out.
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer, lambda s: lr_factor(s, job["warmup_steps"], job["steps"]))
     model.train()
 
+    loss_before = heldout_loss(model, heldout, pad_id=job["pad_id"], micro_batch=B)
     records = []
     G = B * world
     for step in range(steps):
@@ -176,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         a.out.write_text(json.dumps({"runner": "raw", "strategy": a.strategy, "world_size": world,
                                      "threads": torch.get_num_threads(), "steps": records, "heldout_loss": loss,
+                                     "heldout_loss_before": loss_before,
                                      "peak_mb": peaks}, indent=1))
-        print(f"[raw] held-out loss {loss:.4f}; peak MiB per rank {peaks}", flush=True)
+        print(f"[raw] held-out loss {loss_before:.4f} -> {loss:.4f}; peak MiB per rank {peaks}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
     return 0

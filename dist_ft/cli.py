@@ -340,8 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     sl.set_defaults(fn=cmd_slurm)
     with_recipe("data", "report on the recipe's data before training (sizes, lengths, labels, duplicates)"
                 ).set_defaults(fn=cmd_data)
-    from .plan import add_parser as add_plan
-    add_plan(sub)
+    # Listed here, parsed by plan.main (main() hands it the command line): importing the planner's GPU tables to
+    # build this parser would put them (~1.4 MiB) in every training rank's memory.
+    sub.add_parser("plan", add_help=False,
+                   help="memory per rank and speed of a recipe on a cluster, without running it")
     sw = sub.add_parser("sweep", help="hyperparameter search: each trial a real run (grid, random, Bayesian)")
     sw.add_argument("recipe")
     sw.add_argument("sweep", help="the sweep file: method, objective, params (see dist_ft/sweep.py)")
@@ -378,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from_command_line = argv is None
     argv = strip_launcher_args(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plan"]:
+        from .plan import main as plan_main
+        return plan_main(argv[1:])
     parser = build_parser()
     # Overrides may come before or after options (`launch r.yaml --nproc-per-node 2 a.b=1`).
     args, extra = parser.parse_known_args(argv)

@@ -152,7 +152,7 @@ class RunEvaluator:
         if data.eval:
             classification = r.data.format == "classification"
             res = evaluate(self.strategy, data.eval, micro_batch=r.training.micro_batch_size,
-                           pad_id=self.tok.pad_token_id, num_labels=data.num_labels if classification else None,
+                           pad_id=data.pad_token_id, num_labels=data.num_labels if classification else None,
                            label_names=data.label_names, detail=self.detail)
             if "confusion" not in r.eval.metrics:
                 res.pop("eval_confusion", None)
@@ -161,7 +161,7 @@ class RunEvaluator:
             for name, part in data.eval_by_source().items():  # a mixture: each source's own held-out loss
                 if part:
                     res[f"eval_loss/{name}"] = evaluate(self.strategy, part, micro_batch=r.training.micro_batch_size,
-                                                        pad_id=self.tok.pad_token_id,
+                                                        pad_id=data.pad_token_id,
                                                         num_labels=data.num_labels if classification else None
                                                         )["eval_loss"]
             if self.generated:
@@ -170,7 +170,7 @@ class RunEvaluator:
                 res.update(scores)
         if self.forgetting:
             loss = evaluate(self.strategy, self.forgetting, micro_batch=r.training.micro_batch_size,
-                            pad_id=self.tok.pad_token_id)["eval_loss"]
+                            pad_id=data.pad_token_id)["eval_loss"]
             base = (baseline or {}).get("eval_forgetting_loss", loss)
             res.update({"eval_forgetting_loss": loss, "eval_forgetting_delta": loss - base})
         return res, samples

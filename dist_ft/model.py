@@ -5,7 +5,9 @@ Single-device code: nothing here knows about processes or sharding (the strategy
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +47,62 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool = False):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
+
+
+# Files that hold weights, not the tokenizer or the model's code: left out of the tokenizer's fingerprint.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".npz", ".onnx")
+
+
+class LazyTokenizer:
+    """The run's tokenizer, loaded the first time something reads it; otherwise a drop-in for it.
+
+    A run whose data comes from the cache needs no tokenizer to train: the pad id is in the cache, and checkpoints
+    copy the tokenizer files the cache kept (`save_pretrained`). Not loading it leaves its vocabulary and the
+    transformers modules it imports (~8 MiB per rank for SmolLM2's) out of every rank's memory; generated answers,
+    a stream or a cache miss load it when they first need it.
+    """
+
+    def __init__(self, path: Path, *, trust_remote_code: bool = False):
+        self.path, self.trust_remote_code = Path(path), trust_remote_code
+        self._tok = None
+        self._saved: Path | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._tok is not None
+
+    def get(self):
+        if self._tok is None:
+            self._tok = load_tokenizer(self.path, trust_remote_code=self.trust_remote_code)
+        return self._tok
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # copy/pickle probes must not load it
+            raise AttributeError(name)
+        return getattr(self.get(), name)
+
+    def __call__(self, *args, **kwargs):
+        return self.get()(*args, **kwargs)
+
+    def fingerprint(self) -> str:
+        """A hash of the model folder's files other than weights: what the tokenizer is built from (its
+        vocabulary, merges, special tokens, chat template, and any remote code), read without loading it."""
+        h = hashlib.sha256(repr(self.trust_remote_code).encode())
+        for f in sorted(self.path.iterdir()):
+            if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.stat().st_size < 256 << 20:
+                h.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+        return "files-" + h.hexdigest()[:16]
+
+    def saved_at(self, folder: Path) -> None:
+        """`folder` holds this tokenizer as `save_pretrained` wrote it: later saves copy it instead of loading."""
+        self._saved = folder
+
+    def save_pretrained(self, folder, **kwargs):
+        if self._tok is None and self._saved is not None and (self._saved / "tokenizer_config.json").is_file():
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            shutil.copytree(self._saved, folder, dirs_exist_ok=True)
+            return
+        return self.get().save_pretrained(folder, **kwargs)
 
 
 def flash_attention_problem(impl: str, *, precision: str, model_type: str | None = None) -> str | None:

@@ -38,7 +38,7 @@ from .evaluation import RunEvaluator
 from .metrics import better
 from .losses import forward_logits, loss_sum
 from .methods import UnfreezeSchedule
-from .model import ModelBuilder, count_parameters, load_tokenizer, resolve_attention
+from .model import LazyTokenizer, ModelBuilder, count_parameters, resolve_attention
 from .preflight import preflight
 from .schedule import make_scheduler
 from .preflight import LAUNCHER_FILES
@@ -156,7 +156,8 @@ def run_training(recipe: Recipe, *, source: str = "recipe") -> TrainResult:
     if conflicts:
         raise RecipeError(conflicts, source)
     model_path = resolve_model_path(recipe.model.path)
-    tok = load_tokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
+    # Loaded when first used: a run whose tokens come from the cache never needs it in memory.
+    tok = LazyTokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
     # 2. Tokenize before the process group exists: no collective can time out while one rank tokenizes.
     data = prepare_data(recipe, tok, log=(lambda m: None) if quiet else print)
     forgetting = forgetting_examples(recipe, tok) if recipe.eval.forgetting else []
@@ -184,7 +185,7 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
                f"{recipe.distributed.strategy}; method {recipe.method.kind}")
 
     builder = ModelBuilder(recipe, model_path, num_labels=data.num_labels, label_names=data.label_names,
-                           pad_token_id=tok.pad_token_id, dtype=precision.param_dtype, attn_implementation=attn)
+                           pad_token_id=data.pad_token_id, dtype=precision.param_dtype, attn_implementation=attn)
 
     strategy = make_strategy(recipe.distributed.strategy, topo=topo, precision=precision,
                              activation_checkpointing=recipe.distributed.activation_checkpointing, recipe=recipe)
@@ -227,7 +228,7 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
                                     steps_per_epoch=math.ceil((feed.num_rows or 1) / layout.global_batch))
         _log(topo, f"[method] gradual unfreezing: {unfreeze.open_blocks(1)} of {unfreeze.n_blocks} blocks open at "
                    f"step 1, one more every {unfreeze.every} steps, down to block {pc.unfreeze_floor}")
-    pad_id = tok.pad_token_id
+    pad_id = data.pad_token_id
     if resume is not None and topo.is_main:
         _truncate_metrics(out / "metrics.jsonl", state.step)
     config_text = dump_recipe(recipe)

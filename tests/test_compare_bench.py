@@ -44,7 +44,8 @@ def test_raw_loop_does_dist_fts_work(exported, nproc):
     subprocess.run(cmd, check=True, cwd=REPO, env=env, capture_output=True)
     records = [json.loads(x) for x in (root / f"dist_ft-{nproc}" / "metrics.jsonl").read_text().splitlines()]
     ours = [r for r in records if "loss" in r]
-    heldout = [r for r in records if "eval_loss" in r][-1]["eval_loss"]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    heldout = evals[-1]
 
     out = root / f"raw-{nproc}.json"
     raw_cmd = [str(REPO / "benchmarks" / "raw_loop.py"), "--job-dir", str(job_dir), "--strategy", "ddp",
@@ -62,6 +63,7 @@ def test_raw_loop_does_dist_fts_work(exported, nproc):
         assert a["useful_tokens"] == b["useful_tokens"] and a["tokens"] == b["tokens"]
     assert ours[-1]["loss"] != pytest.approx(ours[0]["loss"], abs=1e-3)  # it trained
     assert raw["heldout_loss"] == pytest.approx(heldout, abs=1e-4)
+    assert raw["heldout_loss_before"] == pytest.approx(evals[0], abs=1e-5)  # the same evaluation before training
 
 
 def _run(label, rnd, tps, peak=1000.0, loss=2.0):

@@ -13,6 +13,7 @@ from dist_ft.data.batching import BatchLayout, SampleOrder, collate, count_targe
 from dist_ft.data.dataset import prepare_data
 from dist_ft.data.formats import IGNORE, Example, FormatSpec, tokenize_records
 from dist_ft.data.sources import DataError, resolve_source
+from dist_ft.data.table import ExampleTable, FileColumn
 from conftest import write_jsonl
 
 COLS = {"text": "text", "prompt": "prompt", "response": "response", "messages": "messages", "label": "label"}
@@ -253,3 +254,81 @@ def test_prepare_data_caches_and_splits(tmp_path, monkeypatch, tokenizer, tiny_l
     write_jsonl(data, [{"text": f"other {i}"} for i in range(50)])
     third = prepare_data(r, tokenizer, log=logs.append)
     assert logs and third.train[0].input_ids.tolist() != first.train[0].input_ids.tolist()
+
+
+def test_example_table_round_trip_reads_from_the_file_and_selects(tmp_path):
+    rng = np.random.default_rng(0)
+    examples = [_ex(rng.integers(0, 1000, int(n)), None) for n in rng.integers(1, 30, 25)]
+    examples[3] = Example(np.asarray([5, 6], np.int32), np.asarray([2], np.int32), True)  # classification: 1 label
+    table = ExampleTable.from_examples(examples)
+    table.save(tmp_path, "train")
+    loaded = ExampleTable.load(tmp_path, "train")
+    assert isinstance(loaded.ids, FileColumn) and isinstance(loaded.labels, FileColumn)  # tokens stay in the file
+    assert len(loaded) == 25
+    for e, g in zip(examples, loaded):
+        assert g.input_ids.tolist() == e.input_ids.tolist() and g.labels.tolist() == e.labels.tolist()
+        assert g.is_classification == e.is_classification
+    assert loaded.lengths().tolist() == [len(e.input_ids) for e in examples]
+    every_third = loaded[1::3]  # the evaluation's per-rank share
+    assert [e.input_ids.tolist() for e in every_third] == [e.input_ids.tolist() for e in examples[1::3]]
+    picked = loaded.select([7, 2]).select([1])
+    assert picked[0].input_ids.tolist() == examples[2].input_ids.tolist() and picked[-1] is not None
+    with pytest.raises(IndexError):
+        picked[1]
+    # A selection saves as its own compact table.
+    every_third.save(tmp_path, "sub")
+    sub = ExampleTable.load(tmp_path, "sub", in_memory=True)
+    assert len(sub.ids) == sum(len(e.input_ids) for e in examples[1::3])
+    # Packing a table reads its lengths from the offsets and builds the same rows as from the list.
+    plain = [e for i, e in enumerate(examples) if i != 3]
+    rows = pack(ExampleTable.from_examples(plain), max_length=40)
+    ref = pack(plain, max_length=40)
+    assert len(rows) == len(ref) and all(a.input_ids.tolist() == b.input_ids.tolist()
+                                         and a.labels.tolist() == b.labels.tolist() for a, b in zip(rows, ref))
+
+
+def test_example_table_rejects_a_truncated_cache(tmp_path):
+    ExampleTable.from_examples([_ex([1, 2, 3]), _ex([4])]).save(tmp_path, "train")
+    np.save(tmp_path / "train.ids.npy", np.asarray([1, 2], np.int32))
+    with pytest.raises(ValueError, match="delete the folder"):
+        ExampleTable.load(tmp_path, "train")
+
+
+def test_a_run_from_the_cache_never_loads_the_tokenizer(tmp_path, monkeypatch, tiny_llama):
+    from dist_ft.model import LazyTokenizer, load_tokenizer
+
+    monkeypatch.setenv("DIST_FT_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"sample number {i}"} for i in range(30)])
+    r = recipe_from_dict({"model": {"path": str(tiny_llama)}, "data": {"train": str(data), "format": "text",
+                                                                        "eval_fraction": 0.2}})
+    first_tok = LazyTokenizer(tiny_llama)
+    first = prepare_data(r, first_tok, log=lambda m: None)
+    assert first_tok.loaded  # a miss tokenizes
+    tok = LazyTokenizer(tiny_llama)
+    again = prepare_data(r, tok, log=lambda m: None)
+    assert not tok.loaded, "a cache hit must not load the tokenizer"
+    real = load_tokenizer(tiny_llama)
+    assert again.pad_token_id == first.pad_token_id == real.pad_token_id is not None
+    # A checkpoint's tokenizer is the cache's copy, still without loading it, and loads as the real one.
+    tok.save_pretrained(tmp_path / "ckpt" / "tokenizer")
+    assert not tok.loaded
+    copy = load_tokenizer(tmp_path / "ckpt" / "tokenizer")
+    assert copy.get_vocab() == real.get_vocab() and copy.pad_token_id == real.pad_token_id
+    # Anything read from it loads it, as the tokenizer it stands for.
+    assert tok("sample number 3")["input_ids"] == real("sample number 3")["input_ids"] and tok.loaded
+
+
+def test_tokenizer_fingerprint_follows_its_files_not_the_weights(tmp_path, tiny_llama):
+    import shutil
+
+    from dist_ft.model import LazyTokenizer
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_llama, folder)
+    before = LazyTokenizer(folder).fingerprint()
+    (folder / "model.safetensors").write_bytes(b"other weights")
+    assert LazyTokenizer(folder).fingerprint() == before
+    cfg = folder / "tokenizer_config.json"
+    cfg.write_text(cfg.read_text() + "\n")  # any change to a tokenizer file
+    assert LazyTokenizer(folder).fingerprint() != before
+    assert LazyTokenizer(folder, trust_remote_code=True).fingerprint() != LazyTokenizer(folder).fingerprint()

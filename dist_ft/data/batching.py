@@ -9,12 +9,14 @@ position saved in a checkpoint is a single number of global samples.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .formats import IGNORE, Example
+from .table import ExampleTable
 
 
 @dataclass
@@ -24,7 +26,7 @@ class PackedRow:
     position_ids: np.ndarray
 
 
-def pack(examples: list[Example], max_length: int, strategy: str = "bfd") -> list[PackedRow]:
+def pack(examples: Sequence[Example], max_length: int, strategy: str = "bfd") -> PackedRows:
     """Pack samples into rows of at most max_length tokens.
 
     bfd (best-fit decreasing, TRL's default): the longest sample first, each into the fullest row it still fits, so
@@ -36,12 +38,13 @@ def pack(examples: list[Example], max_length: int, strategy: str = "bfd") -> lis
     token attends across samples. The first token of each sample carries no target, so no sample learns to
     predict its first token from the previous sample's last one.
     """
+    lengths = examples.lengths() if isinstance(examples, ExampleTable) else [len(e.input_ids) for e in examples]
+    lengths = np.asarray(lengths, np.int64).tolist()
     if strategy == "bfd":
-        groups = _best_fit_decreasing([len(ex.input_ids) for ex in examples], max_length)
+        groups = _best_fit_decreasing(lengths, max_length)
     elif strategy == "greedy":
         groups, used = [], max_length + 1
-        for i, ex in enumerate(examples):
-            n = len(ex.input_ids)
+        for i, n in enumerate(lengths):
             if used + n > max_length:
                 groups.append([])
                 used = 0
@@ -49,14 +52,33 @@ def pack(examples: list[Example], max_length: int, strategy: str = "bfd") -> lis
             used += n
     else:
         raise ValueError(f"packing strategy {strategy!r}: use bfd or greedy")
-    rows = []
-    for group in groups:
-        labels = [examples[i].labels.copy() for i in group]
+    return PackedRows(examples, groups)
+
+
+class PackedRows(Sequence):
+    """The packed rows, each built when it is read: only the grouping (an index per sample) is held."""
+
+    def __init__(self, examples: Sequence[Example], groups: list[list[int]]):
+        self.examples = examples
+        self.members = np.asarray([i for g in groups for i in g], np.int64)
+        self.starts = np.concatenate([[0], np.cumsum([len(g) for g in groups])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, r: int) -> PackedRow:
+        if isinstance(r, slice):
+            return [self[k] for k in range(len(self))[r]]
+        if r < 0:
+            r += len(self)
+        if not 0 <= r < len(self):
+            raise IndexError(r)
+        samples = [self.examples[int(i)] for i in self.members[self.starts[r]:self.starts[r + 1]]]
+        labels = [e.labels.copy() for e in samples]
         for lab in labels:
             lab[0] = IGNORE
-        rows.append(PackedRow(np.concatenate([examples[i].input_ids for i in group]), np.concatenate(labels),
-                              np.concatenate([np.arange(len(examples[i].input_ids), dtype=np.int32) for i in group])))
-    return rows
+        return PackedRow(np.concatenate([e.input_ids for e in samples]), np.concatenate(labels),
+                         np.concatenate([np.arange(len(e.input_ids), dtype=np.int32) for e in samples]))
 
 
 def _best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:

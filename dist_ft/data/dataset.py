@@ -3,7 +3,8 @@
 Preparation runs in every rank *before* the process group exists: the first rank to take the cache's file lock
 tokenizes and writes the cache atomically, the others wait on the lock (not on a collective, so a long
 tokenization can never trip a collective's timeout) and then read it. The cache holds numpy arrays only
-(`allow_pickle=False`).
+(`allow_pickle=False`), one `.npy` file per column, which every rank maps read-only (table.py): the ranks of a node
+share one copy of the tokens in the page cache, and each holds in memory only the pages of the examples it reads.
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ from ..config import Recipe, data_sources, eval_sources, source_format
 from .formats import Example, FormatSpec, FormatStats, tokenize_records
 from .quality import QualityReport, balance, clean, dedup, record_text
 from .sources import DataError, resolve_source
+from .table import ExampleTable
 
-CACHE_VERSION = "3"
+CACHE_VERSION = "4"
 
 
 @dataclass
 class PreparedData:
-    train: list[Example]
-    eval: list[Example]
+    train: ExampleTable
+    eval: ExampleTable
     train_stats: FormatStats
     eval_stats: FormatStats
     label_names: list[str]
@@ -43,20 +45,24 @@ class PreparedData:
     class_weights: list[float] | None = None  # data.balance: class_weights, per label index
     report: list[str] = dataclasses.field(default_factory=list)  # what cleaning, dedup and balance did
     eval_names: list[str] = dataclasses.field(default_factory=list)  # the groups eval_source numbers
+    pad_token_id: int | None = None  # the tokenizer's, kept so that a run from the cache need not load it
 
-    def train_by_source(self) -> list[list[Example]]:
+    def train_by_source(self) -> list[ExampleTable]:
         if self.train_source is None:
             return [self.train]
-        return [[e for e, s in zip(self.train, self.train_source) if s == i] for i in range(len(self.source_names))]
+        return [self.train.select(np.flatnonzero(self.train_source == i)) for i in range(len(self.source_names))]
 
-    def eval_by_source(self) -> dict[str, list[Example]]:
+    def eval_by_source(self) -> dict[str, ExampleTable]:
         names = self.eval_names or self.source_names
         if self.eval_source is None or len(names) < 2:
             return {}
-        return {name: [e for e, s in zip(self.eval, self.eval_source) if s == i] for i, name in enumerate(names)}
+        return {name: self.eval.select(np.flatnonzero(self.eval_source == i)) for i, name in enumerate(names)}
 
 
 def tokenizer_fingerprint(tok) -> str:
+    from ..model import LazyTokenizer
+    if isinstance(tok, LazyTokenizer):  # its files, without loading it
+        return tok.fingerprint()
     h = hashlib.sha256()
     backend = getattr(tok, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))).encode())
@@ -77,26 +83,6 @@ def _label_names(records: list[dict], column: str, num_labels: int | None) -> tu
     if num_labels is None and ints:
         num_labels = max(ints) + 1
     return [str(i) for i in range(num_labels or 0)], num_labels
-
-
-def _save_split(path: Path, examples: list[Example]) -> None:
-    lengths = np.asarray([len(e.input_ids) for e in examples], np.int64)
-    ids = np.concatenate([e.input_ids for e in examples]) if examples else np.zeros(0, np.int32)
-    labels = np.concatenate([e.labels for e in examples]) if examples else np.zeros(0, np.int32)
-    label_lengths = np.asarray([len(e.labels) for e in examples], np.int64)
-    cls = np.asarray([e.is_classification for e in examples], np.bool_)
-    with open(path, "wb") as fh:
-        np.savez(fh, ids=ids, labels=labels, lengths=lengths, label_lengths=label_lengths, cls=cls)
-
-
-def _load_split(path: Path) -> list[Example]:
-    with np.load(path, allow_pickle=False) as z:
-        ids, labels, lengths, llens, cls = z["ids"], z["labels"], z["lengths"], z["label_lengths"], z["cls"]
-    out, a, b = [], 0, 0
-    for n, m, c in zip(lengths, llens, cls):
-        out.append(Example(ids[a:a + n], labels[b:b + m], bool(c)))
-        a, b = a + n, b + m
-    return out
 
 
 def _spec(recipe: Recipe, fmt: str, columns, label_names=None, num_labels=None) -> FormatSpec:
@@ -214,14 +200,14 @@ def prepare_data(recipe: Recipe, tok, *, use_cache: bool = True, log=print) -> P
     key = cache_key(recipe, tok)
     folder = cache_root() / "data" / key
     if use_cache and (folder / "meta.json").exists():
-        return _read_cache(folder)
+        return _read_cache(folder, tok)
     with file_lock(folder.with_suffix(".lock")):
         if use_cache and (folder / "meta.json").exists():
-            return _read_cache(folder)
+            return _read_cache(folder, tok)
         prepared = _tokenize(recipe, tok, log)
         if use_cache:
-            _write_cache(folder, prepared)
-            prepared.cache_dir = folder
+            _write_cache(folder, prepared, tok)
+            return _read_cache(folder, tok)  # as every later run reads it; the lists built here are let go
     return prepared
 
 
@@ -264,12 +250,12 @@ def _tokenize(recipe: Recipe, tok, log) -> PreparedData:
         w = report.balance["weights"]
         class_weights = [float(w.get(name, w.get(str(i), 1.0))) for i, name in enumerate(label_names)]
     many = len(parts) > 1
-    return PreparedData(train, evals, train_stats, eval_stats, label_names, num_labels,
+    return PreparedData(ExampleTable.from_examples(train), ExampleTable.from_examples(evals), train_stats, eval_stats, label_names, num_labels,
                         source_names=[p.name for p in parts], weights=[s.weight for s in data_sources(d)],
                         train_source=np.asarray(train_src, np.int32) if many else None,
                         eval_source=np.asarray(eval_src, np.int32) if len(eval_names) > 1 else None,
                         eval_names=eval_names,
-                        class_weights=class_weights, report=report.lines())
+                        class_weights=class_weights, report=report.lines(), pad_token_id=tok.pad_token_id)
 
 
 def _add_stats(total: FormatStats, part: FormatStats) -> None:
@@ -277,16 +263,18 @@ def _add_stats(total: FormatStats, part: FormatStats) -> None:
         setattr(total, f.name, getattr(total, f.name) + getattr(part, f.name))
 
 
-def _write_cache(folder: Path, p: PreparedData) -> None:
+def _write_cache(folder: Path, p: PreparedData, tok) -> None:
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    _save_split(tmp / "train.npz", p.train)
-    _save_split(tmp / "eval.npz", p.eval)
+    tok.save_pretrained(tmp / "tokenizer")  # what made these tokens: checkpoints copy it (LazyTokenizer)
+    p.train.save(tmp, "train")
+    p.eval.save(tmp, "eval")
     meta = {"train_stats": dataclasses.asdict(p.train_stats), "eval_stats": dataclasses.asdict(p.eval_stats),
             "label_names": p.label_names, "num_labels": p.num_labels, "source_names": p.source_names,
             "weights": p.weights, "class_weights": p.class_weights, "report": p.report,
             "train_source": None if p.train_source is None else p.train_source.tolist(),
-            "eval_source": None if p.eval_source is None else p.eval_source.tolist(), "eval_names": p.eval_names}
+            "eval_source": None if p.eval_source is None else p.eval_source.tolist(), "eval_names": p.eval_names,
+            "pad_token_id": p.pad_token_id}
     (tmp / "meta.json").write_text(json.dumps(meta))
     if folder.exists():
         import shutil
@@ -294,14 +282,17 @@ def _write_cache(folder: Path, p: PreparedData) -> None:
     os.replace(tmp, folder)
 
 
-def _read_cache(folder: Path) -> PreparedData:
+def _read_cache(folder: Path, tok) -> PreparedData:
+    from ..model import LazyTokenizer
+    if isinstance(tok, LazyTokenizer):
+        tok.saved_at(folder / "tokenizer")
     meta = json.loads((folder / "meta.json").read_text())
     arr = lambda v: None if v is None else np.asarray(v, np.int32)  # noqa: E731
-    return PreparedData(_load_split(folder / "train.npz"), _load_split(folder / "eval.npz"),
+    return PreparedData(ExampleTable.load(folder, "train"), ExampleTable.load(folder, "eval"),
                         FormatStats(**meta["train_stats"]), FormatStats(**meta["eval_stats"]),
                         meta["label_names"], meta["num_labels"], folder, meta["source_names"], meta["weights"],
                         arr(meta["train_source"]), arr(meta["eval_source"]), meta["class_weights"], meta["report"],
-                        meta["eval_names"])
+                        meta["eval_names"], meta["pad_token_id"])
 
 
 def forgetting_examples(recipe: Recipe, tok) -> list[Example]:

@@ -5,6 +5,8 @@ never knows which.
 
 from __future__ import annotations
 
+import numpy as np
+
 from .batching import MixtureOrder, SampleOrder, pack
 from .dataset import PreparedData
 from .streaming import StreamingRows
@@ -29,11 +31,11 @@ class TrainFeed:
         if d.packing:
             packed = [pack(p, d.max_length, d.packing_strategy) for p in parts]
             n_rows = sum(map(len, packed))
-            fill = sum(len(e.input_ids) for e in data.train) / max(1, n_rows * d.max_length)
+            fill = int(data.train.lengths().sum()) / max(1, n_rows * d.max_length)
             log(f"[data] packed {len(data.train)} samples into {n_rows} rows of <= {d.max_length} "
                 f"({d.packing_strategy}; {fill:.0%} of each row holds tokens)")
             parts = packed
-        self.table = [row for p in parts for row in p]
+        self.table = parts[0] if len(parts) == 1 else _Concat(parts)
         self.num_rows = len(self.table)
         if len(parts) > 1:
             self.mixture = MixtureOrder([len(p) for p in parts], data.weights, recipe.seed, d.shuffle)
@@ -61,3 +63,18 @@ class TrainFeed:
             return None
         counts = self.mixture.counts(samples)
         return {n: round(c / samples, 4) for n, c in zip(self.names, counts)}
+
+
+class _Concat:
+    """Several row sequences read as one, without copying them (a mixture's sources, numbered in order)."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int):
+        s = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.parts[s][i - int(self.offsets[s])]
