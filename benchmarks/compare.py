@@ -81,11 +81,11 @@ def export_job(recipe: dict, job_dir: Path, *, positions: int) -> Path:
     from dist_ft.config import recipe_from_dict
     from dist_ft.data.batching import SampleOrder
     from dist_ft.data.dataset import _collect, prepare_data
-    from dist_ft.model import ModelBuilder, load_tokenizer
+    from dist_ft.model import LazyTokenizer, ModelBuilder
 
     rec = recipe_from_dict(recipe)
     path = resolve_model_path(rec.model.path)
-    tok = load_tokenizer(path)
+    tok = LazyTokenizer(path)  # as the trainer's: the same cache entry, so dist_ft's runs start from it
     data = prepare_data(rec, tok, log=lambda m: None)
     parts, _, _ = _collect(rec, lambda m: None)  # the records behind the examples, in the same order
     records, held = parts[0].train, parts[0].eval
@@ -104,7 +104,7 @@ def export_job(recipe: dict, job_dir: Path, *, positions: int) -> Path:
     (job_dir / "train.jsonl").write_text("".join(line(data.train[i], records[i]) for i in order))
     (job_dir / "eval.jsonl").write_text("".join(line(e, r) for e, r in zip(data.eval, held)))
     t = rec.training
-    job = {"model_path": str(path), "pad_id": tok.pad_token_id, "micro_batch": t.micro_batch_size,
+    job = {"model_path": str(path), "pad_id": data.pad_token_id, "micro_batch": t.micro_batch_size,
            "steps": t.max_steps, "learning_rate": t.learning_rate, "warmup_steps": t.warmup_steps,
            "weight_decay": t.weight_decay, "betas": [t.adam_beta1, t.adam_beta2], "eps": t.adam_eps,
            "max_grad_norm": t.max_grad_norm, "seed": rec.seed, "max_length": d.max_length,
