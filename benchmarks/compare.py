@@ -112,7 +112,7 @@ def export_job(recipe: dict, job_dir: Path, *, positions: int) -> Path:
     if rec.method.kind == "lora":
         lo = rec.method.lora
         job["lora"] = {"r": lo.r, "alpha": lo.alpha, "dropout": lo.dropout, "target_modules": lo.target_modules}
-        model = ModelBuilder(rec, path, num_labels=None, label_names=[], pad_token_id=tok.pad_token_id,
+        model = ModelBuilder(rec, path, num_labels=None, label_names=[], pad_token_id=data.pad_token_id,
                              dtype=torch.float32, attn_implementation="sdpa").build()
         save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
                   job_dir / "init_adapter.safetensors")
