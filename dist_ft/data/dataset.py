@@ -3,8 +3,8 @@
 Preparation runs in every rank *before* the process group exists: the first rank to take the cache's file lock
 tokenizes and writes the cache atomically, the others wait on the lock (not on a collective, so a long
 tokenization can never trip a collective's timeout) and then read it. The cache holds numpy arrays only
-(`allow_pickle=False`), one `.npy` file per column, which every rank maps read-only (table.py): the ranks of a node
-share one copy of the tokens in the page cache, and each holds in memory only the pages of the examples it reads.
+(`allow_pickle=False`), one `.npy` file per column, from which every rank reads each example when it needs it
+(table.py): the ranks of a node share the tokens in the page cache, and each holds only offsets in memory.
 """
 
 from __future__ import annotations
@@ -250,7 +250,8 @@ def _tokenize(recipe: Recipe, tok, log) -> PreparedData:
         w = report.balance["weights"]
         class_weights = [float(w.get(name, w.get(str(i), 1.0))) for i, name in enumerate(label_names)]
     many = len(parts) > 1
-    return PreparedData(ExampleTable.from_examples(train), ExampleTable.from_examples(evals), train_stats, eval_stats, label_names, num_labels,
+    return PreparedData(ExampleTable.from_examples(train), ExampleTable.from_examples(evals), train_stats, eval_stats,
+                        label_names, num_labels,
                         source_names=[p.name for p in parts], weights=[s.weight for s in data_sources(d)],
                         train_source=np.asarray(train_src, np.int32) if many else None,
                         eval_source=np.asarray(eval_src, np.int32) if len(eval_names) > 1 else None,
