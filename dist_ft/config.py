@@ -28,7 +28,8 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = Non
 
 
 Task = Literal["causal_lm", "sequence_classification"]
-DataFormat = Literal["text", "instruction", "chat", "classification"]
+DataFormat = Literal["text", "instruction", "alpaca", "chat", "sharegpt", "classification"]
+PROMPT_FORMATS = ("instruction", "alpaca", "chat", "sharegpt")  # formats whose samples have a prompt and an answer
 MethodKind = Literal["full", "lora", "qlora", "partial", "prompt_tuning", "prefix_tuning", "ia3"]
 Strategy = Literal["ddp", "fsdp", "zero1", "zero2", "zero3"]
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-true"]
@@ -54,12 +55,27 @@ class DataColumns:
     prompt: str = _f("prompt", "Column holding the instruction (format: instruction).")
     response: str = _f("response", "Column holding the answer (format: instruction).")
     messages: str = _f("messages", "Column holding the list of {role, content} turns (format: chat).")
+    instruction: str = _f("instruction", "Column holding the instruction (format: alpaca).")
+    input: str = _f("input", "Column holding the instruction's input, may be absent or empty (format: alpaca).")
+    output: str = _f("output", "Column holding the answer (format: alpaca).")
+    conversations: str = _f("conversations", "Column holding the list of {from, value} turns (format: sharegpt).")
     label: str = _f("label", "Column holding the class, a name or an integer (format: classification).")
 
 
 @dataclass
+class ShareGPTConfig:
+    user: list[str] = _f(factory=lambda: ["human", "user"], help="Turn speakers (`from`) read as the user.")
+    assistant: list[str] = _f(factory=lambda: ["gpt", "assistant", "chatgpt", "bing"],
+                              help="Turn speakers read as the assistant (these turns carry the loss).")
+    system: list[str] = _f(factory=lambda: ["system"], help="Turn speakers read as the system prompt.")
+    role_key: str = _f("from", "Key of a turn's speaker.")
+    content_key: str = _f("value", "Key of a turn's text.")
+
+
+@dataclass
 class SourceConfig:
-    path: str = _f("", "A .jsonl/.json/.csv/.parquet/.txt file, a folder of shards (streaming), or builtin:NAME.")
+    path: str = _f("", "A .jsonl/.json/.csv/.tsv/.parquet/.txt file, a folder of shards (streaming), or "
+                   "builtin:NAME.")
     weight: float = _f(1.0, "Share of the mixture: sources are sampled in proportion to their weights.", gt=0.0)
     format: Optional[DataFormat] = _f(None, "This source's format (None: data.format).")
     columns: Optional[DataColumns] = _f(None, "This source's column names (None: data.columns).")
@@ -78,7 +94,7 @@ class CleanConfig:
 @dataclass
 class DataConfig:
     train: Union[str, list[SourceConfig]] = _f(
-        "builtin:wordnet-definitions", "Training data: a .jsonl/.json/.csv/.parquet/.txt file, builtin:NAME "
+        "builtin:wordnet-definitions", "Training data: a .jsonl/.json/.csv/.tsv/.parquet/.txt file, builtin:NAME "
         "(wordnet-definitions, wordnet-categories, fortunes, pydoc), or a list of sources {path, weight, format, "
         "columns, name}: a mixture sampled by weight.")
     eval: Optional[Union[str, list[SourceConfig]]] = _f(
@@ -87,6 +103,7 @@ class DataConfig:
     eval_fraction: float = _f(0.05, "Fraction of train held out for evaluation when eval is unset.", ge=0.0, lt=1.0)
     format: DataFormat = _f("instruction", "How records become tokens.")
     columns: DataColumns = _f(factory=DataColumns, help="Column names in the data files.")
+    sharegpt: ShareGPTConfig = _f(factory=ShareGPTConfig, help="How sharegpt turns name their speakers.")
     max_length: int = _f(256, "Longest sequence in tokens.", ge=8)
     too_long: Literal["truncate", "drop"] = _f("truncate", "What to do with samples longer than max_length "
                                                "(counted in the log either way).")
@@ -96,10 +113,10 @@ class DataConfig:
         "the next does not fit. Streaming data packs greedily.")
     max_train_samples: Optional[int] = _f(None, "Use only the first N training records after shuffling.", ge=1)
     max_eval_samples: Optional[int] = _f(None, "Use only the first N evaluation records.", ge=1)
-    system_prompt: Optional[str] = _f(None, "System turn prepended to chat/instruction samples "
+    system_prompt: Optional[str] = _f(None, "System turn prepended to instruction/alpaca/chat/sharegpt samples "
                                       "(None: the chat template's own default).")
-    use_chat_template: bool = _f(True, "Render instruction data through the tokenizer's chat template when it "
-                                 "has one.")
+    use_chat_template: bool = _f(True, "Render instruction and alpaca data through the tokenizer's chat template "
+                                 "when it has one.")
     shuffle: bool = _f(True, "Shuffle records (seeded) before the hold-out split and the order of samples in "
                        "each epoch; false keeps the files' order.")
     clean: CleanConfig = _f(factory=CleanConfig, help="Cleaning before tokenization (counts are logged).")
@@ -493,7 +510,14 @@ def _data_checks(r: Recipe) -> list[str]:
             p.append("data.train: two sources have the same name; set data.train[i].name to tell them apart")
     formats = {source_format(d, s) for s in sources}
     if "classification" in formats and len(formats) > 1:
-        p.append("data.train: classification sources cannot be mixed with text/instruction/chat sources")
+        p.append("data.train: classification sources cannot be mixed with text/instruction/alpaca/chat/sharegpt "
+                 "sources")
+    sg = d.sharegpt
+    named = [(n, role) for role in ("user", "assistant", "system") for n in getattr(sg, role)]
+    for name in sorted({n for n, _ in named}):
+        roles = [role for n, role in named if n == name]
+        if len(roles) > 1:
+            p.append(f"data.sharegpt: {name!r} is listed under {' and '.join(roles)}; keep it under one")
     if d.balance != "none" and d.format != "classification":
         p.append(f"data.balance: {d.balance} balances classes, which only classification data has; set it to none")
     if d.streaming:
@@ -505,8 +529,8 @@ def _data_checks(r: Recipe) -> list[str]:
             p.append("data.streaming: dedup and balance need every record at once; run them when writing the "
                      "shards, or set streaming: false")
         if d.format == "classification":
-            p.append("data.streaming: for language-model data (text, instruction, chat); classification sets fit "
-                     "in memory")
+            p.append("data.streaming: for language-model data (text, instruction, alpaca, chat, sharegpt); "
+                     "classification sets fit in memory")
     return p
 
 
@@ -538,9 +562,9 @@ def _eval_checks(r: Recipe) -> list[str]:
         elif m in CLASSIFICATION_METRICS and r.data.format != "classification":
             p.append(f"eval.metrics: {m} needs classification data (data.format is {r.data.format}); use "
                      "exact_match, rouge or bleu for generated answers")
-        elif m in GENERATION_METRICS and r.data.format not in ("instruction", "chat"):
+        elif m in GENERATION_METRICS and r.data.format not in PROMPT_FORMATS:
             p.append(f"eval.metrics: {m} scores answers generated for prompts, which {r.data.format} data has not; "
-                     "use data.format instruction or chat" + (", or accuracy/f1 for classification"
+                     "use data.format " + ", ".join(PROMPT_FORMATS) + (", or accuracy/f1 for classification"
                                                               if r.data.format == "classification" else ""))
     if e.forgetting is not None and r.model.task != "causal_lm":
         p.append("eval.forgetting: measures language-model loss on general text; model.task is "

@@ -3,6 +3,7 @@ done before any process group starts or any model loads. `dist-ft check` runs ex
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from .distributed.precision import hardware_problem
 from .model import flash_attention_problem
 
 _NEEDED_COLUMNS = {"text": ("text",), "instruction": ("prompt", "response"), "chat": ("messages",),
+                   "alpaca": ("instruction", "output"), "sharegpt": ("conversations",),  # alpaca's input is optional
                    "classification": ("text", "label")}
 
 
@@ -33,10 +35,11 @@ def _peek_records(path: Path, n: int = 5) -> list[dict]:
                 if len(out) >= n:
                     break
         return out
-    if path.suffix == ".csv":
+    if path.suffix in (".csv", ".tsv"):
         import csv
-        with path.open(encoding="utf-8", errors="replace", newline="") as fh:
-            return [row for _, row in zip(range(n), csv.DictReader(fh))]
+        with path.open(encoding="utf-8-sig", errors="replace", newline="") as fh:  # Excel's byte-order mark
+            return [row for _, row in zip(range(n), csv.DictReader(fh, delimiter="\t" if path.suffix == ".tsv"
+                                                                   else ","))]
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
         try:
@@ -48,7 +51,7 @@ def _peek_records(path: Path, n: int = 5) -> list[dict]:
         return [{"text": ""}]
     if path.suffix == ".json" and path.stat().st_size < 50_000_000:
         try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
+            obj = json.loads(path.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             return []
         obj = obj.get("data", obj) if isinstance(obj, dict) else obj
@@ -64,7 +67,7 @@ def data_problems(recipe: Recipe) -> list[str]:
     entries += [(f"data.eval[{i}]" if isinstance(d.eval, list) else "data.eval", s.path, source_format(d, s),
                  s.columns or d.columns) for i, s in enumerate(eval_sources(d))]
     for field, spec, fmt, cols in entries:
-        columns = {k: getattr(cols, k) for k in ("text", "prompt", "response", "messages", "label")}
+        columns = dataclasses.asdict(cols)
         if d.streaming and field == "data.train":
             problem = stream_problem(spec)
             if problem:

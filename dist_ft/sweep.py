@@ -14,6 +14,8 @@ overrides, in its own run directory under the sweep's. The study lives in a SQLi
 resumes where it was (a trial cut off mid-run counts as failed and is not repeated). Pruning stops a trial whose
 intermediate evaluations are below the median of earlier trials at the same step. At the end: the table of
 trials (trials.md, trials.json), objective.png and importances.png, and best.yaml, a recipe ready to train.
+
+A Weights & Biases sweep file (method, metric, parameters) is read too, translated by sweep_shapes.py.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import yaml
 
 from .config import RecipeError, _build, dump_recipe, load_recipe, reported_metrics
 from .metrics import LOWER_IS_BETTER
+from .sweep_shapes import translate
 
 KINDS = ("log_uniform", "uniform", "int", "choice")
 
@@ -58,8 +61,9 @@ class SweepConfig:
 
 
 def load_sweep(path: str | Path, recipe_path: str, overrides: list[str] | None = None,
-               trials: int | None = None, parallel: int | None = None) -> SweepConfig:
-    """Read and check the sweep file against the recipe; every problem at once (RecipeError)."""
+               trials: int | None = None, parallel: int | None = None, log=print) -> SweepConfig:
+    """Read and check the sweep file against the recipe; every problem at once (RecipeError). A W&B sweep file is
+    translated first (what was translated, and how, is logged)."""
     problems: list[str] = []
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
@@ -67,12 +71,16 @@ def load_sweep(path: str | Path, recipe_path: str, overrides: list[str] | None =
         raise RecipeError([f"{path}: cannot be read: {exc}"], str(path)) from exc
     if not isinstance(data, dict):
         raise RecipeError([f"{path}: must hold a mapping (method, objective, params, ...)"], str(path))
+    notes: list[str] = []
+    data = translate(data, problems, notes)
+    for note in notes:
+        log(f"[sweep] {note}")
     params = data.pop("params", None)
     cfg = _build(SweepConfig, data, "", problems)
     cfg.trials = trials if trials is not None else cfg.trials
     cfg.parallel = parallel if parallel is not None else cfg.parallel
     for name, value in (("trials", cfg.trials), ("parallel", cfg.parallel), ("nproc_per_node", cfg.nproc_per_node)):
-        if value < 1:
+        if isinstance(value, int) and value < 1:  # a wrong type is already reported
             problems.append(f"{name}: {value}; give at least 1")
     if not isinstance(params, dict) or not params:
         problems.append("params: name at least one recipe key to search, e.g. "
@@ -113,7 +121,7 @@ def load_sweep(path: str | Path, recipe_path: str, overrides: list[str] | None =
                     load_recipe(recipe_path, [*(overrides or []), _override(key, v)])
                 except RecipeError as exc:
                     problems += [f"params.{key} = {v!r}: {p}" for p in exc.problems]
-        if cfg.objective not in reported_metrics(recipe):
+        if isinstance(cfg.objective, str) and cfg.objective not in reported_metrics(recipe):
             problems.append(f"objective: {cfg.objective} is not reported by this recipe; choose one of "
                             f"{', '.join(sorted(reported_metrics(recipe)))}")
         if cfg.pruning and not recipe.training.eval_every:

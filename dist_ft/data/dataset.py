@@ -22,7 +22,7 @@ import numpy as np
 from ..assets import cache_root, file_lock
 from ..config import Recipe, data_sources, eval_sources, source_format
 from .formats import Example, FormatSpec, FormatStats, tokenize_records
-from .quality import QualityReport, balance, clean, dedup, record_text
+from .quality import QualityReport, balance, clean, dedup, ignored_fields, ignored_fix, record_text
 from .sources import DataError, resolve_source
 from .table import ExampleTable
 
@@ -87,14 +87,25 @@ def _label_names(records: list[dict], column: str, num_labels: int | None) -> tu
 
 def _spec(recipe: Recipe, fmt: str, columns, label_names=None, num_labels=None) -> FormatSpec:
     d = recipe.data
+    sg = d.sharegpt
+    roles = {name: role for role in ("user", "assistant", "system") for name in getattr(sg, role)}
     return FormatSpec(format=fmt, max_length=d.max_length, too_long=d.too_long, columns=dataclasses.asdict(columns),
                       system_prompt=d.system_prompt, use_chat_template=d.use_chat_template,
-                      label_names=label_names or [], num_labels=num_labels)
+                      label_names=label_names or [], num_labels=num_labels, sharegpt_roles=roles,
+                      sharegpt_keys=(sg.role_key, sg.content_key))
 
 
 def _used_columns(fmt: str, columns) -> list[str]:
+    """The columns whose text cleaning and dedup look at."""
     return {"text": [columns.text], "instruction": [columns.prompt, columns.response],
-            "chat": [columns.messages], "classification": [columns.text]}[fmt]
+            "alpaca": [columns.instruction, columns.input, columns.output],
+            "chat": [columns.messages], "sharegpt": [columns.conversations],
+            "classification": [columns.text]}[fmt]
+
+
+def _read_columns(fmt: str, columns) -> list[str]:
+    """Every column the format reads; the others are reported as ignored."""
+    return _used_columns(fmt, columns) + ([columns.label] if fmt == "classification" else [])
 
 
 @dataclass
@@ -116,6 +127,7 @@ def _collect(recipe: Recipe, log) -> tuple[list[_Part], list[dict] | None, str |
         fmt, columns = source_format(d, src), src.columns or d.columns
         source = resolve_source(src.path)
         records = source.load()
+        _note_ignored(report, src, fmt, columns, records)
         used = _used_columns(fmt, columns)
         c = d.clean
         if c.strip or c.normalize_unicode or c.drop_empty or c.max_chars:
@@ -161,12 +173,24 @@ def _collect(recipe: Recipe, log) -> tuple[list[_Part], list[dict] | None, str |
         evals = []
         for src in eval_sources(d):
             records = resolve_source(src.path).load()
+            _note_ignored(report, src, source_format(d, src), src.columns or d.columns, records, " (data.eval)")
             evals.append(_Part(src.name, source_format(d, src), src.columns or d.columns, [],
                                records[: d.max_eval_samples] if d.max_eval_samples else records))
     elif d.max_eval_samples:
         for p in parts:
             p.eval = p.eval[: d.max_eval_samples]
     return parts, evals, report
+
+
+def _note_ignored(report: QualityReport, src, fmt: str, columns, records: list[dict], tag: str = "") -> None:
+    """Count the fields of a source's records that its format does not read (a mapping must never drop a field
+    unseen). Built-in sources carry other renderings of the same data by design, so they are not counted."""
+    if src.path.startswith("builtin:"):
+        return
+    fields = ignored_fields(records, _read_columns(fmt, columns))
+    if fields:
+        report.ignored[src.name + tag] = {"format": fmt, "records": len(records), "fields": fields,
+                                          "fix": ignored_fix(fmt, list(fields))}
 
 
 def _stream_fingerprint(spec: str) -> list:

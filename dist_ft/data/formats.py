@@ -3,7 +3,10 @@
 - text: every token is a target.
 - instruction: prompt and response rendered through the tokenizer's chat template (when it has one); only the
   response tokens are targets (prompt masking).
+- alpaca: instruction, optional input and output; the user turn is ALPACA_PROMPT (the instruction, a blank line,
+  the input; the instruction alone when the input is empty or absent), then exactly as instruction.
 - chat: a list of {role, content} turns through the chat template; only assistant turns are targets.
+- sharegpt: a list of {from, value} turns, speakers mapped to roles by data.sharegpt, then exactly as chat.
 - classification: the text, and the label as a class index.
 
 Templates are rendered to text and tokenized once; the split between prompt and answer is found by rendering the
@@ -58,6 +61,11 @@ class FormatSpec:
     use_chat_template: bool
     label_names: list[str] = field(default_factory=list)  # classification: index -> name
     num_labels: int | None = None
+    sharegpt_roles: dict = field(default_factory=dict)  # speaker name -> user | assistant | system
+    sharegpt_keys: tuple[str, str] = ("from", "value")  # a turn's speaker and text keys
+
+
+ALPACA_PROMPT = "{instruction}\n\n{input}"  # the user turn of an alpaca record whose input is not empty
 
 
 def _column(record: dict, name: str, where: str, fmt: str) -> object:
@@ -123,6 +131,53 @@ def _messages(value: object, where: str, column: str) -> list[dict]:
     return value
 
 
+def alpaca_prompt(instruction: str, input_: str) -> str:
+    """The user turn of an alpaca record: ALPACA_PROMPT, or the instruction alone when the input is empty."""
+    return ALPACA_PROMPT.format(instruction=instruction, input=input_) if input_.strip() else instruction
+
+
+def _sharegpt_messages(value: object, spec: FormatSpec, where: str, column: str) -> list[dict]:
+    """ShareGPT turns as {role, content} messages, each speaker mapped by data.sharegpt."""
+    who, text = spec.sharegpt_keys
+    if not isinstance(value, list):
+        raise DataError(f"{where}: column {column!r} must be a list of {{{who!r}: ..., {text!r}: ...}} turns, got "
+                        f"{type(value).__name__}")
+    messages = []
+    for i, turn in enumerate(value, 1):
+        if not isinstance(turn, dict) or not isinstance(turn.get(who), str) or not isinstance(turn.get(text), str):
+            keys = ", ".join(map(str, turn)) if isinstance(turn, dict) else type(turn).__name__
+            raise DataError(f"{where}: turn {i} of column {column!r} must have text keys {who!r} and {text!r} "
+                            f"(it has {keys}); set data.sharegpt.role_key / content_key to the turns' keys, or use "
+                            "data.format: chat for {role, content} turns")
+        role = spec.sharegpt_roles.get(turn[who])
+        if role is None:
+            now = [name for name, r in spec.sharegpt_roles.items() if r == "assistant"]
+            raise DataError(f"{where}: turn {i} has speaker {turn[who]!r}, which data.sharegpt does not map to a "
+                            "role; add it to data.sharegpt.user, .assistant or .system, keeping the names listed "
+                            f"there (e.g. data.sharegpt.assistant: [{', '.join(now + [str(turn[who])])}])")
+        messages.append({"role": role, "content": turn[text]})
+    return messages
+
+
+def _instruction_sample(tok, prompt: str, response: str, spec: FormatSpec, where: str):
+    """instruction and alpaca: one user turn and its answer; the answer alone carries the loss."""
+    if not response.strip():
+        return None
+    if spec.use_chat_template and getattr(tok, "chat_template", None):
+        msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        return _render_chat(tok, msgs, spec.system_prompt, where)
+    return _plain_instruction(tok, prompt, response)
+
+
+def _chat_sample(tok, msgs: list[dict], spec: FormatSpec, where: str):
+    """chat and sharegpt: every assistant turn carries the loss."""
+    if not any(m["role"] == "assistant" for m in msgs):
+        return [], []  # signals "no assistant turn" to the caller, which counts it
+    if not getattr(tok, "chat_template", None):
+        raise DataError(f"{where}: format {spec.format!r} needs a tokenizer with a chat template; this one has none")
+    return _render_chat(tok, msgs, spec.system_prompt, where)
+
+
 def tokenize_record(tok, record: dict, spec: FormatSpec, where: str) -> tuple[list[int], list[int]] | None:
     """One record to (input_ids, labels); None when the record has nothing to learn from (counted by caller)."""
     c = spec.columns
@@ -138,19 +193,19 @@ def tokenize_record(tok, record: dict, spec: FormatSpec, where: str) -> tuple[li
     if fmt == "instruction":
         prompt = _as_text(_column(record, c["prompt"], where, fmt), where, c["prompt"])
         response = _as_text(_column(record, c["response"], where, fmt), where, c["response"])
-        if not response.strip():
-            return None
-        if spec.use_chat_template and getattr(tok, "chat_template", None):
-            msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-            return _render_chat(tok, msgs, spec.system_prompt, where)
-        return _plain_instruction(tok, prompt, response)
+        return _instruction_sample(tok, prompt, response, spec, where)
+    if fmt == "alpaca":
+        instruction = _as_text(_column(record, c["instruction"], where, fmt), where, c["instruction"])
+        input_ = record.get(c["input"])  # optional: absent, null (parquet) and "" all mean no input
+        input_ = "" if input_ is None else _as_text(input_, where, c["input"])
+        output = _as_text(_column(record, c["output"], where, fmt), where, c["output"])
+        return _instruction_sample(tok, alpaca_prompt(instruction, input_), output, spec, where)
     if fmt == "chat":
         msgs = _messages(_column(record, c["messages"], where, fmt), where, c["messages"])
-        if not any(m["role"] == "assistant" for m in msgs):
-            return [], []  # signals "no assistant turn" to the caller, which counts it
-        if not getattr(tok, "chat_template", None):
-            raise DataError(f"{where}: format 'chat' needs a tokenizer with a chat template; this one has none")
-        return _render_chat(tok, msgs, spec.system_prompt, where)
+        return _chat_sample(tok, msgs, spec, where)
+    if fmt == "sharegpt":
+        msgs = _sharegpt_messages(_column(record, c["conversations"], where, fmt), spec, where, c["conversations"])
+        return _chat_sample(tok, msgs, spec, where)
     raise AssertionError(f"unhandled format {fmt}")
 
 

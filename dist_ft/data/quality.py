@@ -1,6 +1,7 @@
 """What is done to records before tokenization, each step counted: cleaning, de-duplication, class balance.
 
-Nothing is removed silently: every function returns what it removed or added, and the caller logs it.
+Nothing is removed silently: every function returns what it removed or added, and the caller logs it; fields of
+the records that the chosen format does not read are counted too (ignored_fields), with the fix when one is known.
 
 - clean: strip surrounding whitespace, normalise unicode (NFC/NFKC), drop records whose text is empty or longer
   than a number of characters.
@@ -32,6 +33,8 @@ class QualityReport:
     cleaned: dict = field(default_factory=dict)  # e.g. {"stripped": 3, "dropped_empty": 1}
     duplicates: dict = field(default_factory=dict)  # {"exact": n, "near": m}
     balance: dict = field(default_factory=dict)  # {"mode", "before": {label: n}, "after": {...}, "weights"?}
+    # {source: {"format", "records", "fields": {field: records with a non-empty value}, "fix"}}
+    ignored: dict = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         out = []
@@ -42,6 +45,9 @@ class QualityReport:
         if self.balance:
             b = self.balance
             out.append(f"balance {b['mode']}: " + _dist(b["before"]) + " -> " + _dist(b["after"]))
+        for name, ig in self.ignored.items():
+            fields = ", ".join(f"{k!r} (non-empty in {v} of {ig['records']} records)" for k, v in ig["fields"].items())
+            out.append(f"ignored fields: {name} (format {ig['format']}) does not read {fields}; {ig['fix']}")
         return out
 
 
@@ -50,6 +56,41 @@ def _dist(counts: dict) -> str:
     top = sorted(counts.items(), key=lambda kv: -kv[1])
     shown = ", ".join(f"{k} {v} ({v / total:.0%})" for k, v in top[:4])
     return f"{total} records [{shown}{', ...' if len(top) > 4 else ''}]"
+
+
+def _non_empty(value) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, str):
+        return bool(value.strip())
+    if isinstance(value, (list, dict, tuple)):
+        return bool(value)
+    return True
+
+
+def ignored_fields(records: list[dict], read: list[str]) -> dict[str, int]:
+    """Fields the format does not read, each with the number of records holding a non-empty value in it."""
+    read_set = set(read)
+    counts: Counter = Counter()
+    for r in records:
+        for k, v in r.items():
+            if k not in read_set and _non_empty(v):
+                counts[k] += 1
+    return {str(k): n for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))}
+
+
+def ignored_fix(fmt: str, fields: list[str]) -> str:
+    """What to write when ignored fields look like another format's."""
+    have = set(fields)
+    if (fmt == "instruction" and "input" in have) or (fmt != "alpaca" and {"instruction", "output"} <= have):
+        return ("use data.format: alpaca (it joins instruction and input into the user turn; data.columns."
+                "instruction/input/output name the fields)")
+    if fmt != "sharegpt" and "conversations" in have:
+        return "use data.format: sharegpt (data.columns.conversations names the field)"
+    if fmt != "chat" and "messages" in have:
+        return "use data.format: chat (data.columns.messages names the field)"
+    return ("if one of them should be trained on, choose the data.format that reads it or point data.columns at it; "
+            "otherwise nothing is lost")
 
 
 def record_text(record: dict, columns: list[str]) -> str:

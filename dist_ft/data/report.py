@@ -1,13 +1,15 @@
 """`dist-ft data RECIPE.yaml`: what the recipe's data looks like before any training.
 
-Sizes per source, what cleaning / dedup / balance do, token lengths (a histogram PNG) and how many samples
-truncation, dropping and packing touch, the label distribution, duplicates found (whether or not the recipe removes
-them), and a few rendered samples with the loss-bearing tokens marked [[like this]]. Written to
-OUTPUT_DIR/data-report/ (report.md, report.json, lengths.png); the run directory stays usable for training.
+Sizes per source, fields of the records that the format does not read, what cleaning / dedup / balance do, token
+lengths (a histogram PNG) and how many samples truncation, dropping and packing touch, the label distribution,
+duplicates found (whether or not the recipe removes them), and a few rendered samples with the loss-bearing tokens
+marked [[like this]]. Written to OUTPUT_DIR/data-report/ (report.md, report.json, lengths.png); the run directory
+stays usable for training.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -16,10 +18,10 @@ import numpy as np
 
 from ..config import Recipe, data_sources
 from .batching import pack
-from .dataset import _collect, _spec, _used_columns
+from .dataset import _collect, _read_columns, _spec, _used_columns
 from .formats import IGNORE, Example, tokenize_records
-from .quality import exact_duplicates, near_duplicates, record_text
-from .streaming import StreamingRows, list_shards
+from .quality import QualityReport, exact_duplicates, ignored_fields, ignored_fix, near_duplicates, record_text
+from .streaming import StreamingRows, _records, list_shards
 
 STREAM_SAMPLE = 2000  # records of a stream looked at
 
@@ -64,9 +66,20 @@ def data_report(recipe: Recipe, tok, out_dir: Path, log=print) -> dict:
                                "dropped": st.records - st.kept})
         records_for_dups: list[tuple[dict, list[str]]] = []
         parts = []
+        # The fields a stream's records carry, counted over the first shard's first records.
+        sample = list(itertools.islice(_records(shards[0]), STREAM_SAMPLE))
+        fields = ignored_fields(sample, _read_columns(d.format, d.columns))
+        quality = QualityReport()
+        if fields:
+            quality.ignored[f"{shards[0]}, first {len(sample)} records,"] = {
+                "format": d.format, "records": len(sample), "fields": fields,
+                "fix": ignored_fix(d.format, list(fields))}
+        rep["quality"] = quality.lines()
+        rep["ignored_fields"] = quality.ignored
     else:
         parts, _, quality = _collect(recipe, lambda m: None)
         rep["quality"] = quality.lines()
+        rep["ignored_fields"] = quality.ignored
         label_names, num_labels = [], recipe.model.num_labels
         records_for_dups = []
         for p in parts:

@@ -1,14 +1,16 @@
-"""Where records come from: local files (.jsonl, .json, .csv, .parquet, .txt) and built-in sources that read
-data installed by Debian packages or CPython. A record is a plain dict; formats.py turns it into tokens.
+"""Where records come from: local files (.jsonl, .json, .csv, .tsv, .parquet, .txt) and built-in sources that
+read data installed by Debian packages or CPython. A record is a plain dict; formats.py turns it into tokens.
 
-Every reader names the file (and the line, for JSON lines) in its errors, and a built-in whose package is missing
-says which package to install.
+Every reader names the file (and the line, for JSON lines and CSV) in its errors, and a built-in whose package is
+missing says which package to install. Text files are UTF-8; a byte-order mark in front (Excel writes one) is not
+part of the data and is dropped, so that it never sticks to the first column's name.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -131,7 +133,7 @@ BUILTINS: dict[str, tuple[Callable[[], list[dict]], Callable[[], list[Path]], st
     "fortunes": (_fortunes, lambda: [FORTUNES_DIR], "fortunes"),
     "pydoc": (_pydoc, lambda: [], "python3"),
 }
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 
 
 # ------------------------------------------------------------------------------------------------ local files
@@ -141,7 +143,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     with path.open("rb") as fh:
         for n, raw in enumerate(fh, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 raise DataError(f"{path}:{n}: not UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file "
                                 "as UTF-8") from None
@@ -160,7 +162,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8") \
             from None
@@ -179,7 +181,20 @@ def _read_json(path: Path) -> list[dict]:
 
 
 def _read_csv(path: Path) -> list[dict]:
-    return [dict(row) for row in csv.DictReader(_read_text(path).splitlines())]
+    """A header row, then one record a row; comma-separated, or tab-separated for a .tsv file. Quoted fields may
+    hold newlines (line ends read as "\n", as in the other text files)."""
+    delimiter = "\t" if path.suffix == ".tsv" else ","
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
+    records = []
+    try:
+        for row in reader:
+            if None in row:  # DictReader files the values beyond the header under the key None
+                raise DataError(f"{path}:{reader.line_num}: {len(reader.fieldnames) + len(row[None])} fields but the "
+                                f"header names {len(reader.fieldnames)}; quote fields that hold the delimiter")
+            records.append(row)
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: {exc}") from None
+    return records
 
 
 def _read_parquet(path: Path) -> list[dict]:
@@ -195,8 +210,8 @@ def _read_txt(path: Path) -> list[dict]:
     return [{"text": line} for line in _read_text(path).splitlines() if line.strip()]
 
 
-_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet,
-            ".txt": _read_txt}
+_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_csv,
+            ".parquet": _read_parquet, ".txt": _read_txt}
 
 
 def _file_fingerprint(path: Path) -> str:

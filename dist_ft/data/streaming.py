@@ -49,7 +49,7 @@ def _records(path: Path, skip: int = 0) -> Iterator[dict]:
     """The records of one shard from number `skip` on."""
     if path.suffix == ".jsonl":
         n = 0
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:  # a byte-order mark is not part of the first record
             for line_no, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
