@@ -1,6 +1,7 @@
 """Command line: `dist-ft {check,train,launch,slurm,plan,data,sweep,export,report,demo}`.
 
     dist-ft check RECIPE.yaml [section.key=value ...]     validate; print the resolved recipe; exit 2 on errors
+                  [--accelerate-config FILE]              (and an accelerate config file against the recipe)
     dist-ft train RECIPE.yaml [overrides]                 train here (one process, or one rank of a launcher)
     dist-ft launch RECIPE.yaml --nproc-per-node N [...]   start the ranks (torchrun's machinery) and train
     dist-ft slurm RECIPE.yaml --nodes N --gpus-per-node G  write (--submit: and submit) a Slurm batch script
@@ -35,12 +36,32 @@ def cmd_check(args) -> int:
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        preflight(recipe, source=args.recipe, check_output=not args.ignore_output_dir)
+        problems = []
+        try:
+            preflight(recipe, source=args.recipe, check_output=not args.ignore_output_dir)
+        except RecipeError as exc:
+            problems += exc.problems
+        if args.accelerate_config is not None:
+            problems += _accelerate_config_problems(recipe, args.accelerate_config)
+        if problems:
+            raise RecipeError(problems, args.recipe)
     except RecipeError as exc:
         return _fail(exc)
     print(dump_recipe(recipe), end="")
     print(f"# ok: {args.recipe} is valid", file=sys.stderr)
     return 0
+
+
+def _accelerate_config_problems(recipe, config_file: str) -> list[str]:
+    """What `accelerate launch --config_file FILE -m dist_ft train` would be refused for, before launching it."""
+    from .distributed.accelerate_config import accelerate_launch_env
+    from .distributed.launchers import launcher_problems
+
+    try:
+        env = accelerate_launch_env(config_file)
+    except ValueError as exc:
+        return [f"--accelerate-config: {exc}"]
+    return launcher_problems(recipe, env)
 
 
 def cmd_schema(args) -> int:
@@ -310,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = with_recipe("check", "validate a recipe and print it resolved")
     c.add_argument("--ignore-output-dir", action="store_true", help="do not complain about an existing output_dir")
+    c.add_argument("--accelerate-config", default=None, metavar="FILE",
+                   help="also check that `accelerate launch --config_file FILE` agrees with the recipe")
     c.set_defaults(fn=cmd_check)
     sub.add_parser("schema", help="list every recipe key with its type, default and meaning").set_defaults(
         fn=cmd_schema)

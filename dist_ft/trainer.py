@@ -152,7 +152,7 @@ def run_training(recipe: Recipe, *, source: str = "recipe") -> TrainResult:
     quiet = rank_env != 0
     # 1. Everything that can be wrong with the recipe, its files and this machine, before any real work.
     preflight(recipe, source=source)
-    conflicts = launcher_problems(recipe.distributed.strategy)
+    conflicts = launcher_problems(recipe)
     if conflicts:
         raise RecipeError(conflicts, source)
     model_path = resolve_model_path(recipe.model.path)

@@ -2,14 +2,17 @@
 
 Launchers only start processes; the recipe alone configures the run. But a user who starts a zero3 accelerate
 config with a ddp recipe (or the other way round) should hear about it instead of getting a run that is not the
-one they meant. The launcher's own variables are read here only to check that agreement, never as settings.
+one they meant. The launcher's own variables are read here only to check that agreement, never as settings
+(accelerate_config.py compares an accelerate launch's config, field by field).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
+
+from ..config import Recipe
+from .accelerate_config import accelerate_problems
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:
@@ -29,25 +32,11 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
-def launcher_problems(strategy: str, env: dict[str, str] | None = None) -> list[str]:
+def launcher_problems(recipe: Recipe, env: dict[str, str] | None = None) -> list[str]:
+    """Every way the launcher that started this process disagrees with the recipe (empty when none). Run on every
+    rank before the model loads; the trainer refuses to start on any."""
     env = dict(os.environ if env is None else env)
-    problems = []
-    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        if not strategy.startswith("zero"):
-            problems.append(f"launched with an accelerate DeepSpeed config, but distributed.strategy is {strategy}; "
-                            "use launch/accelerate/{strategy}.yaml or change the recipe")
-        else:
-            path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-            try:
-                stage = json.load(open(path))["zero_optimization"]["stage"] if path else None
-            except (OSError, ValueError, KeyError, TypeError):
-                stage = None
-            if stage not in (None, "auto") and int(stage) != int(strategy[-1]):
-                problems.append(f"the accelerate config's DeepSpeed file {path} is ZeRO stage {stage} but "
-                                f"distributed.strategy is {strategy}; use launch/accelerate/{strategy}.yaml")
-    elif env.get("ACCELERATE_USE_FSDP", "").lower() == "true" and strategy != "fsdp":
-        problems.append(f"launched with an accelerate FSDP config, but distributed.strategy is {strategy}; use "
-                        f"launch/accelerate/{strategy}.yaml or change the recipe")
+    problems = accelerate_problems(recipe, env)
     nodes, world = env.get("SLURM_STEP_NUM_NODES", ""), env.get("WORLD_SIZE", "")
     if nodes.isdigit() and world.isdigit() and int(world) < int(nodes):
         # Every node would train alone, each its own "rank 0" writing the same files: a silent waste of the job.
