@@ -213,7 +213,7 @@ def cmd_launch(args) -> int:
 
     try:  # validate once here, before starting any process
         recipe = load_recipe(args.recipe, args.overrides)
-        preflight(recipe, source=args.recipe)
+        preflight(recipe, source=args.recipe, world_size=args.nproc_per_node * args.nnodes)
     except RecipeError as exc:
         return _fail(exc)
     return launch(args.recipe, args.overrides, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,

@@ -156,6 +156,8 @@ class ModelBuilder:
         self.recipe, self.path, self.dtype = recipe, Path(path), dtype
         self.num_labels, self.label_names, self.pad_token_id = num_labels, label_names, pad_token_id
         self.attn = attn_implementation
+        self.created: set[str] = set()  # parameters the recipe creates (set when the model is built)
+        self.load_report = None  # weights.LoadReport, once the weights are bound
 
     def _auto_class(self):
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -177,10 +179,27 @@ class ModelBuilder:
             cfg.pad_token_id = self.pad_token_id
         return cfg
 
-    def weights(self):
+    def weights(self, model: torch.nn.Module):
+        """The folder's weights, bound to `model` (built by `build_meta`) and audited: every parameter comes from the
+        checkpoint or is one the recipe creates, else WeightsError. The audit is kept in `self.load_report`."""
         from .weights import ModelWeights
-        return ModelWeights(self.path, seed=self.recipe.seed,
-                            init_std=getattr(self.config(), "initializer_range", 0.02))
+        weights = ModelWeights(self.path, seed=self.recipe.seed,
+                               init_std=getattr(self.config(), "initializer_range", 0.02)).bind(model)
+        self.load_report = weights.audit(model, self.created)
+        return weights
+
+    def _apply_method(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Apply the recipe's method and record what the recipe creates: every parameter the method adds, and for
+        classification the head outside the base model (canonical names, as weights.py compares them)."""
+        from .weights import canonical_name
+        base_names = {canonical_name(n) for n, _ in model.named_parameters()}
+        created = set()
+        prefix = getattr(model, "base_model_prefix", "")
+        if self.recipe.model.task == "sequence_classification" and prefix and hasattr(model, prefix):
+            created = {n for n in base_names if not n.startswith(prefix + ".")}
+        model = apply_method(model, self.recipe, model_path=self.path)
+        self.created = created | {canonical_name(n) for n, _ in model.named_parameters()} - base_names
+        return model
 
     def build(self, *, quantize: bool = True) -> torch.nn.Module:
         """The whole model with its pretrained weights, on CPU (a quantised qlora base goes straight to this
@@ -193,8 +212,10 @@ class ModelBuilder:
         model = self._auto_class().from_pretrained(
             self.path, config=self.config(), dtype=self.dtype, attn_implementation=self.attn,
             trust_remote_code=self.recipe.model.trust_remote_code, **kwargs)
-        model = apply_method(model, self.recipe, model_path=self.path)
-        self.weights().reinit_missing(model)
+        model = self._apply_method(model)
+        # from_pretrained loaded what the checkpoint has (mapping names as weights.py does); the rest is what the
+        # recipe creates, given the same name-seeded values as on the sharded paths.
+        self.weights(model).reinit_missing(model)
         if quant is not None:
             keep_4bit_weights_trainable(model)
         return model
@@ -211,7 +232,7 @@ class ModelBuilder:
         if getattr(model.config, "tie_word_embeddings", False) or getattr(
                 model.config.get_text_config(), "tie_word_embeddings", False):
             model.tie_weights()  # from_config under init_empty_weights leaves the output embedding untied
-        return apply_method(model, self.recipe, model_path=self.path)
+        return self._apply_method(model)
 
 
 def keep_4bit_weights_trainable(model: torch.nn.Module) -> int:

@@ -18,6 +18,13 @@ def lr_factor(step: int, *, warmup: int, total: int, kind: str, min_ratio: float
     return min_ratio + (1 - min_ratio) * decay
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, *, warmup: int, total: int, kind: str, min_ratio: float):
+def make_scheduler(optimizer: torch.optim.Optimizer, *, peak_lr: float, warmup: int, total: int, kind: str,
+                   min_ratio: float):
+    """The recipe's schedule over `optimizer`, scaled from the recipe's peak learning rate.
+
+    The peak is set here rather than taken from the optimizer: an optimizer built by a backend (DeepSpeed's from its
+    JSON) may hold another value, and LambdaLR would silently scale that one instead."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = peak_lr
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup=warmup, total=total, kind=kind, min_ratio=min_ratio))

@@ -200,9 +200,12 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
         strategy.prepare_resume(resume.path / "state", resume.manifest)
     strategy.setup(builder, _make_optimizer(recipe))
     counts = count_parameters(strategy.unwrap())
+    _log(topo, f"[weights] {builder.load_report.describe()}")
     _log(topo, f"[dist_ft] {counts.describe()}")
-    scheduler = make_scheduler(strategy.optimizer, warmup=t.warmup_steps, total=t.max_steps, kind=t.lr_scheduler,
-                               min_ratio=t.min_lr_ratio)
+    if strategy.describe():
+        _log(topo, f"[strategy] {strategy.describe()}")
+    scheduler = make_scheduler(strategy.optimizer, peak_lr=t.learning_rate, warmup=t.warmup_steps, total=t.max_steps,
+                               kind=t.lr_scheduler, min_ratio=t.min_lr_ratio)
     state = ckpt.TrainerState(model_build={"num_labels": data.num_labels, "label_names": data.label_names})
     load_seconds = None
     if resume is not None:

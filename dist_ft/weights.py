@@ -14,6 +14,7 @@ import json
 import math
 import re
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,24 +44,103 @@ def _index(folder: Path) -> dict[str, Path]:
         return {k: single for k in fh.keys()}
 
 
-class ModelWeights:
-    """Row-range reads from a model folder's safetensors files, plus seeded values for what they lack."""
+class WeightsError(ValueError):
+    """The model folder does not give the model the recipe builds: tensors that are neither in the checkpoint nor
+    created by the recipe, or of the wrong shape."""
 
-    def __init__(self, folder: Path, *, seed: int, init_std: float = 0.02):
+
+@dataclass
+class LoadReport:
+    """Where every parameter of the built model comes from (canonical names, tied weights counted once)."""
+    loaded: list[str]     # read from the checkpoint
+    created: list[str]    # created by the recipe: adapters, prompt embeddings, a new classification head
+    unused: list[str]     # checkpoint tensors no parameter reads (a pretraining head, a pooler the task lacks)
+    total: int            # tensors in the checkpoint
+
+    def describe(self) -> str:
+        text = f"loaded {len(self.loaded)} of {self.total} pretrained tensors"
+        if self.unused:
+            text += f" ({len(self.unused)} unused: {_names(self.unused)})"
+        if self.created:
+            text += f"; {len(self.created)} created by the recipe ({_names(self.created)})"
+        return text
+
+
+def _names(names: list[str], k: int = 4) -> str:
+    return ", ".join(names[:k]) + (f", ... ({len(names) - k} more)" if len(names) > k else "")
+
+
+class ModelWeights:
+    """Row-range reads from a model folder's safetensors files, plus seeded values for what they lack.
+
+    Names are resolved the way transformers' `from_pretrained` does: a model with a task head names its base
+    `<base_model_prefix>.*` (`bert.encoder...`, `model.layers...`), while a folder saved from the bare base model
+    stores the same tensors without the prefix (the bundled MiniLM is such a folder), and the other way round. Tied
+    parameters (an output embedding tied to the input one) are found under any of their names.
+    """
+
+    def __init__(self, folder: Path, *, seed: int, init_std: float = 0.02, prefix: str = ""):
         self.folder = Path(folder)
         self.files = _index(self.folder)
         self.seed = seed
         self.init_std = init_std
+        self.prefix = prefix
+        self._aliases: dict[str, list[str]] = {}
+
+    def bind(self, model: torch.nn.Module) -> "ModelWeights":
+        """Learn the model's base-model prefix and its tied parameters (call on the built, possibly meta, model)."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.prefix = getattr(base, "base_model_prefix", "") or self.prefix
+        groups: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), []).append(canonical_name(name))
+        self._aliases = {n: names for names in groups.values() if len(names) > 1 for n in names}
+        return self
+
+    def _candidates(self, c: str) -> list[str]:
+        out = [c]
+        if self.prefix:
+            p = self.prefix + "."
+            out.append(c[len(p):] if c.startswith(p) else p + c)
+        else:  # nothing bound: the decoders' usual prefix
+            out += [c.removeprefix("model."), "model." + c]
+        return out
 
     def _lookup(self, name: str) -> str | None:
         c = canonical_name(name)
-        for candidate in (c, c.removeprefix("model."), "model." + c):
-            if candidate in self.files:
-                return candidate
+        for alias in [c] + [a for a in self._aliases.get(c, ()) if a != c]:
+            for candidate in self._candidates(alias):
+                if candidate in self.files:
+                    return candidate
         return None
 
     def has(self, name: str) -> bool:
         return self._lookup(name) is not None
+
+    def audit(self, model: torch.nn.Module, created: set[str]) -> LoadReport:
+        """Check that every parameter comes from the checkpoint or is one the recipe creates (`created`,
+        canonical names); raise WeightsError naming the others. Call after `bind`."""
+        loaded, made, missing, used = [], [], [], set()
+        for name, _ in model.named_parameters():
+            c = canonical_name(name)
+            key = self._lookup(name)
+            if key is not None:
+                loaded.append(c)
+                used.add(key)
+            elif c in created or "lora_magnitude_vector" in c:
+                made.append(c)
+            else:
+                missing.append(c)
+        if missing:
+            raise WeightsError(
+                f"{self.folder}: {len(missing)} parameter(s) of {type(model).__name__} are not in the checkpoint and "
+                f"are not created by the recipe: {_names(missing, 8)}. Training would start them from random "
+                f"values. The folder's weights do not fit its config.json (checkpoint tensors look like "
+                f"{_names(sorted(self.files), 3)}); use the folder the model was saved to, or fix config.json")
+        # Buffers a folder may also hold (BERT's position_ids) are rebuilt by the model, not loaded: not counted.
+        buffers = {self._lookup(n) for n, _ in model.named_buffers()} - {None}
+        tensors = set(self.files) - buffers
+        return LoadReport(loaded=loaded, created=made, unused=sorted(tensors - used), total=len(tensors))
 
     def rows(self, name: str, shape: torch.Size, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows [start, stop) along dim 0 of parameter `name` (all of it for a 0-d tensor)."""

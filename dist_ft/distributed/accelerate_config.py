@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 
 from ..config import Recipe
+from .deepspeed_config import flatten_keys
 
 _FULL_SHARD = {"true", "1", "full_shard"}  # reshard_after_forward (FSDP2: a bool; FSDP1: a sharding strategy)
 _SCHEDULER_KEYS = {  # DeepSpeed scheduler params -> the recipe keys that do their job
@@ -190,16 +191,6 @@ def _deepspeed_problems(recipe: Recipe, env: dict[str, str]) -> list[str]:
     return problems
 
 
-def _flatten(cfg: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in cfg.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _same_file(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -224,7 +215,7 @@ def deepspeed_file_problems(recipe: Recipe, path: str, *, world_size: int | None
     d, t = recipe.distributed, recipe.training
     if d.deepspeed_config is not None and _same_file(d.deepspeed_config, path):
         return []  # the recipe's own JSON: resolve_deepspeed_config checks it against the recipe
-    flat = _flatten(cfg)
+    flat = flatten_keys(cfg)
     problems, owned = [], set()
 
     def check(key: str, want, recipe_key: str, fix) -> None:
@@ -307,7 +298,7 @@ def _other_keys_problem(what: str, path: str, flat: dict, owned: set, recipe: Re
         template, source = load_template(recipe)
     except (OSError, ValueError):
         return []  # the recipe's own deepspeed_config is unreadable: preflight says so
-    theirs = _flatten(template)
+    theirs = flatten_keys(template)
     differ = [f"{k}: {_yaml(v)}" for k, v in flat.items()
               if k not in owned and not k.startswith("scheduler.") and v != "auto" and theirs.get(k) != v]
     if not differ:

@@ -80,10 +80,21 @@ def resolve_deepspeed_config(template: dict, recipe: Recipe, *, world_size: int,
         "optimizer.params.eps": t.adam_eps,
         "optimizer.params.weight_decay": t.weight_decay,
     }
+    # Precision and clipping are written even where the user's JSON leaves them out: DeepSpeed's own defaults
+    # (fp32, clipping off) would otherwise replace the recipe's without a word.
+    created = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "zero_optimization.stage",
+               "gradient_clipping", "bf16.enabled", "fp16.enabled"}
+    if "optimizer" in cfg:
+        problems += _optimizer_problems(cfg["optimizer"], recipe, source)
+        created |= {k for k in owned if k.startswith("optimizer.params.")}
     for key, value in owned.items():
-        _walk_set(cfg, key, value, source, problems, create=key in ("train_micro_batch_size_per_gpu",
-                                                                     "gradient_accumulation_steps",
-                                                                     "zero_optimization.stage"))
+        _walk_set(cfg, key, value, source, problems, create=key in created)
+    if "scheduler" in cfg:
+        kind = cfg["scheduler"].get("type", "?") if isinstance(cfg["scheduler"], dict) else "?"
+        # Two schedules on one optimizer fight: DeepSpeed's writes the lr, then dist_ft's scales what it finds.
+        problems.append(f"{source}: scheduler ({kind}): dist_ft schedules the learning rate from the recipe; remove "
+                        "the scheduler section and set training.learning_rate, training.warmup_steps, "
+                        "training.lr_scheduler (cosine | linear | constant) and training.min_lr_ratio instead")
     zero = cfg.setdefault("zero_optimization", {})
     # Offload: the recipe's `distributed.offload` decides; a template's explicit devices must agree with it.
     want_opt = d.offload in ("optimizer", "all")
@@ -113,10 +124,59 @@ def resolve_deepspeed_config(template: dict, recipe: Recipe, *, world_size: int,
     for key in ("offload_optimizer", "offload_param"):
         if isinstance(zero.get(key), dict) and zero[key].get("pin_memory") == AUTO:
             zero[key]["pin_memory"] = gpu
-    leftover = [k for k, v in _flatten(cfg).items() if v == AUTO]
+    leftover = [k for k, v in flatten_keys(cfg).items() if v == AUTO]
     if leftover:
         problems.append(f"{source}: no recipe value fills {', '.join(leftover)}; give them explicit values")
     return cfg, problems
+
+
+def _optimizer_problems(section, recipe: Recipe, source: str) -> list[str]:
+    """A DeepSpeed `optimizer` section builds the optimizer inside DeepSpeed (its CPU Adam for offload): it must be
+    the recipe's optimizer, with the recipe's hyperparameters (filled into `params` by the caller)."""
+    if not isinstance(section, dict) or not isinstance(section.get("params", {}), dict):
+        return [f"{source}: optimizer must be an object {{\"type\": \"AdamW\", \"params\": {{...}}}}"]
+    kind = str(section.get("type", ""))
+    if recipe.training.optimizer != "adamw":
+        return [f"{source}: optimizer ({kind}) and training.optimizer {recipe.training.optimizer} disagree; remove "
+                "the optimizer section (dist_ft builds the recipe's optimizer) or set training.optimizer: adamw"]
+    if kind.lower() not in ("adam", "adamw"):
+        return [f"{source}: optimizer type {kind!r}: the recipe trains with AdamW (training.optimizer); write "
+                "\"type\": \"AdamW\" or remove the optimizer section"]
+    section.setdefault("params", {})
+    return []
+
+
+def deepspeed_problems(cfg: dict, *, source: str) -> list[str]:
+    """What DeepSpeed's own config model says of a resolved config, as messages naming each field (it would
+    otherwise say it as a traceback on every rank at launch). The global `train_batch_size` is left out: DeepSpeed
+    would check it against the world size of this process, and resolve_deepspeed_config checks it against the
+    launch's."""
+    import logging
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    ds_logger = logging.getLogger("DeepSpeed")
+    level = ds_logger.level
+    ds_logger.setLevel(logging.ERROR)
+    try:
+        DeepSpeedConfig({k: copy.deepcopy(v) for k, v in cfg.items() if k != "train_batch_size"})
+    except ValidationError as exc:
+        # DeepSpeed validates section by section: an error's location starts inside the section.
+        return [f"{source}: DeepSpeed rejects {_locate(cfg, [str(x) for x in e['loc']])}: {e['msg']}"
+                for e in exc.errors()]
+    except (AssertionError, ValueError, KeyError, TypeError) as exc:
+        return [f"{source}: DeepSpeed rejects the config: {exc}"]
+    finally:
+        ds_logger.setLevel(level)
+    return []
+
+
+def _locate(cfg: dict, loc: list[str]) -> str:
+    """The dotted path in `cfg` of a key that DeepSpeed reports relative to one of its sections."""
+    tail = ".".join(loc)
+    hits = [k for k in flatten_keys(cfg) if k == tail or k.endswith("." + tail)]
+    return hits[0] if hits else (tail or "the config")
 
 
 def recipe_uses_gpu() -> bool:
@@ -124,12 +184,12 @@ def recipe_uses_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def _flatten(cfg: dict, prefix: str = "") -> dict:
+def flatten_keys(cfg: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in cfg.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten_keys(v, key + "."))
         else:
             out[key] = v
     return out

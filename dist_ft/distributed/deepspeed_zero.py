@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .activation_checkpointing import enable_activation_checkpointing
-from .deepspeed_config import load_template, resolve_deepspeed_config
+from .deepspeed_config import deepspeed_problems, load_template, resolve_deepspeed_config
 from .strategy import OptimizerFactory, StepResult, Strategy, _to_float
 
 
@@ -169,6 +169,8 @@ class DeepSpeedStrategy(Strategy):
         template, source = load_template(self.recipe)
         cfg, problems = resolve_deepspeed_config(template, self.recipe, world_size=self.topo.world_size,
                                                  hidden_size=hidden_size, source=source)
+        if not problems:  # as `dist-ft check` does, so DeepSpeed never says it as a traceback on every rank
+            problems = deepspeed_problems(cfg, source=source)
         if problems:
             from ..config import RecipeError
             raise RecipeError(problems, source)
@@ -193,7 +195,7 @@ class DeepSpeedStrategy(Strategy):
             from transformers.integrations import HfDeepSpeedConfig
             self._hf_ds_config = HfDeepSpeedConfig(cfg)
             model = builder.build_meta(context=contextlib.nullcontext())
-            weights = builder.weights()
+            weights = builder.weights(model)
             self._load_partitioned(model, weights, deepspeed)
         else:
             model = builder.build()
@@ -222,6 +224,26 @@ class DeepSpeedStrategy(Strategy):
             self._grads = _GradientRelease(self.engine.optimizer, dist.get_rank())
         # The scheduler drives the torch optimizer inside DeepSpeed's ZeRO wrapper (same param_group dicts).
         self.optimizer = getattr(optimizer, "optimizer", optimizer)
+        self._check_engine()
+
+    def _check_engine(self) -> None:
+        """Read back from the engine what it will do and compare with the recipe: a JSON that resolved right but
+        was read otherwise by DeepSpeed must not train silently in another precision or with other clipping."""
+        e, t = self.engine, self.recipe.training
+        self._actual = {"bf16": bool(e.bfloat16_enabled()), "fp16": bool(e.fp16_enabled()),
+                        "gradient_clipping": float(e.gradient_clipping() or 0.0),
+                        "optimizer": type(self.optimizer).__name__}
+        want = {"bf16": self.recipe.distributed.precision == "bf16-mixed",
+                "fp16": self.recipe.distributed.precision == "fp16-mixed",
+                "gradient_clipping": float(t.max_grad_norm or 0.0)}
+        wrong = {k: (self._actual[k], v) for k, v in want.items() if self._actual[k] != v}
+        if wrong:
+            raise RuntimeError(f"DeepSpeed engine disagrees with the recipe (engine, recipe): {wrong}")
+
+    def describe(self) -> str:
+        a = self._actual
+        return (f"DeepSpeed ZeRO-{self.stage}: bf16 {'on' if a['bf16'] else 'off'}, fp16 {'on' if a['fp16'] else 'off'}"
+                f", gradient clipping {a['gradient_clipping'] or 'off'}, optimizer {a['optimizer']}")
 
     def _load_partitioned(self, model: torch.nn.Module, weights, deepspeed) -> None:
         with torch.no_grad():

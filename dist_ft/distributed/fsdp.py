@@ -60,7 +60,7 @@ class FSDP2Strategy(Strategy):
         fully_shard(model, **kwargs)
         buffers = {n: b.clone() for n, b in model.named_buffers() if b.device.type != "meta"}
         model.to_empty(device="cpu" if offload != "none" else self.topo.device)
-        weights = builder.weights()
+        weights = builder.weights(model)
         self._load_shards(model, weights, buffers)
         self.model = model
         self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
