@@ -37,6 +37,8 @@ def test_minilm_classifier_learns_categories(tmp_path):
     })
     res = run_cli("train", str(path), timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
+    # The pretrained encoder, not a random one: every tensor of the bare BertModel folder is loaded.
+    assert "[weights] loaded 103 of 103 pretrained tensors; 2 created by the recipe" in res.stdout, res.stdout
     _, evals = read_metrics(out)
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert evals[-1]["eval_accuracy"] > evals[0]["eval_accuracy"]

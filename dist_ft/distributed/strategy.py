@@ -51,11 +51,11 @@ class Strategy(ABC):
         """Build the model through `builder` (model.ModelBuilder: `build()` whole, or `build_meta()` plus
         `weights()` for shard-wise loading), shard it, and create the optimizer over its trainable parameters."""
 
-    @abstractmethod
     def describe(self) -> str | None:
         """What the backend was configured to do, as read back from it (logged once after setup)."""
         return None
 
+    @abstractmethod
     def unwrap(self) -> torch.nn.Module:
         """The user's model (a Hugging Face or PEFT module), for saving and generation."""
 
