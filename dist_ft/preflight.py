@@ -158,7 +158,7 @@ def strategy_problems(recipe: Recipe, *, world_size: int | None = None) -> list[
     import importlib.util
     if importlib.util.find_spec("deepspeed") is None:
         return [f"distributed.strategy: {d.strategy} needs DeepSpeed: pip install 'dist-ft[deepspeed]'"]
-    from .distributed.deepspeed_config import load_template
+    from .distributed.deepspeed_config import deepspeed_json_problems, load_template
     try:
         template, source = load_template(recipe)
     except FileNotFoundError:
@@ -169,31 +169,6 @@ def strategy_problems(recipe: Recipe, *, world_size: int | None = None) -> list[
         return [f"distributed.deepspeed_config: {d.deepspeed_config} must hold a JSON object"]
     return [f"distributed.deepspeed_config: {p}"
             for p in deepspeed_json_problems(template, recipe, source=source, world_size=world_size)]
-
-
-def deepspeed_json_problems(template: dict, recipe: Recipe, *, source: str, world_size: int | None = None) -> list[str]:
-    """Everything wrong with a DeepSpeed JSON for this recipe: what the recipe owns (resolve_deepspeed_config),
-    then DeepSpeed's own validation of the resolved config. Without a world size (`dist-ft check`), an explicit
-    `train_batch_size` is only checked for divisibility; `dist-ft launch` and every rank check it exactly."""
-    from .distributed.deepspeed_config import AUTO, flatten_keys, deepspeed_problems, resolve_deepspeed_config
-
-    t = recipe.training
-    explicit = template.get("train_batch_size")
-    problems = []
-    if world_size is None:
-        per_rank = t.micro_batch_size * t.gradient_accumulation_steps
-        if isinstance(explicit, int) and explicit % per_rank:
-            problems.append(f"{source}: train_batch_size {explicit} is not a multiple of training.micro_batch_size "
-                            f"x training.gradient_accumulation_steps = {per_rank}; write \"auto\" there")
-        template = {k: v for k, v in template.items() if k != "train_batch_size"}
-    cfg, resolve = resolve_deepspeed_config(template, recipe, world_size=world_size or 1, source=source)
-    problems += resolve
-    # DeepSpeed's own verdict too, so that every problem shows at once; less what it says of fields still "auto"
-    # (already reported above as left unfilled).
-    unfilled = {k for k, v in flatten_keys(cfg).items() if v == AUTO}
-    problems += [p for p in deepspeed_problems(cfg, source=source)
-                 if not any(f"rejects {k}:" in p for k in unfilled)]
-    return problems
 
 
 # What tools keep in the run directory before training starts (`dist-ft slurm` writes its batch script and the

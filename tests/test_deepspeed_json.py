@@ -15,8 +15,7 @@ import pytest
 
 from conftest import read_metrics, run_cli, tiny_recipe, write_recipe
 from dist_ft.config import load_recipe
-from dist_ft.distributed.deepspeed_config import resolve_deepspeed_config
-from dist_ft.preflight import deepspeed_json_problems
+from dist_ft.distributed.deepspeed_config import deepspeed_json_problems, resolve_deepspeed_config
 from dist_ft.schedule import lr_factor
 
 # transformers tests/deepspeed/ds_config_zero2.json, as its docs tell users to write it.

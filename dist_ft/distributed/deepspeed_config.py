@@ -130,6 +130,30 @@ def resolve_deepspeed_config(template: dict, recipe: Recipe, *, world_size: int,
     return cfg, problems
 
 
+def deepspeed_json_problems(template: dict, recipe: Recipe, *, source: str,
+                            world_size: int | None = None) -> list[str]:
+    """Everything wrong with a DeepSpeed JSON for this recipe: what the recipe owns (resolve_deepspeed_config),
+    then DeepSpeed's own validation of the resolved config. Without a world size (`dist-ft check`), an explicit
+    `train_batch_size` is only checked for divisibility; `dist-ft launch` and every rank check it exactly."""
+    t = recipe.training
+    explicit = template.get("train_batch_size")
+    problems = []
+    if world_size is None:
+        per_rank = t.micro_batch_size * t.gradient_accumulation_steps
+        if isinstance(explicit, int) and explicit % per_rank:
+            problems.append(f"{source}: train_batch_size {explicit} is not a multiple of training.micro_batch_size "
+                            f"x training.gradient_accumulation_steps = {per_rank}; write \"auto\" there")
+        template = {k: v for k, v in template.items() if k != "train_batch_size"}
+    cfg, resolve = resolve_deepspeed_config(template, recipe, world_size=world_size or 1, source=source)
+    problems += resolve
+    # DeepSpeed's own verdict too, so that every problem shows at once; less what it says of fields still "auto"
+    # (already reported above as left unfilled).
+    unfilled = {k for k, v in flatten_keys(cfg).items() if v == AUTO}
+    problems += [p for p in deepspeed_problems(cfg, source=source)
+                 if not any(f"rejects {k}:" in p for k in unfilled)]
+    return problems
+
+
 def _optimizer_problems(section, recipe: Recipe, source: str) -> list[str]:
     """A DeepSpeed `optimizer` section builds the optimizer inside DeepSpeed (its CPU Adam for offload): it must be
     the recipe's optimizer, with the recipe's hyperparameters (filled into `params` by the caller)."""
