@@ -132,6 +132,22 @@ def test_a_tensor_neither_in_the_folder_nor_created_is_refused_by_name(tmp_path,
         builder.weights(builder.build_meta())
 
 
+def test_a_sharded_folder_is_read_through_its_index(tmp_path, tiny_llama):
+    """Row reads on the meta path (FSDP2's) follow model.safetensors.index.json across shard files."""
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_llama).save_pretrained(sharded, max_shard_size="40KB")
+    assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("*.safetensors"))) > 2
+    builder = _builder(_recipe(tmp_path, sharded, "causal_lm"), sharded)
+    model = builder.build_meta()
+    weights = builder.weights(model)
+    ref = _reference(sharded, "causal_lm", None)
+    for name, p in model.named_parameters():
+        assert torch.equal(weights.rows(name, p.shape, 0, p.shape[0], torch.float32), ref[name]), name
+    assert len(builder.load_report.loaded) == len(dict(model.named_parameters())) and not builder.load_report.created
+
+
 def test_prefix_resolution_both_ways(tiny_llama):
     """A head model over a bare folder, and a bare model over a head folder: both resolve, as in from_pretrained."""
     w = ModelWeights(tiny_llama, seed=0, prefix="model")
