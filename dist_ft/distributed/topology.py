@@ -3,8 +3,8 @@
 Every launcher announces ranks in its own way: torchrun, `accelerate launch` and the `deepspeed` launcher set
 RANK / WORLD_SIZE / LOCAL_RANK; `srun` without torchrun sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID. One
 process started by hand sets nothing and needs no launcher. This module is the one place that reads them, picks
-NCCL on GPUs and gloo elsewhere, maps a rank to its device, sets thread counts, and applies the collective
-timeout from the recipe so that a dead peer ends the job instead of hanging it.
+NCCL on GPUs (with gloo beside it for CPU tensors) and gloo elsewhere, maps a rank to its device, sets thread
+counts, and applies the collective timeout from the recipe so that a dead peer ends the job instead of hanging it.
 """
 
 from __future__ import annotations
@@ -88,23 +88,63 @@ def read_ranks() -> tuple[int, int, int, int, str]:
     return rank, world, local, local_world, launcher
 
 
+def process_group_backend(*, cuda_available: bool) -> str:
+    """The backend string for `init_process_group`.
+
+    On GPUs, NCCL for CUDA tensors and gloo for CPU tensors in one group (as torchtitan does): FSDP2 with
+    `offload: params|all` keeps gradients as CPU DTensors, and clipping or `full_tensor()` then all-reduces CPU
+    tensors, which an NCCL-only group refuses ("No backend type associated with device type cpu"). A gloo
+    sub-backend costs nothing until a CPU collective runs, so it is always there rather than only with offload
+    (checkpoint and object collectives on CPU tensors need it too).
+    """
+    return "cuda:nccl,cpu:gloo" if cuda_available else "gloo"
+
+
+# Launchers that start every local rank from one environment: all of them see the same CUDA devices, so one visible
+# GPU for several local ranks means they would share it. srun (and a hand-made RANK/LOCAL_RANK setup) may instead
+# give each task its own GPU (`--gpus-per-task=1`, `--gpu-bind`, CUDA_VISIBLE_DEVICES per process).
+_SHARED_ENV_LAUNCHERS = ("torchrun", "accelerate", "deepspeed")
+
+
+def cuda_device_index(*, local_rank: int, local_world_size: int, visible_devices: int, launcher: str) -> int:
+    """Which of the CUDA devices this process sees is its own.
+
+    - one visible device: it is ours (cuda:0), as under srun with per-task GPU binding, where every task sees only
+      its GPU whatever its local rank;
+    - otherwise the local rank indexes the node's devices (torchrun and friends: every rank sees them all).
+    Anything else (fewer devices than local ranks) is an error naming the arithmetic, raised on every rank so
+    that none waits for peers that cannot start.
+    """
+    if visible_devices < 1:
+        raise RuntimeError(f"local rank {local_rank} sees no CUDA device (CUDA_VISIBLE_DEVICES empty or -1?)")
+    if visible_devices == 1 and (local_world_size == 1 or launcher not in _SHARED_ENV_LAUNCHERS):
+        return 0
+    if local_world_size <= visible_devices and local_rank < visible_devices:
+        return local_rank
+    if visible_devices == 1:
+        raise RuntimeError(f"{local_world_size} processes per node under {launcher} but each sees one GPU: they "
+                           "would share it. Start at most one process per GPU")
+    raise RuntimeError(f"local rank {local_rank} has no GPU: {local_world_size} processes per node but this one "
+                       f"sees {visible_devices} GPU(s); start at most that many processes per node, or bind one GPU "
+                       "per task (srun --gpus-per-task=1)")
+
+
 def init_distributed(*, timeout_seconds: int, threads_per_process: int | None = None) -> Topology:
     rank, world, local, local_world, launcher = read_ranks()
     if torch.cuda.is_available():
-        if local >= torch.cuda.device_count():
-            raise RuntimeError(f"local rank {local} has no GPU: this node has {torch.cuda.device_count()}; start "
-                               "at most that many processes per node")
-        device = torch.device("cuda", local)
+        index = cuda_device_index(local_rank=local, local_world_size=local_world,
+                                  visible_devices=torch.cuda.device_count(), launcher=launcher)
+        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
         # TF32 matmuls on Ampere and later: fp32 recipes run ~8x faster at ~1e-3 relative error, as every
         # framework does by default for training.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        backend = "nccl"
+        backend = process_group_backend(cuda_available=True)
         # Surface NCCL errors as exceptions (and so within the timeout) instead of hangs.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     else:
-        device, backend = torch.device("cpu"), "gloo"
+        device, backend = torch.device("cpu"), process_group_backend(cuda_available=False)
         threads = threads_per_process or max(1, (os.cpu_count() or 1) // max(1, local_world))
         torch.set_num_threads(threads)
     timeout = datetime.timedelta(seconds=timeout_seconds)
@@ -113,7 +153,7 @@ def init_distributed(*, timeout_seconds: int, threads_per_process: int | None = 
             # One process started by hand: an in-memory store, no port to pick or to collide on.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
-            kwargs = {"device_id": device} if backend == "nccl" else {}
+            kwargs = {"device_id": device} if device.type == "cuda" else {}
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **kwargs)
     topo = Topology(rank, world, local, local_world, device, backend, launcher)
     # Launchers on CPU have traps where N processes silently train alone or all claim rank 0: check what the
