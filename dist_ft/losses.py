@@ -84,6 +84,23 @@ def _kept_by_producer(t: torch.Tensor) -> bool:
     return fn is not None and hasattr(fn, "_saved_result")
 
 
+# One chunk's fp32 temporary on an accelerator: 256 MB, i.e. 512 rows at a 128k vocabulary, 1,365 at 49k. A chunk
+# costs about ten kernel launches whatever its size, so CPU-sized chunks (8-21 rows there) would make the loss
+# thousands of tiny launches per micro-step; 256 MB is small beside the [tokens, vocab] gradient the loss keeps.
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
+
+
+def chunk_rows(*, device_type: str, vocab: int) -> int:
+    """Rows of [tokens, vocab] logits the loss works on at a time, on a device of this type ("cpu", "cuda", ...).
+
+    On a CPU a chunk's fp32 copy should stay in cache (~4 MB), and a loop iteration costs next to nothing. On a
+    GPU (or any accelerator) each iteration is a handful of kernel launches, so chunks are made large. The logits'
+    dtype does not enter: the working copy is fp32 whatever they are, and writing it back casts without a temporary.
+    """
+    elements = _CrossEntropySum.CHUNK_ELEMENTS if device_type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+    return max(1, elements // max(1, vocab))
+
+
 class _CrossEntropySum(torch.autograd.Function):
     """Summed token cross-entropy whose gradient is worked out during the forward, a few rows at a time.
 
@@ -95,7 +112,7 @@ class _CrossEntropySum(torch.autograd.Function):
     when the gradient is written over them (reuse_logits). Values are fp32 throughout.
     """
 
-    CHUNK_ELEMENTS = 1 << 20  # rows per chunk such that one chunk's fp32 temporary stays ~4 MB
+    CHUNK_ELEMENTS = 1 << 20  # on a CPU: rows per chunk such that one chunk's fp32 temporary stays ~4 MB
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, reuse_logits: bool = False) -> torch.Tensor:
@@ -103,7 +120,7 @@ class _CrossEntropySum(torch.autograd.Function):
         # Each chunk is copied before its rows are overwritten, so writing the gradient over the logits is safe.
         grad = logits if reuse_logits else torch.empty_like(logits)
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        rows = max(1, _CrossEntropySum.CHUNK_ELEMENTS // max(1, vocab))
+        rows = chunk_rows(device_type=logits.device.type, vocab=vocab)
         for start in range(0, n, rows):
             x = logits[start:start + rows].to(torch.float32, copy=True)  # worked on in place below
             t = targets[start:start + rows]
