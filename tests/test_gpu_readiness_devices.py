@@ -8,6 +8,8 @@ buffer placement, DeepSpeed accelerator, bf16 support, memory figures) the input
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -73,3 +75,54 @@ def test_cuda_device_index_refuses_layouts_without_a_gpu_per_rank(launcher, loca
     for r in range(local_world):
         with pytest.raises(RuntimeError, match=message.replace("(", r"\(").replace(")", r"\)")):
             cuda_device_index(local_rank=r, local_world_size=local_world, visible_devices=visible, launcher=launcher)
+
+
+# --- item 3: FSDP2 with offload keeps parameters in host memory but buffers on the compute device ---------------
+
+
+@pytest.mark.parametrize("offload", ["params", "all"])
+def test_fsdp_offload_puts_buffers_on_the_compute_device(offload):
+    from dist_ft.distributed.fsdp import placement
+
+    gpu = torch.device("cuda", 3)
+    where = placement(offload=offload, device=gpu)
+    assert where.params == torch.device("cpu")  # CPUOffloadPolicy: FSDP2 copies shards to the device per unit
+    assert where.buffers == gpu  # BERT indexes position_ids/token_type_ids with device tensors in the forward
+    assert placement(offload="none", device=gpu) == type(where)(params=gpu, buffers=gpu)
+
+
+def test_move_buffers_leaves_parameters_in_place():
+    from dist_ft.distributed.fsdp import move_buffers
+
+    with torch.device("meta"):
+        model = torch.nn.BatchNorm1d(4)
+    model.to_empty(device="cpu")
+    move_buffers(model, torch.device("meta"))  # a stand-in for the GPU: any device other than the parameters'
+    assert {b.device.type for b in model.buffers()} == {"meta"}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_fsdp_offload_trains_a_bert_classifier_on_two_ranks(tmp_path):
+    from conftest import read_metrics, run_cli, tiny_recipe, write_jsonl, write_recipe
+    from test_pretrained_weights import _tiny_bert
+
+    bert = _tiny_bert(tmp_path / "tiny-bert")
+    words = {"red": ["red apple", "red fire", "red rose"], "blue": ["blue sea", "blue sky", "blue ice"],
+             "green": ["green leaf", "green grass", "green frog"]}
+    data = write_jsonl(tmp_path / "cls.jsonl", [{"text": t, "label": lab} for lab, ts in words.items()
+                                                 for t in ts] * 8)
+    out = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        bert, out, model={"task": "sequence_classification", "path": str(bert)},
+        data={"train": str(data), "format": "classification", "eval_fraction": 0.25, "max_train_samples": None,
+              "max_eval_samples": None},
+        training={"max_steps": 6, "learning_rate": 1e-2},
+        distributed={"strategy": "fsdp", "offload": "all"}))
+    res = run_cli("launch", str(path), "--nproc-per-node", "2")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start" and start["world_size"] == 2
+    train, evals = read_metrics(out)
+    assert len(train) == 6 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+

@@ -11,6 +11,8 @@ decoder declares them), else the repeated children of the first `nn.ModuleList`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -32,6 +34,31 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
             return list(m)
     raise ValueError(f"{type(model).__name__}: no transformer blocks found to shard (no _no_split_modules and no "
                      "ModuleList of identical blocks); use distributed.strategy: ddp or zero3")
+
+
+@dataclass(frozen=True)
+class Placement:
+    params: torch.device  # where the local parameter shards are allocated
+    buffers: torch.device  # where buffers (position_ids, token_type_ids, rotary tables) live
+
+
+def placement(*, offload: str, device: torch.device) -> Placement:
+    """Where `to_empty` puts parameters and where buffers go, given `distributed.offload` and the rank's device.
+
+    With a CPU offload policy FSDP2 wants the sharded parameters in host memory and copies them to the device for
+    each unit's compute. Buffers are not sharded or managed by FSDP: they are read in the forward on the compute
+    device, so they must live there (BERT indexes its position_ids/token_type_ids buffers with device tensors).
+    """
+    params = torch.device("cpu") if offload != "none" else device
+    return Placement(params=params, buffers=device)
+
+
+def move_buffers(model: torch.nn.Module, device: torch.device) -> None:
+    """Every buffer of `model` to `device` in place (parameters stay where they are)."""
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device != device:
+                module._buffers[name] = buf.to(device)
 
 
 class FSDP2Strategy(Strategy):
@@ -59,7 +86,9 @@ class FSDP2Strategy(Strategy):
             fully_shard(outp, **kwargs)
         fully_shard(model, **kwargs)
         buffers = {n: b.clone() for n, b in model.named_buffers() if b.device.type != "meta"}
-        model.to_empty(device="cpu" if offload != "none" else self.topo.device)
+        where = placement(offload=offload, device=self.topo.device)
+        model.to_empty(device=where.params)
+        move_buffers(model, where.buffers)
         weights = builder.weights(model)
         self._load_shards(model, weights, buffers)
         self.model = model
