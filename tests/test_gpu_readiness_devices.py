@@ -126,3 +126,33 @@ def test_fsdp_offload_trains_a_bert_classifier_on_two_ranks(tmp_path):
     assert len(train) == 6 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
 
+
+# --- item 4: DS_ACCELERATOR=cpu only where nothing says there is a GPU -------------------------------------------
+
+ACCELERATOR_CASES = {
+    # (device files, environment, DS_ACCELERATOR to set)
+    "CPU machine": ([], {}, "cpu"),
+    "CPU machine, GPUs hidden": ([], {"CUDA_VISIBLE_DEVICES": ""}, "cpu"),
+    "CPU machine, CUDA_VISIBLE_DEVICES=-1": ([], {"CUDA_VISIBLE_DEVICES": "-1"}, "cpu"),
+    "CPU container, NVIDIA_VISIBLE_DEVICES=void": ([], {"NVIDIA_VISIBLE_DEVICES": "void"}, "cpu"),
+    "GPU 0 on the host": (["/dev/nvidia0", "/dev/nvidiactl", "/dev/nvidia-uvm"], {}, None),
+    # The bug: a container or pod given GPU 3 has /dev/nvidia3 only, and no CUDA_VISIBLE_DEVICES.
+    "container given GPU 3": (["/dev/nvidia3", "/dev/nvidiactl", "/dev/nvidia-uvm"], {}, None),
+    "container given GPU 12": (["/dev/nvidia12"], {}, None),
+    "only the control node visible": (["/dev/nvidiactl"], {}, None),
+    "NVIDIA runtime says which GPU": ([], {"NVIDIA_VISIBLE_DEVICES": "GPU-5d3c"}, None),
+    "CUDA_VISIBLE_DEVICES names a GPU": ([], {"CUDA_VISIBLE_DEVICES": "2"}, None),
+    "WSL2": (["/dev/dxg"], {}, None),
+    "ROCm": (["/dev/kfd"], {"HIP_VISIBLE_DEVICES": "0"}, None),
+    "the user chose": (["/dev/nvidia0"], {"DS_ACCELERATOR": "cuda"}, None),
+    "the user chose cpu": ([], {"DS_ACCELERATOR": "cpu"}, None),  # already set: nothing to add
+    "uvm and modeset are not GPUs": (["/dev/nvidia-uvm", "/dev/nvidia-modeset", "/dev/nvidia-caps"], {}, "cpu"),
+}
+
+
+@pytest.mark.parametrize("files, env, expected", ACCELERATOR_CASES.values(), ids=list(ACCELERATOR_CASES))
+def test_deepspeed_accelerator_override(files, env, expected):
+    from dist_ft._quiet import deepspeed_accelerator_override
+
+    assert deepspeed_accelerator_override(device_files=files, env=env) == expected
+
