@@ -156,3 +156,28 @@ def test_deepspeed_accelerator_override(files, env, expected):
 
     assert deepspeed_accelerator_override(device_files=files, env=env) == expected
 
+
+# --- item 10: bf16 refused on GPUs that would only emulate it ------------------------------------------------------
+
+
+@pytest.mark.parametrize("gpu, capability, native", [
+    ("V100", (7, 0), False), ("T4", (7, 5), False), ("A100", (8, 0), True), ("A10G", (8, 6), True),
+    ("L4", (8, 9), True), ("H100", (9, 0), True), ("B200", (10, 0), True)])
+def test_bf16_needs_compute_capability_8(gpu, capability, native):
+    from dist_ft.distributed.precision import has_native_bf16, hardware_problem
+
+    assert has_native_bf16(capability) is native
+    for precision in ("bf16-mixed", "bf16-true"):
+        problem = hardware_problem(precision, cuda_available=True, capability=capability)
+        assert (problem is None) is native, (gpu, problem)
+        if not native:
+            assert f"this one is {capability[0]}.{capability[1]}" in problem and "fp16-mixed" in problem
+    assert hardware_problem("fp16-mixed", cuda_available=True, capability=capability) is None
+    assert hardware_problem("fp32", cuda_available=True, capability=capability) is None
+
+
+def test_bf16_check_does_not_count_emulation():
+    """torch's own check says yes to emulated bf16 unless told otherwise: the decision must not rest on it."""
+    import inspect
+
+    assert inspect.signature(torch.cuda.is_bf16_supported).parameters["including_emulation"].default is True

@@ -44,15 +44,25 @@ def precision_plan(name: str) -> PrecisionPlan:
     return PLANS[name]
 
 
-def hardware_problem(name: str, *, cuda_available: bool | None = None, bf16_supported: bool | None = None) -> str | None:
+def has_native_bf16(capability: tuple[int, int]) -> bool:
+    """Whether a GPU of this compute capability computes in bfloat16 natively (Ampere, 8.0, and later).
+
+    Not `torch.cuda.is_bf16_supported()`: by default (`including_emulation=True`) it answers True on any GPU where
+    bf16 tensors can be made, so V100 (7.0) and T4 (7.5) would run bf16 emulated, many times slower than fp16.
+    """
+    return tuple(capability) >= (8, 0)
+
+
+def hardware_problem(name: str, *, cuda_available: bool | None = None,
+                     capability: tuple[int, int] | None = None) -> str | None:
     """Why this machine cannot run `name` (None when it can). Checked before any work starts."""
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
     if name == "fp16-mixed" and not cuda:
         return ("distributed.precision: fp16-mixed needs a CUDA GPU (loss scaling of float16 is not supported on "
                 "CPU); use bf16-mixed or fp32")
     if name in ("bf16-mixed", "bf16-true") and cuda:
-        ok = torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported
-        if not ok:
+        cc = torch.cuda.get_device_capability() if capability is None else capability
+        if not has_native_bf16(cc):
             return (f"distributed.precision: {name} needs a GPU with bfloat16 (compute capability 8.0+, e.g. A100, "
-                    "H100); use fp16-mixed on this GPU")
+                    f"H100; this one is {cc[0]}.{cc[1]}); use fp16-mixed on this GPU")
     return None
