@@ -6,17 +6,95 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 
-def peak_memory_mb(device) -> float:
-    """Peak memory of this process: CUDA max allocated on a GPU, peak resident set size on CPU."""
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class GpuMemoryStats:
+    """What CUDA reports for one device, in bytes (the allocator's peaks since the last reset)."""
+    allocated_peak: int  # torch.cuda.max_memory_allocated: tensors alive at the worst moment
+    reserved_peak: int  # torch.cuda.max_memory_reserved: what the caching allocator held from the device then
+    reserved_now: int  # torch.cuda.memory_reserved
+    device_free: int  # torch.cuda.mem_get_info()[0]
+    device_total: int  # torch.cuda.mem_get_info()[1]
+
+
+def gpu_memory_figures(stats: GpuMemoryStats) -> dict[str, float]:
+    """The memory figures of a step on a GPU, in MiB.
+
+    `peak_memory_mb` is meant to compare with `dist-ft plan` and with a CPU run's peak RSS, which both count
+    everything the process holds: the allocator's reserved peak plus the memory outside the allocator (CUDA
+    context, NCCL buffers, cuBLAS workspaces), taken as what the device has in use beyond what the allocator holds
+    now. That part is device-wide: another process on the same GPU would be counted too. `allocated_peak_mb` is
+    the tensors alone (what max_memory_allocated says), `reserved_peak_mb` adds the allocator's cache and
+    fragmentation, `device_used_mb` is the device's use at the time of reading.
+    """
+    used = stats.device_total - stats.device_free
+    outside_allocator = max(0, used - stats.reserved_now)
+    return {"peak_memory_mb": (stats.reserved_peak + outside_allocator) / MIB,
+            "allocated_peak_mb": stats.allocated_peak / MIB,
+            "reserved_peak_mb": stats.reserved_peak / MIB,
+            "device_used_mb": used / MIB}
+
+
+def read_gpu_memory(device) -> GpuMemoryStats:
     import torch
 
-    if getattr(device, "type", "cpu") == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+    free, total = torch.cuda.mem_get_info(device)
+    return GpuMemoryStats(allocated_peak=torch.cuda.max_memory_allocated(device),
+                          reserved_peak=torch.cuda.max_memory_reserved(device),
+                          reserved_now=torch.cuda.memory_reserved(device), device_free=free, device_total=total)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (a lifetime high: Linux keeps no resettable one in getrusage)."""
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class MemoryMeter:
+    """Peak memory per step, and over the run.
+
+    CUDA's peaks are lifetime highs unless reset: without a reset every step would report the worst moment of
+    loading or of the first evaluation. `start_step` folds what happened since the last reading (evaluation,
+    checkpoints) into the run's peak, then resets; `step` reads the step's own figures. On a CPU the figure is the
+    peak RSS, which cannot be reset, so it stays a lifetime high there.
+    """
+
+    def __init__(self, device, *, read: Callable[[], GpuMemoryStats] | None = None,
+                 reset: Callable[[], None] | None = None):
+        self._gpu = getattr(device, "type", "cpu") == "cuda" or read is not None
+        if self._gpu and read is None:
+            import torch
+            read, reset = (lambda: read_gpu_memory(device)), (lambda: torch.cuda.reset_peak_memory_stats(device))
+        self._read, self._reset = read, reset
+        self.run_peak_mb = 0.0
+
+    def step(self) -> dict[str, float]:
+        """The figures since the last `start_step` (MiB), folded into the run's peak."""
+        figures = gpu_memory_figures(self._read()) if self._gpu else {"peak_memory_mb": peak_rss_mb()}
+        self.run_peak_mb = max(self.run_peak_mb, figures["peak_memory_mb"])
+        return figures
+
+    def start_step(self) -> None:
+        if self._gpu:
+            self.step()
+            self._reset()
+
+    def run_peak(self) -> float:
+        """The highest `peak_memory_mb` of the run so far, up to now."""
+        self.step()
+        return self.run_peak_mb
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory of this process over its life so far (MiB): see `MemoryMeter` for the figure per step."""
+    return MemoryMeter(device).run_peak()
 
 
 def stopped_since(run_dir: Path, since: float) -> dict | None:

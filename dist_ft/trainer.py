@@ -44,7 +44,7 @@ from .schedule import make_scheduler
 from .preflight import LAUNCHER_FILES
 from .signals import StopRequest
 from .flops import device_peak, flops_per_token, mfu
-from .telemetry import Progress, peak_memory_mb
+from .telemetry import MemoryMeter, Progress
 from .tracking import Telemetry
 
 
@@ -319,6 +319,7 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
 
     if resume is not None:
         _restore_rng(resume, topo)
+    memory = MemoryMeter(topo.device)
     with StopRequest(deadline=recipe.distributed.timeout_seconds) as stop_request:
         for step in range(first_step, t.max_steps + 1):
             faults.inject("hang", step, topo.rank)
@@ -326,6 +327,7 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
             faults.inject("kill", step, topo.rank)
             faults.inject("signal", step, topo.rank)
             faults.inject("slow", step, topo.rank)
+            memory.start_step()  # GPU peaks per step, not since the model was loaded
             t0 = time.perf_counter()
             if unfreeze is not None:
                 strategy.grad_mask = unfreeze.frozen_params(step)
@@ -367,7 +369,7 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
                           "tokens": int(global_tokens), "useful_tokens": int(global_useful), "step_time": dt,
                           "tokens_per_s": global_tokens / dt, "useful_tokens_per_s": global_useful / dt,
                           "tokens_per_s_per_device": global_tokens / dt / topo.world_size,
-                          "samples_per_s": layout.global_batch / dt, "peak_memory_mb": peak_memory_mb(topo.device)}
+                          "samples_per_s": layout.global_batch / dt, **memory.step()}
                 if peak:
                     seq = tokens / max(1, sum(int(mb["input_ids"].shape[0]) for mb in micro))
                     record["mfu"] = mfu(flops_per_token(model_cfg, seq), global_tokens / dt, peak,
@@ -429,7 +431,7 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
     final = _save_final(strategy, tok, out / "final", topo)
     seconds = time.perf_counter() - t_start
     peaks = [None] * topo.world_size
-    dist.all_gather_object(peaks, round(peak_memory_mb(topo.device), 1))
+    dist.all_gather_object(peaks, round(memory.run_peak(), 1))
     _log(topo, f"[dist_ft] peak memory per rank (MiB): {peaks}")
     mix = feed.seen(state.samples_seen)
     if mix:

@@ -181,3 +181,79 @@ def test_bf16_check_does_not_count_emulation():
     import inspect
 
     assert inspect.signature(torch.cuda.is_bf16_supported).parameters["including_emulation"].default is True
+
+
+# --- item 12: GPU memory per step, with what lies outside the allocator ----------------------------------------------
+
+GIB = 2**30
+
+
+def test_gpu_memory_figures_count_context_and_reserve():
+    from dist_ft.telemetry import GpuMemoryStats, gpu_memory_figures
+
+    # An 80 GiB card: 20 GiB of tensors at the step's worst moment, the allocator held 24 GiB then and holds 22 now;
+    # the device has 25 GiB in use (the 3 GiB beyond the allocator: CUDA context, NCCL buffers, workspaces).
+    stats = GpuMemoryStats(allocated_peak=20 * GIB, reserved_peak=24 * GIB, reserved_now=22 * GIB,
+                           device_free=55 * GIB, device_total=80 * GIB)
+    figures = gpu_memory_figures(stats)
+    assert figures == {"peak_memory_mb": 27 * 1024, "allocated_peak_mb": 20 * 1024, "reserved_peak_mb": 24 * 1024,
+                       "device_used_mb": 25 * 1024}
+    # Nothing outside the allocator (as a mock or a shared reading might say): never below the reserved peak.
+    stats = GpuMemoryStats(allocated_peak=GIB, reserved_peak=2 * GIB, reserved_now=2 * GIB, device_free=79 * GIB,
+                           device_total=80 * GIB)
+    assert gpu_memory_figures(stats)["peak_memory_mb"] == 2 * 1024
+
+
+class FakeCuda:
+    """CUDA's allocator statistics as a sequence of phases: peaks rise with use and fall only on reset."""
+
+    def __init__(self):
+        self.allocated_peak = self.reserved_peak = self.now = 0
+        self.resets = 0
+
+    def use(self, gib: int) -> None:
+        self.now = gib * GIB
+        self.allocated_peak = max(self.allocated_peak, self.now)
+        self.reserved_peak = max(self.reserved_peak, self.now)
+
+    def read(self):
+        from dist_ft.telemetry import GpuMemoryStats
+        context = GIB
+        return GpuMemoryStats(self.allocated_peak, self.reserved_peak, self.now, 80 * GIB - self.now - context,
+                              80 * GIB)
+
+    def reset(self) -> None:
+        self.resets += 1
+        self.allocated_peak = self.reserved_peak = self.now
+
+
+def test_memory_meter_reports_each_steps_peak_and_keeps_the_runs():
+    from dist_ft.telemetry import MemoryMeter
+
+    cuda = FakeCuda()
+    meter = MemoryMeter(torch.device("cuda", 0), read=cuda.read, reset=cuda.reset)
+    cuda.use(30)  # loading the model: a transient the steps never see again
+    cuda.use(4)
+    steps = []
+    for step_peak in (10, 12, 11):
+        meter.start_step()
+        cuda.use(step_peak)
+        cuda.use(4)
+        steps.append(meter.step())
+        if step_peak == 12:
+            cuda.use(16)  # an evaluation between steps
+            cuda.use(4)
+    assert cuda.resets == 3
+    assert [s["allocated_peak_mb"] / 1024 for s in steps] == [10, 12, 11]  # not 30, 30, 30 (the lifetime high)
+    assert [s["peak_memory_mb"] / 1024 for s in steps] == [11, 13, 12]  # + the context outside the allocator
+    assert meter.run_peak() == 31 * 1024  # loading, with the context: the run's peak is still the lifetime's
+
+
+def test_memory_meter_on_cpu_is_the_peak_rss():
+    from dist_ft.telemetry import MemoryMeter
+
+    meter = MemoryMeter(torch.device("cpu"))
+    meter.start_step()
+    figures = meter.step()
+    assert set(figures) == {"peak_memory_mb"} and figures["peak_memory_mb"] > 10
+    assert meter.run_peak() >= figures["peak_memory_mb"]
