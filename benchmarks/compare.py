@@ -18,9 +18,11 @@ median over rounds is reported):
 The same work: dist_ft's data pipeline is run once here and its tokenised examples, in dist_ft's order, exported to
 a job folder (compare_common.py says what is in it). The raw loop reads those token ids; TRL gets the same records
 as prompt/completion messages, tokenises them itself (its token ids are checked against dist_ft's) and reads them in
-the same order (train_sampling_strategy: sequential). The LoRA adapter starts from dist_ft's initial values in all
-three. With packing a row holds ~2.5 examples of the same data: TRL packs the exported records (reading further along
-the same order), dist_ft packs with its own pipeline; each packed run is set against the other.
+the same order (train_sampling_strategy: sequential), under dist_ft's learning-rate schedule (trl_sft.py says why).
+The LoRA adapter starts from dist_ft's initial values in all three (tests/test_reference_trl.py checks that TRL
+then trains exactly what dist_ft trains). With packing a row holds ~2.5 examples of the same data: TRL packs the
+exported records (reading further along the same order), dist_ft packs with its own pipeline; each packed run is
+set against the other.
 
 Measured: useful (non-padding) tokens/s and seconds per step (medians over steps 3..N), peak resident memory per
 rank, the loss on 64 held-out examples after the last step (mean over answer tokens, evaluated the same way in

@@ -1,5 +1,6 @@
 """What the raw loop (raw_loop.py) and the TRL runner (trl_sft.py) of benchmarks/compare.py share, without dist_ft:
-reading the exported job, padding a micro-batch, the held-out loss, and each rank's peak memory.
+reading the exported job, the learning-rate schedule, padding a micro-batch, the held-out loss, and each
+rank's peak memory.
 
 The job folder is written once per invocation by compare.py from dist_ft's own data pipeline:
 
@@ -32,6 +33,15 @@ def read_job(job_dir: Path) -> dict:
 
 def read_examples(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """The job's schedule as dist_ft computes it (dist_ft/schedule.py, cosine to 0): multiplier of the peak learning
+    rate for optimizer step `step`, 0-based. The warm-up reaches step 0 at 1/warmup, not 0 as transformers' does."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

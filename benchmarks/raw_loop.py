@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -28,15 +27,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_common import (collate, count_targets, gather, heldout_loss, peak_rss_mb, read_examples,  # noqa: E402
-                            read_job, train_loss_sum)
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1 + math.cos(math.pi * progress))
+from compare_common import (collate, count_targets, gather, heldout_loss, lr_factor, peak_rss_mb,  # noqa: E402
+                            read_examples, read_job, train_loss_sum)
 
 
 def all_reduce(values: list[float]) -> list[float]:

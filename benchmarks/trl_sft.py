@@ -15,10 +15,19 @@ AdamW, as dist_ft's. `train_sampling_strategy="sequential"` makes the ranks read
 dist_ft does (accelerate gives rank r batches r, r+W, ...). The LoRA
 adapter is created with peft and set to dist_ft's initial values, then handed to SFTTrainer;
 `ddp_find_unused_parameters=False` because PyTorch warns that none are unused (what a user would then set).
+The loss is TRL's default, which is dist_ft's: summed over target tokens and divided by the target count of the
+whole step across ranks (`average_tokens_across_devices`, on by default), not a mean per micro-batch.
+
+The one setting a user cannot make TRL agree on is the warm-up: transformers' starts step 1 at learning rate 0
+(factor step/W), dist_ft's at 1/W (factor (step+1)/W, so no step is wasted). `--schedule job` (the default) hands
+the Trainer dist_ft's schedule (compare_common.lr_factor) so that the two do the same work; `--schedule
+transformers` keeps transformers' cosine with warm-up, what a TRL user gets from the same numbers.
 
 Measured through a callback (and the batches seen by `training_step`): seconds between step ends, non-padding
-tokens per step, peak RSS per rank, the held-out loss at the end (compare_common.heldout_loss, as the raw loop),
-and how many of the first examples TRL tokenised exactly as dist_ft did.
+tokens per step, the training loss, learning rate and gradient norm of every step (logging_steps=1: TRL's logged
+loss is the mean over ranks of loss x world / global targets, i.e. the step's mean loss per target token, as
+dist_ft's), peak RSS per rank, the held-out loss at the end (compare_common.heldout_loss, as the raw loop), and how
+many of the first examples TRL tokenised exactly as dist_ft did.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_common import gather, heldout_loss, peak_rss_mb, read_examples, read_job  # noqa: E402
+from compare_common import gather, heldout_loss, lr_factor, peak_rss_mb, read_examples, read_job  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", required=True, type=Path)
     p.add_argument("--packing", choices=["on", "off"], default="off")
     p.add_argument("--steps", type=int, default=None, help="default: the job's")
+    p.add_argument("--schedule", choices=["job", "transformers"], default="job",
+                   help="job: dist_ft's warm-up and cosine; transformers: TRL's own (step 1 at learning rate 0)")
     a = p.parse_args(argv)
 
     import peft
@@ -82,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         adam_beta2=job["betas"][1], adam_epsilon=job["eps"], max_grad_norm=job["max_grad_norm"],
         bf16=False, fp16=False, gradient_checkpointing=False, max_length=job["max_length"], packing=packing,
         completion_only_loss=True, train_sampling_strategy="sequential", seed=job["seed"], use_cpu=True,
-        ddp_backend="gloo", ddp_find_unused_parameters=False, dataloader_num_workers=0, logging_steps=10,
+        ddp_backend="gloo", ddp_find_unused_parameters=False, dataloader_num_workers=0, logging_steps=1,
         save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True)
 
     class Timed(SFTTrainer):
@@ -93,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
             mask = inputs.get("attention_mask")
             self.useful.append(int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel()))
             return super().training_step(model, inputs, num_items_in_batch)
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if a.schedule == "job" and self.lr_scheduler is None:
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer or self.optimizer, lambda s: lr_factor(s, job["warmup_steps"], job["steps"]))
+            return super().create_scheduler(num_training_steps, optimizer)
 
     class StepClock(TrainerCallback):
         def __init__(self):
@@ -123,14 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     loss = heldout_loss(trainer.model, heldout, pad_id=job["pad_id"], micro_batch=job["micro_batch"])
     useful = [sum(x) for x in zip(*gather(Timed.useful))]
     peaks = gather(round(peak_rss_mb(), 1))
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    logged = {h["step"]: h for h in trainer.state.log_history if "loss" in h}
     if (dist.get_rank() if dist.is_initialized() else 0) == 0:
-        records = [{"step": i + 1, "step_time": t, "useful_tokens": u} for i, (t, u) in
-                   enumerate(zip(clock.times, useful))]
-        a.out.write_text(json.dumps({"runner": "trl", "packing": packing, "world_size": world,
+        records = [{"step": i + 1, "step_time": t, "useful_tokens": u, "loss": logged[i + 1]["loss"],
+                    "lr": logged[i + 1]["learning_rate"], "grad_norm": logged[i + 1].get("grad_norm")}
+                   for i, (t, u) in enumerate(zip(clock.times, useful))]
+        a.out.write_text(json.dumps({"runner": "trl", "packing": packing, "schedule": a.schedule, "world_size": world,
                                      "threads": torch.get_num_threads(), "steps": records, "heldout_loss": loss,
-                                     "peak_mb": peaks, "logged_losses": losses, "tokenisation_matches": same},
-                                    indent=1))
+                                     "peak_mb": peaks, "tokenisation_matches": same}, indent=1))
         print(f"[trl] held-out loss {loss:.4f}; peak MiB per rank {peaks}; tokenisation {same}", flush=True)
     return 0
 
