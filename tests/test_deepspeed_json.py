@@ -118,6 +118,8 @@ def test_user_json_trains_with_the_recipe_lr_precision_and_clipping(tmp_path, ti
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     bf16 = "on" if precision == "bf16-mixed" else "off"
     assert f"DeepSpeed ZeRO-2: bf16 {bf16}, fp16 off, gradient clipping 0.5" in res.stdout, res.stdout[-3000:]
+    # Read back from the engine: bf16 compute, gradients still reduced and accumulated in fp32 (issue 21, item 9).
+    assert "gradients reduced in fp32 and accumulated in fp32" in res.stdout, res.stdout[-3000:]
     records, _ = read_metrics(tmp_path / "run")
     want = [1e-3 * lr_factor(s, warmup=2, total=4, kind="linear", min_ratio=0.0) for s in range(4)]
     got = [r["lr"] for r in records]
@@ -126,3 +128,85 @@ def test_user_json_trains_with_the_recipe_lr_precision_and_clipping(tmp_path, ti
     assert resolved["bf16"]["enabled"] is (precision == "bf16-mixed") and resolved["gradient_clipping"] == 0.5
     if "optimizer" in resolved:
         assert resolved["optimizer"]["params"]["lr"] == 1e-3
+    if precision == "bf16-mixed":
+        assert resolved["communication_data_type"] == "fp32" and resolved["data_types"]["grad_accum_dtype"] == "fp32"
+
+
+# ------------------------------------------------------------------------------------------- issue 21, items 6 and 9
+def _pure_recipe(tmp_path, **distributed):
+    r = tiny_recipe(tmp_path / "model", tmp_path / "run", distributed=distributed)
+    return load_recipe(str(write_recipe(tmp_path / "r.yaml", r)))
+
+
+OFFLOADS = [("zero1", "none"), ("zero1", "optimizer"), ("zero2", "none"), ("zero2", "optimizer"), ("zero3", "none"),
+            ("zero3", "optimizer"), ("zero3", "params"), ("zero3", "all")]
+
+
+@pytest.mark.parametrize("strategy,offload", OFFLOADS, ids=[f"{s}-{o}" for s, o in OFFLOADS])
+def test_every_offload_the_recipe_accepts_resolves_from_the_shipped_templates(tmp_path, strategy, offload):
+    """Every (strategy, offload) that the recipe check accepts resolves cleanly, DeepSpeed's own validation included,
+    and offloads exactly what the recipe says: ZeRO-3 + optimizer-only and params-only were refused (the template
+    held both offload blocks), ZeRO-1 + optimizer got the ZeRO-2 template (stage 2 against the recipe's 1)."""
+    from dist_ft.distributed.deepspeed_config import load_template
+
+    recipe = _pure_recipe(tmp_path, strategy=strategy, offload=offload)
+    template, source = load_template(recipe)
+    assert deepspeed_json_problems(template, recipe, source=source, world_size=2) == []
+    cfg, problems = resolve_deepspeed_config(template, recipe, world_size=2, source=source)
+    assert problems == []
+    zero = cfg["zero_optimization"]
+    assert zero["stage"] == int(strategy[-1])
+    devices = {k: zero[k]["device"] for k in ("offload_optimizer", "offload_param") if k in zero}
+    want = {k: "cpu" for k, on in (("offload_optimizer", offload in ("optimizer", "all")),
+                                   ("offload_param", offload in ("params", "all"))) if on}
+    assert devices == want
+    # Offloaded optimizer state steps in DeepSpeed's CPU Adam (its optimizer section); otherwise dist_ft's own.
+    assert ("optimizer" in cfg) == (offload in ("optimizer", "all"))
+
+
+def test_a_user_json_offload_device_still_has_to_agree(tmp_path):
+    recipe = _pure_recipe(tmp_path, strategy="zero3", offload="optimizer")
+    both = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                  "offload_param": {"device": "cpu"}}}
+    problems = deepspeed_json_problems(both, recipe, source="ds.json")
+    assert any("offload_param offloads to 'cpu' but distributed.offload is 'optimizer'" in p for p in problems)
+    auto = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "auto"},
+                                  "offload_param": {"device": "auto"}}}
+    cfg, problems = resolve_deepspeed_config(auto, recipe, world_size=1)
+    assert problems == [] and cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert "offload_param" not in cfg["zero_optimization"]
+
+
+@pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])
+def test_bf16_mixed_reduces_and_accumulates_gradients_in_fp32(tmp_path, strategy):
+    """Without these keys DeepSpeed reduces and accumulates bf16 gradients in bf16; DDP and FSDP2 reduce in fp32."""
+    from dist_ft.distributed.deepspeed_config import load_template
+
+    recipe = _pure_recipe(tmp_path, strategy=strategy, precision="bf16-mixed")
+    for template in (load_template(recipe)[0], {"zero_optimization": {"stage": int(strategy[-1])}}):
+        cfg, problems = resolve_deepspeed_config(template, recipe, world_size=2)
+        assert problems == []
+        assert cfg["communication_data_type"] == "fp32"
+        assert cfg["data_types"] == {"grad_accum_dtype": "fp32"}
+    # fp32 runs need no keys (DeepSpeed's default is fp32); fp16-mixed keeps DeepSpeed's fp16 reduce under its scale.
+    for precision in ("fp32",):
+        cfg, _ = resolve_deepspeed_config({"zero_optimization": {"stage": 2}},
+                                          _pure_recipe(tmp_path, strategy=strategy, precision=precision), world_size=2)
+        assert "communication_data_type" not in cfg and "data_types" not in cfg
+
+
+def test_a_different_gradient_dtype_in_a_user_json_is_a_conflict(tmp_path):
+    recipe = _pure_recipe(tmp_path, strategy="zero2", precision="bf16-mixed")
+    bf16_grads = {"zero_optimization": {"stage": 2}, "communication_data_type": "bf16",
+                  "data_types": {"grad_accum_dtype": "bf16"}}
+    problems = deepspeed_json_problems(bf16_grads, recipe, source="ds.json")
+    assert any("communication_data_type is 'bf16' but the recipe gives 'fp32'" in p for p in problems), problems
+    assert any("data_types.grad_accum_dtype is 'bf16' but the recipe gives 'fp32'" in p for p in problems), problems
+    # The same dtype spelled another way DeepSpeed reads, or "auto", agrees.
+    same = {"zero_optimization": {"stage": 2}, "communication_data_type": "FP32",
+            "data_types": {"grad_accum_dtype": "torch.float32"}}
+    assert deepspeed_json_problems(same, recipe, source="ds.json") == []
+    auto = {"zero_optimization": {"stage": 2}, "communication_data_type": "auto",
+            "data_types": {"grad_accum_dtype": "auto"}}
+    cfg, problems = resolve_deepspeed_config(auto, recipe, world_size=1)
+    assert problems == [] and cfg["communication_data_type"] == "fp32"

@@ -126,3 +126,14 @@ def test_gradient_release_zeroes_unwritten_slices():
     assert (views[1] == 0).all() and (views[2] == 0).all()  # no gradient / padding only: zeroed
     release.before_backward()  # a second micro-step adds to what is there: nothing is re-allocated or zeroed
     assert torch.isnan(views[0]).all()
+
+
+@pytest.mark.parametrize("offload", ["optimizer", "params"])
+def test_zero3_offload_of_one_kind(tmp_path, references, tiny_llama, offload):
+    """ZeRO-3 offloading only the optimizer state, or only the parameters, resolves from the shipped templates
+    (issue 21, item 6: both were refused, the template holding both offload blocks) and matches the reference."""
+    _check(tmp_path, references, tiny_llama, "llama", "zero3", offload, "full", False)
+    zero = json.loads((tmp_path / f"llama-zero3-{offload}-full-0" / "deepspeed_config.json").read_text()
+                      )["zero_optimization"]
+    offloaded = {k for k in ("offload_optimizer", "offload_param") if zero.get(k, {}).get("device") == "cpu"}
+    assert offloaded == {"optimizer": {"offload_optimizer"}, "params": {"offload_param"}}[offload], zero

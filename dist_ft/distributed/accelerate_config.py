@@ -256,7 +256,8 @@ def deepspeed_file_problems(recipe: Recipe, path: str, *, world_size: int | None
     for k, key in (("optimizer", "zero_optimization.offload_optimizer.device"),
                    ("params", "zero_optimization.offload_param.device")):
         owned.add(key)
-        devices[k] = (key, str(flat[key]).lower() if key in flat else None)
+        # "auto" (the shipped offload templates): the recipe's distributed.offload decides.
+        devices[k] = (key, str(flat[key]).lower() if flat.get(key, "auto") != "auto" else None)
     problems += _offload_problem(recipe, what, devices)
     owned.add("optimizer.type")
     kind = flat.get("optimizer.type")

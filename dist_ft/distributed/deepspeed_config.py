@@ -19,10 +19,13 @@ AUTO = "auto"
 
 
 def template_name(strategy: str, offload: str) -> str:
+    """The shipped template for a strategy and `distributed.offload`. Offloading the optimizer needs DeepSpeed's own
+    (CPU) Adam, so those templates carry an optimizer section; their offload devices are "auto" (the recipe says
+    which blocks are on). Parameter offload alone keeps dist_ft's optimizer: the resolver writes its block."""
     stage = int(strategy[-1])
-    if offload == "none":
-        return f"zero{stage}.json"
-    return "zero3_offload.json" if stage == 3 else "zero2_offload.json"
+    if offload in ("optimizer", "all"):
+        return f"zero{stage}_offload.json"
+    return f"zero{stage}.json"
 
 
 def load_template(recipe: Recipe) -> tuple[dict, str]:
@@ -55,9 +58,16 @@ def _walk_set(cfg: dict, dotted: str, value, source: str, problems: list[str], *
     current = node[leaf]
     if current == AUTO:
         node[leaf] = value
-    elif current != value and not (isinstance(current, list) and list(value) == current):
+    elif current != value and not (isinstance(current, list) and list(value) == current) and not _same_dtype(
+            current, value):
         problems.append(f"{source}: {dotted} is {current!r} but the recipe gives {value!r}; write \"auto\" there "
                         "(the recipe decides) or change the recipe to match")
+
+
+def _same_dtype(a, b) -> bool:
+    """DeepSpeed reads "fp32", "float32", "torch.float32" and "float" (any case) as one dtype."""
+    fp32 = {"fp32", "float32", "torch.float32", "float"}
+    return isinstance(a, str) and isinstance(b, str) and a.lower() in fp32 and b.lower() in fp32
 
 
 def resolve_deepspeed_config(template: dict, recipe: Recipe, *, world_size: int, hidden_size: int | None = None,
@@ -84,6 +94,12 @@ def resolve_deepspeed_config(template: dict, recipe: Recipe, *, world_size: int,
     # (fp32, clipping off) would otherwise replace the recipe's without a word.
     created = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "zero_optimization.stage",
                "gradient_clipping", "bf16.enabled", "fp16.enabled"}
+    if d.precision == "bf16-mixed":
+        # bf16-mixed keeps fp32 gradients (precision.py), as DDP and FSDP2 (reduce_dtype fp32) do. Left out,
+        # DeepSpeed reduces and accumulates them in the model's bf16: 8 bits of mantissa summed over ranks and
+        # micro-steps.
+        owned |= {"communication_data_type": "fp32", "data_types.grad_accum_dtype": "fp32"}
+        created |= {"communication_data_type", "data_types.grad_accum_dtype"}
     if "optimizer" in cfg:
         problems += _optimizer_problems(cfg["optimizer"], recipe, source)
         created |= {k for k in owned if k.startswith("optimizer.params.")}
@@ -100,6 +116,11 @@ def resolve_deepspeed_config(template: dict, recipe: Recipe, *, world_size: int,
     want_opt = d.offload in ("optimizer", "all")
     want_param = d.offload in ("params", "all")
     for key, want in (("offload_optimizer", want_opt), ("offload_param", want_param)):
+        if isinstance(zero.get(key), dict) and zero[key].get("device") == AUTO:
+            if not want:  # the block is not for this recipe's offload
+                del zero[key]
+                continue
+            zero[key]["device"] = "cpu"
         has = isinstance(zero.get(key), dict) and zero[key].get("device", "none") not in ("none", None)
         if has and not want:
             problems.append(f"{source}: zero_optimization.{key} offloads to {zero[key]['device']!r} but "

@@ -154,6 +154,10 @@ class _GradientRelease:
             self.buffer.untyped_storage().resize_(0)
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
 class DeepSpeedStrategy(Strategy):
     state_format = "deepspeed"
     TAG = "ds"  # the one tag inside a dist_ft checkpoint's state/ folder
@@ -229,13 +233,17 @@ class DeepSpeedStrategy(Strategy):
     def _check_engine(self) -> None:
         """Read back from the engine what it will do and compare with the recipe: a JSON that resolved right but
         was read otherwise by DeepSpeed must not train silently in another precision or with other clipping."""
-        e, t = self.engine, self.recipe.training
+        e, t, precision = self.engine, self.recipe.training, self.recipe.distributed.precision
+        _, accum = e.get_data_types()
         self._actual = {"bf16": bool(e.bfloat16_enabled()), "fp16": bool(e.fp16_enabled()),
                         "gradient_clipping": float(e.gradient_clipping() or 0.0),
+                        "communication": _dtype_name(e.communication_data_type), "grad_accum": _dtype_name(accum),
                         "optimizer": type(self.optimizer).__name__}
-        want = {"bf16": self.recipe.distributed.precision == "bf16-mixed",
-                "fp16": self.recipe.distributed.precision == "fp16-mixed",
+        want = {"bf16": precision == "bf16-mixed", "fp16": precision == "fp16-mixed",
                 "gradient_clipping": float(t.max_grad_norm or 0.0)}
+        if precision != "fp16-mixed":  # fp16 reduces in fp16 under its loss scale, as DeepSpeed means it to
+            # Gradients are reduced and accumulated in fp32, as under DDP and FSDP2 (precision.py).
+            want |= {"communication": "fp32", "grad_accum": "fp32"}
         wrong = {k: (self._actual[k], v) for k, v in want.items() if self._actual[k] != v}
         if wrong:
             raise RuntimeError(f"DeepSpeed engine disagrees with the recipe (engine, recipe): {wrong}")
@@ -243,7 +251,8 @@ class DeepSpeedStrategy(Strategy):
     def describe(self) -> str:
         a = self._actual
         return (f"DeepSpeed ZeRO-{self.stage}: bf16 {'on' if a['bf16'] else 'off'}, fp16 {'on' if a['fp16'] else 'off'}"
-                f", gradient clipping {a['gradient_clipping'] or 'off'}, optimizer {a['optimizer']}")
+                f", gradient clipping {a['gradient_clipping'] or 'off'}, optimizer {a['optimizer']}, gradients reduced "
+                f"in {a['communication']} and accumulated in {a['grad_accum']}")
 
     def _load_partitioned(self, model: torch.nn.Module, weights, deepspeed) -> None:
         with torch.no_grad():
