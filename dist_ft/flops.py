@@ -9,22 +9,65 @@ MFU measures useful model work, whatever the method spends.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
-# Dense peak FLOP/s per device, by (name fragment, dtype). bf16/fp16 tensor-core figures without sparsity; fp32
-# entries are TF32 tensor-core peaks where the GPU has them (PyTorch uses TF32 for fp32 matmuls there).
-GPU_PEAKS = [
-    ("H200", {"bf16": 989e12, "fp32": 494e12}),
-    ("H100", {"bf16": 989e12, "fp32": 494e12}),
-    ("A100", {"bf16": 312e12, "fp32": 156e12}),
-    ("L40S", {"bf16": 362e12, "fp32": 183e12}),
-    ("A10", {"bf16": 125e12, "fp32": 62.5e12}),
-    ("L4", {"bf16": 121e12, "fp32": 60e12}),
-    ("4090", {"bf16": 165e12, "fp32": 82.6e12}),
-    ("V100", {"bf16": 125e12, "fp32": 15.7e12}),  # fp16 tensor cores; no bf16
-    ("T4", {"bf16": 65e12, "fp32": 8.1e12}),
+
+@dataclass(frozen=True)
+class GpuPeaks:
+    """Dense (no structured sparsity) tensor-core peak FLOP/s of one GPU model, from the vendor's datasheet. fp32 is
+    the TF32 tensor-core figure where the GPU has TF32 (topology.py turns TF32 on for fp32 matmuls), else the
+    CUDA-core fp32 figure. bf16/fp16 are with fp32 accumulation; None where the GPU has no such tensor cores."""
+    model: str
+    bf16: float | None
+    fp16: float | None
+    fp32: float
+
+    def for_dtype(self, dtype: str) -> float | None:
+        return {"bf16": self.bf16, "fp16": self.fp16, "fp32": self.fp32}[dtype]
+
+
+T = 1e12
+# Each model once, keyed by the exact names `torch.cuda.get_device_name()` reports for it (case and surrounding
+# spaces aside). Names are matched whole: "NVIDIA L40" is not "NVIDIA L4", an H100 PCIe is not an SXM part. A name not
+# listed gets no MFU rather than another GPU's figure.
+_GPUS = [
+    (GpuPeaks("H100 SXM", 989 * T, 989 * T, 494 * T),  # 1,979 / 989 TFLOPS with sparsity
+     ["NVIDIA H100 80GB HBM3", "NVIDIA H100 SXM5 80GB", "NVIDIA H100 SXM5 64GB", "NVIDIA H100 64GB HBM3"]),
+    (GpuPeaks("H100 PCIe", 756 * T, 756 * T, 378 * T), ["NVIDIA H100 PCIe"]),  # 1,513 / 756 with sparsity
+    (GpuPeaks("H100 NVL", 835 * T, 835 * T, 417.5 * T), ["NVIDIA H100 NVL"]),  # 1,671 / 835 with sparsity
+    (GpuPeaks("GH200", 989 * T, 989 * T, 494 * T), ["NVIDIA GH200 480GB", "NVIDIA GH200 144G HBM3e"]),
+    (GpuPeaks("H200 SXM", 989 * T, 989 * T, 494 * T), ["NVIDIA H200", "NVIDIA H200 141GB HBM3e"]),
+    (GpuPeaks("H200 NVL", 835 * T, 835 * T, 417.5 * T), ["NVIDIA H200 NVL"]),
+    # SXM4 and PCIe A100s share their datasheet peaks.
+    (GpuPeaks("A100", 312 * T, 312 * T, 156 * T),
+     ["NVIDIA A100-SXM4-80GB", "NVIDIA A100-SXM4-40GB", "NVIDIA A100-PCIE-40GB", "NVIDIA A100-PCIE-80GB",
+      "NVIDIA A100 80GB PCIe", "NVIDIA A100 40GB PCIe", "NVIDIA A100-SXM-80GB"]),
+    (GpuPeaks("A40", 149.7 * T, 149.7 * T, 74.8 * T), ["NVIDIA A40"]),
+    (GpuPeaks("A10", 125 * T, 125 * T, 62.5 * T), ["NVIDIA A10"]),
+    (GpuPeaks("L40S", 362.05 * T, 362.05 * T, 183 * T), ["NVIDIA L40S"]),
+    (GpuPeaks("L40", 181.05 * T, 181.05 * T, 90.5 * T), ["NVIDIA L40"]),  # half-rate fp32 accumulation
+    (GpuPeaks("L4", 121 * T, 121 * T, 60 * T), ["NVIDIA L4"]),
+    (GpuPeaks("RTX 4090", 165.2 * T, 165.2 * T, 82.6 * T), ["NVIDIA GeForce RTX 4090"]),
+    # Volta and Turing: fp16 tensor cores only (bf16 is emulated), no TF32.
+    (GpuPeaks("V100 SXM2", None, 125 * T, 15.7 * T), ["Tesla V100-SXM2-16GB", "Tesla V100-SXM2-32GB"]),
+    (GpuPeaks("V100 PCIe", None, 112 * T, 14 * T), ["Tesla V100-PCIE-16GB", "Tesla V100-PCIE-32GB"]),
+    (GpuPeaks("V100S PCIe", None, 130 * T, 16.4 * T), ["Tesla V100S-PCIE-32GB"]),
+    (GpuPeaks("T4", None, 65 * T, 8.1 * T), ["Tesla T4"]),
 ]
+GPU_PEAKS = {name.lower(): peaks for peaks, names in _GPUS for name in names}
+# `dist-ft plan --gpu` names (plan.GPU_MEMORY_GIB) for the part each stands for.
+PLAN_GPUS = {"H100": "NVIDIA H100 80GB HBM3", "H200": "NVIDIA H200", "A100-80G": "NVIDIA A100-SXM4-80GB",
+             "A100-40G": "NVIDIA A100-SXM4-40GB", "L40S": "NVIDIA L40S", "L4": "NVIDIA L4", "A10": "NVIDIA A10",
+             "4090": "NVIDIA GeForce RTX 4090", "V100": "Tesla V100-SXM2-32GB", "T4": "Tesla T4"}
+
+
+def gpu_peaks(device_name: str) -> GpuPeaks | None:
+    """The datasheet peaks of the GPU that `torch.cuda.get_device_name()` calls `device_name` (or a `dist-ft plan`
+    GPU name); None for a GPU not in the table. Pure."""
+    name = PLAN_GPUS.get(device_name.strip(), device_name)
+    return GPU_PEAKS.get(" ".join(name.split()).lower())
 
 
 def flops_per_token(config, seq_len: int) -> float:
@@ -46,10 +89,9 @@ def flops_per_token(config, seq_len: int) -> float:
 
 
 def gpu_peak(name: str, dtype: str) -> float | None:
-    for fragment, peaks in GPU_PEAKS:
-        if fragment.lower() in name.lower():
-            return peaks["bf16" if dtype in ("bf16", "fp16") else "fp32"]
-    return None
+    """Peak FLOP/s of GPU `name` for matmuls in `dtype` (bf16 | fp16 | fp32); None when unknown (MFU not reported)."""
+    peaks = gpu_peaks(name)
+    return peaks.for_dtype(dtype) if peaks else None
 
 
 def measured_cpu_peak(threads: int | None = None, size: int = 512, seconds: float = 0.3) -> float:

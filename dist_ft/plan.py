@@ -1065,7 +1065,7 @@ def _peak(cluster: Cluster, precision: str) -> tuple[Optional[float], str]:
 
     if cluster.peak_flops:
         return cluster.peak_flops, "--peak-tflops"
-    dtype = "bf16" if precision != "fp32" else "fp32"
+    dtype = {"fp32": "fp32", "fp16-mixed": "fp16"}.get(precision, "bf16")
     if cluster.is_cpu:
         from .flops import measured_cpu_peak
         measured = measured_cpu_peak()

@@ -244,7 +244,7 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
                         config=wandb_config, config_text=config_text)
     model_cfg, peak = builder.config(), None
     if recipe.logging.mfu and recipe.model.task == "causal_lm":
-        dtype = "bf16" if precision.compute_dtype in (torch.bfloat16, torch.float16) else "fp32"
+        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(precision.compute_dtype, "fp32")
         peak, peak_source = device_peak(topo.device, dtype) if topo.is_main else (None, "")
         if peak:
             _log(topo, f"[telemetry] MFU against {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
