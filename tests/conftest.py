@@ -25,6 +25,48 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _gpu_cases_by_test(items) -> str:
+    counts: dict[str, int] = {}
+    for item in items:
+        name = item.originalname if hasattr(item, "originalname") else item.name
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{name} x{n}" for name, n in counts.items())
+
+
+def pytest_report_collectionfinish(config, start_path, items):
+    """One line naming the GPU matrix this run would run, and whether it will (after -m/-k selection)."""
+    cases = [i for i in items if "gpu" in i.keywords]
+    if not cases:
+        return []
+    gpus = torch.cuda.device_count()
+    if gpus == 0:
+        return [f"GPU matrix: no CUDA GPU here, skipping all {len(cases)} cases it would run: "
+                f"{_gpu_cases_by_test(cases)}"]
+    return [f"GPU matrix: {len(cases)} cases on {gpus} x {torch.cuda.get_device_name(0)}: {_gpu_cases_by_test(cases)}"]
+
+
+_GPU_OUTCOMES: dict[str, str] = {}
+
+
+def pytest_runtest_logreport(report):
+    if "gpu" not in report.keywords:
+        return
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        # A skip comes from setup (the CPU-box marker) or from the call (a case needing more GPUs or flash-attn).
+        _GPU_OUTCOMES[report.nodeid] = "skipped" if report.skipped else ("passed" if report.passed else "failed")
+    elif report.when == "teardown" and report.failed:
+        _GPU_OUTCOMES[report.nodeid] = "failed"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """How many GPU cases ran and how many were skipped: a 1-GPU box must not pass by skipping."""
+    if not _GPU_OUTCOMES:
+        return
+    n = {k: sum(1 for v in _GPU_OUTCOMES.values() if v == k) for k in ("passed", "failed", "skipped")}
+    terminalreporter.write_line(f"GPU matrix: {n['passed'] + n['failed']} cases ran ({n['passed']} passed, "
+                                f"{n['failed']} failed), {n['skipped']} skipped, on {torch.cuda.device_count()} GPU(s)")
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     from dist_ft.testing import make_model
