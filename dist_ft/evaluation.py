@@ -47,16 +47,18 @@ def evaluate(strategy, examples: list[Example], *, micro_batch: int, pad_id: int
         batch = {k: v.to(topo.device) for k, v in collate(chunk, pad_id).items()}
         with strategy.forward_context():
             logits, targets = forward_logits(strategy.model, batch)
-        if real == 0:
-            continue
-        total[0] += float(loss_sum(logits, targets))
-        if classification:
-            total[1] += real
-            preds = logits.argmax(-1).cpu()
-            for t, p in zip(batch["labels"].cpu().tolist(), preds.tolist()):
-                confusion[t, p] += 1
-        else:
-            total[1] += int((targets != IGNORE).sum())
+        if real:
+            # Chunk-wise (losses.loss_sum under no_grad): no fp32 copy of the [tokens, vocab] logits is made.
+            total[0] += float(loss_sum(logits, targets))
+            if classification:
+                total[1] += real
+                preds = logits.argmax(-1).cpu()
+                for t, p in zip(batch["labels"].cpu().tolist(), preds.tolist()):
+                    confusion[t, p] += 1
+            else:
+                total[1] += int((targets != IGNORE).sum())
+        # Freed before the next forward, as the training step frees them: else two batches' logits live at once.
+        del logits, targets
     strategy.train(was_training)
     total = _reduce(total, topo.device)
     out = {"eval_loss": float(total[0] / max(total[1], 1))}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +71,39 @@ def loss_sum(logits: torch.Tensor, targets: torch.Tensor, class_weights: torch.T
         return F.cross_entropy(logits.float(), targets, weight=class_weights, ignore_index=IGNORE, reduction="sum")
     if torch.is_grad_enabled() and logits.requires_grad:
         return _CrossEntropySum.apply(logits, targets, reuse_logits and not _kept_by_producer(logits))
-    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
+    return _summed_cross_entropy(logits, targets)
+
+
+def _summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The training loss's value without its gradient (evaluation): the same chunks, the same fp32 arithmetic.
+
+    F.cross_entropy on the whole would make an fp32 copy of the [tokens, vocab] logits and their log-softmax beside
+    them (two more vocabulary-sized tensors, ~16 GB at 16k tokens and a 128k vocabulary), so evaluation would peak
+    above the training step. Here one chunk's log-probabilities exist at a time."""
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    rows = chunk_rows(device_type=logits.device.type, vocab=logits.size(-1))
+    for start in range(0, logits.size(0), rows):
+        total += _chunk_loss(logits[start:start + rows], targets[start:start + rows]).loss
+    return total
+
+
+@dataclass
+class _ChunkLoss:
+    loss: torch.Tensor  # summed over the chunk's kept rows, fp32
+    logp: torch.Tensor  # [rows, vocab] fp32 log-probabilities: a tensor of the chunk's own, free to overwrite
+    safe: torch.Tensor  # [rows, 1] targets, ignored ones replaced by 0 (a valid index)
+    keep: torch.Tensor  # [rows] whether the row's target counts
+
+
+def _chunk_loss(x: torch.Tensor, t: torch.Tensor) -> _ChunkLoss:
+    """Cross-entropy of one chunk of logits `x` (any float dtype; read, never written) against targets `t`.
+
+    log_softmax is one fused pass over the chunk; logsumexp and a subtraction are four (max, subtract, exp, sum):
+    on a CPU this is 3-4x faster per chunk, and on a GPU it is fewer launches."""
+    keep = t != IGNORE
+    safe = torch.where(keep, t, torch.zeros_like(t)).unsqueeze(1)
+    logp = torch.log_softmax(x, dim=-1, dtype=torch.float32)
+    return _ChunkLoss(-(logp.gather(1, safe).squeeze(1) * keep).sum(), logp, safe, keep)
 
 
 _VIEWS = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AsStridedBackward0", "AliasBackward0")
@@ -117,21 +150,19 @@ class _CrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, reuse_logits: bool = False) -> torch.Tensor:
         n, vocab = logits.shape
-        # Each chunk is copied before its rows are overwritten, so writing the gradient over the logits is safe.
+        # Each chunk is read into its own fp32 tensor before its rows are overwritten, so writing the gradient over
+        # the logits is safe.
         grad = logits if reuse_logits else torch.empty_like(logits)
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         rows = chunk_rows(device_type=logits.device.type, vocab=vocab)
         for start in range(0, n, rows):
-            x = logits[start:start + rows].to(torch.float32, copy=True)  # worked on in place below
-            t = targets[start:start + rows]
-            keep = t != IGNORE
-            safe = torch.where(keep, t, torch.zeros_like(t)).unsqueeze(1)
-            lse = torch.logsumexp(x, dim=-1, keepdim=True)
-            total += ((lse - x.gather(1, safe)).squeeze(1) * keep).sum()
-            # d(lse - x_t)/dx = softmax(x) - onehot(t); zero for ignored rows.
-            x.sub_(lse).exp_()
-            x.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=x.dtype))
-            x.mul_(keep.unsqueeze(1))
+            c = _chunk_loss(logits[start:start + rows], targets[start:start + rows])
+            total += c.loss
+            # d(lse - x_t)/dx = softmax(x) - onehot(t); zero for ignored rows. The log-probabilities are the chunk's
+            # own fp32 tensor, so they become the gradient in place.
+            x = c.logp.exp_()
+            x.scatter_add_(1, c.safe, torch.full_like(c.safe, -1, dtype=x.dtype))
+            x.mul_(c.keep.unsqueeze(1))
             grad[start:start + rows] = x
         ctx.save_for_backward(grad)
         return total
