@@ -25,6 +25,7 @@ def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
     share of the step, forward and backward, on logits the loss then ignores; it would also hold them in memory.
     transformers' `logits_to_keep` takes a boolean [B, T] mask for exactly this.
     """
+    batch = attention_inputs(batch, attn_implementation=attention_implementation(model))
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = batch["labels"]
     if labels.dim() == 1:  # one label per sample
@@ -40,13 +41,60 @@ def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
     return logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
 
 
+def attention_inputs(batch: dict[str, torch.Tensor], *, attn_implementation: str) -> dict[str, torch.Tensor | int]:
+    """The micro-batch as the model is given it under this attention implementation (labels included).
+
+    Packed rows ([B, T] position_ids restarting at every sample, no attention mask) mark their samples by the
+    restarts alone. sdpa, eager and flex read restarts in every row (transformers' masking_utils builds a per-sample
+    mask from [B, T] position ids), so their batches go as they are. Flash-attention kernels get no mask: transformers
+    finds samples from position ids only in a batch of one row (`_is_packed_sequence`), and a [B, T] batch with
+    B > 1 runs dense causal attention across the samples of each row. For them the rows are laid end to end as one
+    [1, B*T] row (each row's padding is a sample of its own, so no boundary is lost), with the sample boundaries
+    given as cu_seq_lens / max_length, which transformers passes straight to the varlen kernel (else it would work
+    them out again from the position ids in every layer, a device sync each). A row's first label is never a target
+    in the [B, T] form (nothing precedes it); it is made IGNORE so the end of the previous row does not predict it.
+    """
+    packed = "position_ids" in batch and "attention_mask" not in batch and batch["labels"].dim() == 2
+    # "flash" in the name is transformers' own test for a flash kernel (is_flash_attention_requested):
+    # flash_attention_2, _3, _4 and hub kernels such as kernels-community/flash-attn2.
+    if not packed or "flash" not in attn_implementation:
+        return batch
+    rows, length = batch["input_ids"].shape
+    labels = batch["labels"].clone()
+    labels[:, 0] = IGNORE
+    position_ids = batch["position_ids"].reshape(1, -1)
+    pos = position_ids[0]
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[1:] = pos[1:] != pos[:-1] + 1  # a sample starts where positions do not continue, and at each row's start
+    starts[::length] = True
+    total = torch.tensor([rows * length], device=pos.device)
+    cu_seq_lens = torch.cat([starts.nonzero().view(-1), total]).to(torch.int32)
+    max_length = int(cu_seq_lens.diff().max())  # an int: the varlen kernels take the longest sample as a number
+    return {**batch, "input_ids": batch["input_ids"].reshape(1, -1), "labels": labels.reshape(1, -1),
+            "position_ids": position_ids, "cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": max_length, "max_length_k": max_length}
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under DDP's or DeepSpeed's engine (`.module`)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def attention_implementation(model: torch.nn.Module) -> str:
+    """The attention implementation `model` (under DDP, DeepSpeed or peft) runs, from its config ("" if none)."""
+    inner = _unwrapped(model)
+    if getattr(inner, "active_peft_config", None) is not None:
+        inner = inner.get_base_model()
+    return getattr(getattr(inner, "config", None), "_attn_implementation", None) or ""
+
+
 def selects_positions(model: torch.nn.Module) -> bool:
     """Whether `model` (under DDP, DeepSpeed or peft) takes a [B, T] mask of positions to project (`logits_to_keep`).
     Prompt and prefix tuning do not: their virtual tokens shift the positions the mask would name."""
     if model not in _SELECTS_POSITIONS:
-        inner = model
-        while isinstance(getattr(inner, "module", None), torch.nn.Module):  # DDP, DeepSpeedEngine
-            inner = inner.module
+        inner = _unwrapped(model)
         peft_config = getattr(inner, "active_peft_config", None)
         prompt_learning = peft_config is not None and peft_config.is_prompt_learning
         if peft_config is not None:
