@@ -21,12 +21,12 @@ import numpy as np
 
 from ..assets import cache_root, file_lock
 from ..config import Recipe, data_sources, eval_sources, source_format
-from .formats import Example, FormatSpec, FormatStats, tokenize_records
+from .formats import Example, FormatSpec, FormatStats, int_label, tokenize_records
 from .quality import QualityReport, balance, clean, dedup, ignored_fields, ignored_fix, record_text
 from .sources import DataError, resolve_source
 from .table import ExampleTable
 
-CACHE_VERSION = "4"
+CACHE_VERSION = "5"  # 5: a conversation opening with an assistant turn no longer trains on its header
 
 
 @dataclass
@@ -72,14 +72,13 @@ def tokenizer_fingerprint(tok) -> str:
 
 def _label_names(records: list[dict], column: str, num_labels: int | None) -> tuple[list[str], int | None]:
     values = [r.get(column) for r in records if column in r]
-    if values and all(isinstance(v, str) and not v.strip().lstrip("-").isdigit() for v in values):
+    if values and all(isinstance(v, str) and int_label(v) is None for v in values):
         names = sorted(set(values))
         if num_labels is not None and num_labels != len(names):
             raise DataError(f"model.num_labels is {num_labels} but the training data has {len(names)} class names; "
                             f"set model.num_labels: {len(names)} (or leave it unset)")
         return names, len(names)
-    ints = [int(v) for v in values if isinstance(v, (int, str)) and not isinstance(v, bool)
-            and str(v).strip().lstrip("-").isdigit()]
+    ints = [i for i in map(int_label, values) if i is not None]
     if num_labels is None and ints:
         num_labels = max(ints) + 1
     return [str(i) for i in range(num_labels or 0)], num_labels

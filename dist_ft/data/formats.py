@@ -82,36 +82,58 @@ def _as_text(value: object, where: str, column: str) -> str:
     return value
 
 
-def _chat_prefix_ids(tok, messages: list[dict], where: str) -> list[tuple[list[int], int, int]]:
-    """Token ids of the whole chat and the [start, end) span of every assistant turn."""
+_MARK = "\ue000dist-ft-answer\ue000"  # a private-use marker no real answer holds
+
+
+def _opening(tok, turn: dict) -> str:
+    """What the template renders before the answer of a conversation that opens with an assistant turn (its header,
+    and any default system prompt): never a target, and not renderable as a generation prompt of no messages."""
+    text = tok.apply_chat_template([{**turn, "content": _MARK}], tokenize=False)
+    return text[:text.index(_MARK)] if _MARK in text else ""
+
+
+def _chat_prefix_ids(tok, messages: list[dict], where: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of the whole chat and the [start, end) token span of every assistant turn."""
     full = tok.apply_chat_template(messages, tokenize=False)
-    spans = []
+    cuts = []  # character offsets: (start, end) of each assistant turn in `full`
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        before = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else \
+            _opening(tok, m)
         upto = tok.apply_chat_template(messages[: i + 1], tokenize=False)
         if not full.startswith(before) or not full.startswith(upto):
             raise DataError(f"{where}: the tokenizer's chat template does not render a conversation's beginning "
                             "as the beginning of its text, so answer tokens cannot be located; use a template "
                             "without history rewriting or data.format: text")
-        spans.append((before, upto))
-    ids = tok(full, add_special_tokens=False)["input_ids"]
-    out = []
-    for before, upto in spans:
-        start = len(tok(before, add_special_tokens=False)["input_ids"]) if before else 0
-        end = len(tok(upto, add_special_tokens=False)["input_ids"])
-        out.append((start, end))
-    return [(ids, s, e) for s, e in out]
+        cuts.append((len(before), len(upto)))
+    encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids = encode(full)
+    spans, aligned = [], True
+    for a, b in cuts:
+        head, upto = encode(full[:a]) if a else [], encode(full[:b])
+        # Tokens may merge across a turn's edge (an answer starting with whitespace after the template's "\n"):
+        # then the prefix's tokens are not the text's first tokens, and their count would shift the mask.
+        aligned = aligned and ids[:len(head)] == head and ids[:len(upto)] == upto
+        spans.append((len(head), len(upto)))
+    if aligned:
+        return ids, spans
+    # Tokenize piece by piece at every turn edge: each answer's tokens are then exactly its own.
+    edges = sorted({0, len(full), *(c for cut in cuts for c in cut)})
+    ids, at = [], {}
+    for a, b in zip(edges, edges[1:]):
+        at[a] = len(ids)
+        ids += encode(full[a:b])
+    at[len(full)] = len(ids)
+    return ids, [(at[a], at[b]) for a, b in cuts]
 
 
 def _render_chat(tok, messages: list[dict], system: str | None, where: str) -> tuple[list[int], list[int]]:
     if system is not None and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": system}] + messages
-    spans = _chat_prefix_ids(tok, messages, where)
-    ids = spans[0][0]
+    ids, spans = _chat_prefix_ids(tok, messages, where)
     labels = [IGNORE] * len(ids)
-    for _, start, end in spans:
+    for start, end in spans:
         labels[start:end] = ids[start:end]
     return ids, labels
 
@@ -124,10 +146,19 @@ def _plain_instruction(tok, prompt: str, response: str) -> tuple[list[int], list
     return p_ids + r_ids, [IGNORE] * len(p_ids) + r_ids
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
 def _messages(value: object, where: str, column: str) -> list[dict]:
     if not isinstance(value, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                               and isinstance(m.get("content"), str) for m in value):
         raise DataError(f"{where}: column {column!r} must be a list of {{\"role\": ..., \"content\": ...}} turns")
+    for i, m in enumerate(value, 1):
+        # Only "assistant" turns carry the loss: an unknown role ("bot", "Assistant") would silently train on nothing.
+        if m["role"] not in CHAT_ROLES:
+            raise DataError(f"{where}: turn {i} of column {column!r} has role {m['role']!r}; roles are "
+                            f"{', '.join(CHAT_ROLES)}: rename it in the data, or use data.format: sharegpt, whose "
+                            "data.sharegpt maps any speaker name to a role")
     return value
 
 
@@ -209,10 +240,28 @@ def tokenize_record(tok, record: dict, spec: FormatSpec, where: str) -> tuple[li
     raise AssertionError(f"unhandled format {fmt}")
 
 
+def int_label(value: object) -> int | None:
+    """An integer label written as an integer or as decimal digits ("3", " -1"); None otherwise."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdecimal():  # not isdigit: int("²") fails
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return None
+
+
 def class_index(value: object, spec: FormatSpec, where: str) -> int:
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         raise DataError(f"{where}: label {value!r} is a boolean; use a class name or an integer")
-    if isinstance(value, (int, np.integer)) or (isinstance(value, str) and value.strip().lstrip("-").isdigit()
+    names = spec.label_names and spec.label_names != [str(i) for i in range(len(spec.label_names))]
+    if names and int_label(value) is not None:
+        # The training labels are class names: a number would silently pick the name at that index.
+        raise DataError(f"{where}: label {value!r} is a number but the training data's labels are class names "
+                        f"({', '.join(spec.label_names[:5])}{', ...' if len(spec.label_names) > 5 else ''}); "
+                        "write the class name")
+    if isinstance(value, (int, np.integer)) or (isinstance(value, str) and int_label(value) is not None
                                                  and not spec.label_names):
         idx = int(value)
         limit = spec.num_labels if spec.num_labels is not None else len(spec.label_names) or None
@@ -232,7 +281,7 @@ def tokenize_records(tok, records: list[dict], spec: FormatSpec, source: str) ->
     stats = FormatStats(records=len(records))
     examples: list[Example] = []
     for n, record in enumerate(records):
-        where = f"{source} record {n + 1}"
+        where = getattr(record, "origin", None) or f"{source} record {n + 1}"
         if spec.format == "classification":
             text = _as_text(_column(record, spec.columns["text"], where, "classification"), where,
                             spec.columns["text"])
@@ -261,12 +310,13 @@ def tokenize_records(tok, records: list[dict], spec: FormatSpec, source: str) ->
             if spec.too_long == "drop":
                 stats.dropped_too_long += 1
                 continue
-            stats.truncated += 1
             ids, labels = ids[: spec.max_length], labels[: spec.max_length]
         # A causal LM predicts token t+1 from t: the first label is never a target, so at least one later one must be.
         if not any(lab != IGNORE for lab in labels[1:]):
             stats.dropped_no_target += 1
             continue
+        if len(out[0]) > spec.max_length:  # counted once: a record truncated to no target is a dropped one
+            stats.truncated += 1
         examples.append(Example(np.asarray(ids, np.int32), np.asarray(labels, np.int32)))
     stats.kept = len(examples)
     return examples, stats

@@ -106,7 +106,7 @@ def clean(records: list[dict], columns: list[str], *, strip: bool, normalize_uni
     counts: Counter = Counter()
     out = []
     for r in records:
-        r = dict(r)
+        r = r.copy()  # a sources.Row keeps the line it came from
         for c in columns:
             v = r.get(c)
             if not isinstance(v, str):

@@ -37,6 +37,19 @@ class DataError(ValueError):
     """Bad data: the message names the file (and line) and the fix."""
 
 
+class Row(dict):
+    """A record that remembers where it was read (`path:line`, or `path: row N`): shuffling, cleaning and
+    de-duplication reorder records, and an error must still name the line of the file."""
+    __slots__ = ("origin",)
+
+    def __init__(self, data=(), origin: str | None = None):
+        super().__init__(data)
+        self.origin = origin
+
+    def copy(self) -> Row:
+        return Row(self, self.origin)
+
+
 @dataclass(frozen=True)
 class Source:
     """A resolved data source: its records and a fingerprint that changes whenever its content may have."""
@@ -156,7 +169,7 @@ def _read_jsonl(path: Path) -> list[dict]:
                                 "one JSON object") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}")
-            records.append(obj)
+            records.append(Row(obj, f"{path}:{n}"))
     return records
 
 
@@ -177,7 +190,7 @@ def _read_json(path: Path) -> list[dict]:
         obj = obj["data"]
     if not isinstance(obj, list) or not all(isinstance(o, dict) for o in obj):
         raise DataError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
-    return obj
+    return [Row(o, f"{path}: record {i}") for i, o in enumerate(obj, 1)]
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -187,11 +200,13 @@ def _read_csv(path: Path) -> list[dict]:
     reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
     records = []
     try:
+        start = 2  # the line a row starts on (the header is line 1)
         for row in reader:
             if None in row:  # DictReader files the values beyond the header under the key None
                 raise DataError(f"{path}:{reader.line_num}: {len(reader.fieldnames) + len(row[None])} fields but the "
                                 f"header names {len(reader.fieldnames)}; quote fields that hold the delimiter")
-            records.append(row)
+            records.append(Row(row, f"{path}:{start}"))
+            start = reader.line_num + 1
     except csv.Error as exc:
         raise DataError(f"{path}:{reader.line_num}: {exc}") from None
     return records
@@ -201,13 +216,17 @@ def _read_parquet(path: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path).to_pylist()
+        rows = pq.read_table(path).to_pylist()
     except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise DataError(f"{path}: cannot read as parquet ({exc})") from None
+        raise DataError(f"{path}: cannot read as parquet ({exc}); rewrite the file (e.g. with pandas.to_parquet)") \
+            from None
+    return [Row(r, f"{path}: row {i}") for i, r in enumerate(rows, 1)]
 
 
 def _read_txt(path: Path) -> list[dict]:
-    return [{"text": line} for line in _read_text(path).splitlines() if line.strip()]
+    # Lines end at "\n" only (str.splitlines would also split a line at U+2028, U+0085, form feeds...).
+    lines = _read_text(path).split("\n")
+    return [Row({"text": line.removesuffix("\r")}, f"{path}:{n}") for n, line in enumerate(lines, 1) if line.strip()]
 
 
 _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_csv,

@@ -22,7 +22,7 @@ import numpy as np
 
 from .batching import PackedRow
 from .formats import IGNORE, Example, FormatSpec, FormatStats, tokenize_records
-from .sources import DataError
+from .sources import DataError, Row
 
 SHARD_SUFFIXES = (".jsonl", ".parquet")
 
@@ -46,33 +46,45 @@ def stream_problem(spec: str) -> str | None:
 
 
 def _records(path: Path, skip: int = 0) -> Iterator[dict]:
-    """The records of one shard from number `skip` on."""
+    """The records of one shard from number `skip` on, each a `Row` that names its shard and line."""
     if path.suffix == ".jsonl":
         n = 0
-        with open(path, encoding="utf-8-sig") as fh:  # a byte-order mark is not part of the first record
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
+        with open(path, "rb") as fh:  # lines end at b"\n" only, as in the in-memory reader
+            for line_no, raw in enumerate(fh, 1):
+                if not raw.strip():
                     continue
                 n += 1
                 if n <= skip:
                     continue
                 try:
-                    yield json.loads(line)
+                    line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a BOM is not part of the data
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{path}:{line_no}: not UTF-8 ({exc.reason} at byte {exc.start}); re-encode "
+                                    "the shard as UTF-8") from None
+                try:
+                    obj = json.loads(line)
                 except ValueError as exc:
-                    raise DataError(f"{path} line {line_no}: not JSON ({exc}); fix or remove the line") from exc
+                    raise DataError(f"{path}:{line_no}: not JSON ({exc}); fix or remove the line") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{line_no}: expected a JSON object per line, got {type(obj).__name__}; "
+                                    "fix or remove the line")
+                yield Row(obj, f"{path}:{line_no}")
     else:
         import pyarrow.parquet as pq
 
-        f = pq.ParquetFile(path)
-        n = 0
-        for batch in f.iter_batches(batch_size=1024):
-            rows = batch.to_pylist()
-            if n + len(rows) <= skip:
+        try:
+            f = pq.ParquetFile(path)
+            n = 0
+            for batch in f.iter_batches(batch_size=1024):
+                rows = batch.to_pylist()
+                if n + len(rows) <= skip:
+                    n += len(rows)
+                    continue
+                for i, r in enumerate(rows[max(0, skip - n):], max(0, skip - n) + n + 1):
+                    yield Row(r, f"{path}: row {i}")
                 n += len(rows)
-                continue
-            for r in rows[max(0, skip - n):]:
-                yield r
-            n += len(rows)
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+            raise DataError(f"{path}: cannot read as parquet ({exc}); rewrite or remove the shard") from None
 
 
 def _count(path: Path) -> int:
@@ -80,7 +92,10 @@ def _count(path: Path) -> int:
         with open(path, "rb") as fh:
             return sum(1 for line in fh if line.strip())
     import pyarrow.parquet as pq
-    return pq.ParquetFile(path).metadata.num_rows
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read as parquet ({exc}); rewrite or remove the shard") from None
 
 
 class StreamingRows:
