@@ -13,6 +13,7 @@ from .data.sources import FILE_SUFFIXES, check_spec
 from .data.streaming import stream_problem
 from .distributed.precision import hardware_problem
 from .model import flash_attention_problem
+from .model_folder import model_folder_problems
 
 _NEEDED_COLUMNS = {"text": ("text",), "instruction": ("prompt", "response"), "chat": ("messages",),
                    "alpaca": ("instruction", "output"), "sharegpt": ("conversations",),  # alpaca's input is optional
@@ -98,14 +99,14 @@ def model_problems(recipe: Recipe) -> list[str]:
     path = recipe.model.path
     if is_alias(path):
         problem = alias_available(path)
-        return [f"model.path: {problem}"] if problem else []
+        return [f"model.path: {problem}"] if problem else model_folder_problems(recipe)
     p = Path(path)
     if not p.is_dir():
         return [f"model.path: {path} is not a local folder or a built-in alias (smollm2-135m-instruct, "
                 "minilm-l6-v2); models are never downloaded at run time"]
     if not (p / "config.json").is_file():
         return [f"model.path: {path} has no config.json; point it at a Hugging Face model folder"]
-    return []
+    return model_folder_problems(recipe)  # tokenizer ids within the embedding, special tokens, positions
 
 
 def _model_type(recipe: Recipe) -> str | None:
