@@ -232,6 +232,7 @@ class TrainerState:
     last_eval: dict = field(default_factory=dict)
     eval_before: dict = field(default_factory=dict)
     strategy_extra: dict = field(default_factory=dict)  # e.g. the fp16 loss scale
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite gradient (fp16 overflow), whole run
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     model_build: dict = field(default_factory=dict)  # num_labels, label names: what export needs to rebuild
 

@@ -452,12 +452,6 @@ def _cross_checks(r: Recipe) -> list[str]:
     if strategy == "fsdp" and offload == "optimizer":
         p.append("distributed.offload: FSDP2 offloads parameters together with their optimizer state; use "
                  "offload: all (or params), or zero1/zero2 for optimizer-only offload")
-    if precision == "fp16-mixed" and strategy == "fsdp":
-        p.append("distributed.precision: fp16-mixed with fsdp needs a sharded loss scaler dist_ft does not ship; "
-                 "use bf16-mixed, or zero1/zero2/zero3 (DeepSpeed scales fp16 losses itself)")
-    if precision == "bf16-true" and strategy.startswith("zero"):
-        p.append("distributed.precision: DeepSpeed keeps fp32 master weights, so bf16-true is not available with "
-                 f"{strategy}; use bf16-mixed")
     if r.distributed.deepspeed_config is not None and not strategy.startswith("zero"):
         p.append("distributed.deepspeed_config: only used with zero1/zero2/zero3; remove it or change the strategy")
     if r.method.kind == "lora" and r.method.lora.use_dora and strategy in ("fsdp", "zero3"):

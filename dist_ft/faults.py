@@ -6,6 +6,7 @@
     kill:3:1               rank 1 dies of SIGKILL before step 3 (what the out-of-memory killer does)
     signal:3:1             rank 1 sends itself SIGTERM before step 3 (a preemption that reaches one rank)
     slow:0.3               every rank sleeps 0.3 s before each step (a run long enough to be signalled mid-way)
+    overflow:3:1           rank 1's gradients of step 3 come out non-finite (an fp16 overflow: skipped, scale lowered)
 
 Unset (always, outside tests), this is one dictionary lookup.
 """
@@ -15,6 +16,15 @@ from __future__ import annotations
 import os
 import signal
 import time
+
+
+def active(point: str, step: int, rank: int = 0) -> bool:
+    """Whether a fault the caller carries out itself (overflow) is asked for at this step on this rank."""
+    spec = os.environ.get("DIST_FT_FAULT")
+    if not spec:
+        return False
+    parts = spec.split(":")
+    return parts[0] == point and int(parts[1]) == step and (len(parts) < 3 or int(parts[2]) == rank)
 
 
 def inject(point: str, step: int, rank: int = 0) -> None:

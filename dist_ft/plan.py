@@ -21,6 +21,8 @@ ddp.py, deepspeed_zero.py), with AdamW (two moments m, v in the dtype of the wei
     zero1/2/3      bf16-mixed     2       2      4      8    16  DeepSpeed casts the module to bf16 and keeps an
     zero1/2        fp32           4       4      4      8    20    fp32 master partition (a clone even in fp32;
     zero3          fp32           4       4      -      8    16    deepspeed_zero._share_fp32_master removes it)
+    zero1/2        bf16-true      2       2      2      4    10  bf16_master_weights_and_grads, bf16 m,v
+    zero3          bf16-true      2       2      -      4     8
 
   So a 7B model with AdamW in mixed precision needs 16 bytes per parameter before sharding (112 GB).
   adamw_8bit (bitsandbytes): m, v in 8 bits plus one fp32 absmax per 256 values each: 2 + 8/256 B; tensors under
@@ -643,14 +645,17 @@ def byte_rules(strategy: str, precision: str, optimizer: str) -> ByteRules:
     dtype = {4: "fp32", 2: "bf16" if "bf16" in precision else "fp16"}
     if strategy.startswith("zero"):
         w = cb if precision != "fp32" else 4   # DeepSpeed casts the module to bf16/fp16
-        shared = strategy == "zero3" and w == 4  # the fp32 partitions are the master (_share_fp32_master)
-        return ByteRules(weights=w, grads=w, master=0 if shared else 4,
-                         optimizer=ADAM_8BIT_BYTES if optimizer == "adamw_8bit" else 8,
+        true16 = precision == "bf16-true"  # bf16_master_weights_and_grads + bf16_optimizer_states: no fp32 at all
+        # the partitions of the master's dtype are the master (_share_fp32_master)
+        shared = strategy == "zero3" and (w == 4 or true16)
+        return ByteRules(weights=w, grads=w, master=0 if shared else (2 if true16 else 4),
+                         optimizer=ADAM_8BIT_BYTES if optimizer == "adamw_8bit" else (4 if true16 else 8),
                          compute=cb, residual=cb, reduce=w,
                          weights_note=f"{dtype[w]} module (DeepSpeed casts it)", grads_note=dtype[w],
-                         master_note="none: ZeRO-3 updates the fp32 partitions in place" if shared
-                         else "fp32 partition (DeepSpeed)",
-                         optimizer_note="8-bit m,v" if optimizer == "adamw_8bit" else "fp32 m,v")
+                         master_note=f"none: ZeRO-3 updates the {dtype[w]} partitions in place" if shared
+                         else f"{'bf16' if true16 else 'fp32'} partition (DeepSpeed)",
+                         optimizer_note="8-bit m,v" if optimizer == "adamw_8bit" else
+                         f"{'bf16' if true16 else 'fp32'} m,v")
     mixed = pb != cb
     state = pb  # torch AdamW keeps m, v in the parameters' dtype
     opt = ADAM_8BIT_BYTES if optimizer == "adamw_8bit" else 2 * state

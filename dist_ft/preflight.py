@@ -139,7 +139,7 @@ def package_problems(recipe: Recipe) -> list[str]:
 
 def hardware_problems(recipe: Recipe) -> list[str]:
     problems = []
-    hw = hardware_problem(recipe.distributed.precision)
+    hw = hardware_problem(recipe.distributed.precision, strategy=recipe.distributed.strategy)
     if hw:
         problems.append(hw)
     impl = recipe.model.attn_implementation

@@ -76,17 +76,18 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def train_step(strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]], max_grad_norm: float | None,
-               class_weights: torch.Tensor | None = None):
+               class_weights: torch.Tensor | None = None, *, overflow: bool = False):
     """One optimizer step over this rank's micro-batches.
 
     The loss is normalised by the number of target tokens in the whole global batch (all micro-steps, all ranks),
     so every token weighs the same however the batch is split. Backends average gradients over ranks, so each
     rank's sum is scaled by world_size / global_targets. Gradients are synchronised on the last micro-step only.
+    `overflow` (fault injection, tests) makes this rank's gradients non-finite, as an fp16 overflow does.
     """
     topo = strategy.topo
     local_targets = sum(count_targets(mb) for mb in micro_batches)
     (global_targets,) = _all_reduce_sum([local_targets], topo.device)
-    scale = topo.world_size / max(global_targets, 1.0)
+    scale = topo.world_size / max(global_targets, 1.0) * (math.inf if overflow else 1.0)
     local_loss = 0.0
     for i, mb in enumerate(micro_batches):
         mb = {k: v.to(topo.device, non_blocking=True) for k, v in mb.items()}
@@ -344,7 +345,8 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
                 rows = feed.rows(state.samples_seen + start, count)
                 useful += sum(len(r.input_ids) for r in rows)  # real tokens: padded or packed, never the padding
                 micro.append(collate(rows, pad_id))
-            loss, n_targets, result = train_step(strategy, micro, t.max_grad_norm, class_weights)
+            loss, n_targets, result = train_step(strategy, micro, t.max_grad_norm, class_weights,
+                                                 overflow=faults.active("overflow", step, topo.rank))
             state.samples_seen += layout.global_batch
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
@@ -358,8 +360,12 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
             losses.append(loss)
             if result.skipped:
                 skipped_in_a_row += 1
-                _log(topo, f"[train] step {step}: non-finite gradient norm, update skipped")
-                if skipped_in_a_row >= 5:
+                state.skipped_steps += 1
+                scale = "" if result.loss_scale is None else f"; loss scale lowered to {result.loss_scale:g}"
+                _log(topo, f"[train] step {step}: non-finite gradient norm, update skipped ({state.skipped_steps} "
+                           f"skipped so far{scale})")
+                # A loss scaler skips steps while it finds its level: only one already at its floor is stuck.
+                if skipped_in_a_row >= 5 and (result.loss_scale is None or result.loss_scale <= 1.0):
                     raise FloatingPointError("5 steps in a row had non-finite gradients; lower training.learning_rate "
                                              "or use distributed.precision: fp32/bf16-mixed")
             else:
@@ -369,7 +375,10 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
                           "tokens": int(global_tokens), "useful_tokens": int(global_useful), "step_time": dt,
                           "tokens_per_s": global_tokens / dt, "useful_tokens_per_s": global_useful / dt,
                           "tokens_per_s_per_device": global_tokens / dt / topo.world_size,
-                          "samples_per_s": layout.global_batch / dt, **memory.step()}
+                          "samples_per_s": layout.global_batch / dt, "skipped": result.skipped,
+                          "skipped_steps": state.skipped_steps, **memory.step()}
+                if result.loss_scale is not None:
+                    record["loss_scale"] = result.loss_scale
                 if peak:
                     seq = tokens / max(1, sum(int(mb["input_ids"].shape[0]) for mb in micro))
                     record["mfu"] = mfu(flops_per_token(model_cfg, seq), global_tokens / dt, peak,
@@ -437,6 +446,7 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
     if mix:
         _log(topo, "[data] mixture seen: " + ", ".join(f"{n} {v:.1%}" for n, v in mix.items()))
     metrics.write({"event": "end", "step": step, "seconds": seconds, "peak_memory_mb": peaks,
+                   "skipped_steps": state.skipped_steps,
                    **({"data_mix_seen": mix} if mix else {})})
     metrics.close()
     strategy.close()

@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 from dist_ft.config import Recipe, RecipeError, describe_schema, load_recipe, parse_overrides, recipe_from_dict
 from conftest import run_cli, write_recipe
@@ -92,7 +93,7 @@ def test_check_cli_reports_all_problems_with_status_2(tmp_path):
     path = write_recipe(tmp_path / "bad.yaml", {
         "model": {"path": str(tmp_path / "no-such-model")},
         "data": {"train": str(tmp_path / "missing.jsonl"), "eval": "builtin:nope"},
-        "distributed": {"precision": "fp16-mixed"},
+        "distributed": {"precision": "fp16-mixed", "strategy": "zero2"},
     })
     res = run_cli("check", str(path), timeout=120)
     assert res.returncode == 2, res.stderr
@@ -100,7 +101,9 @@ def test_check_cli_reports_all_problems_with_status_2(tmp_path):
     assert "model.path:" in err and "no-such-model" in err
     assert "data.train:" in err and "missing.jsonl: no such file" in err
     assert "data.eval: unknown built-in source 'nope'" in err
-    assert "distributed.precision: fp16-mixed needs a CUDA GPU" in err
+    from dist_ft.distributed.precision import cpu_has_fp16_kernels
+    if not torch.cuda.is_available() and not cpu_has_fp16_kernels():  # DeepSpeed refuses fp16 on such a CPU
+        assert "distributed.precision: fp16-mixed with zero2 on CPU" in err and "use strategy ddp or fsdp" in err
     assert "Traceback" not in err
 
 

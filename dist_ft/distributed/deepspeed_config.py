@@ -82,7 +82,7 @@ def resolve_deepspeed_config(template: dict, recipe: Recipe, *, world_size: int,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * world_size,
         "gradient_clipping": t.max_grad_norm if t.max_grad_norm is not None else 0.0,
-        "bf16.enabled": d.precision == "bf16-mixed",
+        "bf16.enabled": d.precision in ("bf16-mixed", "bf16-true"),
         "fp16.enabled": d.precision == "fp16-mixed",
         "zero_optimization.stage": stage,
         "optimizer.params.lr": t.learning_rate,
@@ -100,6 +100,11 @@ def resolve_deepspeed_config(template: dict, recipe: Recipe, *, world_size: int,
         # micro-steps.
         owned |= {"communication_data_type": "fp32", "data_types.grad_accum_dtype": "fp32"}
         created |= {"communication_data_type", "data_types.grad_accum_dtype"}
+    if d.precision == "bf16-true":
+        # Weights, gradients and optimizer state all in bf16, as under DDP and FSDP2: DeepSpeed keeps no fp32 master
+        # copy (bf16_master_weights_and_grads) and no fp32 moments (bf16_optimizer_states).
+        owned |= {"bf16.bf16_master_weights_and_grads": True, "bf16.bf16_optimizer_states": True}
+        created |= {"bf16.bf16_master_weights_and_grads", "bf16.bf16_optimizer_states"}
     if "optimizer" in cfg:
         problems += _optimizer_problems(cfg["optimizer"], recipe, source)
         created |= {k for k in owned if k.startswith("optimizer.params.")}

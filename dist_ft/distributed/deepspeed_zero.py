@@ -238,10 +238,14 @@ class DeepSpeedStrategy(Strategy):
         self._actual = {"bf16": bool(e.bfloat16_enabled()), "fp16": bool(e.fp16_enabled()),
                         "gradient_clipping": float(e.gradient_clipping() or 0.0),
                         "communication": _dtype_name(e.communication_data_type), "grad_accum": _dtype_name(accum),
-                        "optimizer": type(self.optimizer).__name__}
-        want = {"bf16": precision == "bf16-mixed", "fp16": precision == "fp16-mixed",
+                        "optimizer": type(self.optimizer).__name__,
+                        "bf16_master": bool(e.bf16_master_weights_and_gradients()),
+                        "bf16_moments": bool(e.bf16_optimizer_states())}
+        want = {"bf16": precision in ("bf16-mixed", "bf16-true"), "fp16": precision == "fp16-mixed",
                 "gradient_clipping": float(t.max_grad_norm or 0.0)}
-        if precision != "fp16-mixed":  # fp16 reduces in fp16 under its loss scale, as DeepSpeed means it to
+        if precision == "bf16-true":  # no fp32 anywhere, as DDP and FSDP2 reduce a bf16 model's gradients
+            want |= {"bf16_master": True, "bf16_moments": True, "grad_accum": "bf16"}
+        elif precision != "fp16-mixed":  # fp16 reduces in fp16 under its loss scale, as DeepSpeed means it to
             # Gradients are reduced and accumulated in fp32, as under DDP and FSDP2 (precision.py).
             want |= {"communication": "fp32", "grad_accum": "fp32"}
         wrong = {k: (self._actual[k], v) for k, v in want.items() if self._actual[k] != v}
@@ -252,7 +256,8 @@ class DeepSpeedStrategy(Strategy):
         a = self._actual
         return (f"DeepSpeed ZeRO-{self.stage}: bf16 {'on' if a['bf16'] else 'off'}, fp16 {'on' if a['fp16'] else 'off'}"
                 f", gradient clipping {a['gradient_clipping'] or 'off'}, optimizer {a['optimizer']}, gradients reduced "
-                f"in {a['communication']} and accumulated in {a['grad_accum']}")
+                f"in {a['communication']} and accumulated in {a['grad_accum']}, master weights "
+                f"{'bf16' if a['bf16_master'] else 'fp32'}")
 
     def _load_partitioned(self, model: torch.nn.Module, weights, deepspeed) -> None:
         with torch.no_grad():
@@ -291,7 +296,22 @@ class DeepSpeedStrategy(Strategy):
         applied = getattr(self.engine, "was_step_applied", lambda: True)()
         if self._grads:
             self._grads.after_step()
-        return StepResult(norm, not applied)
+        return StepResult(norm, not applied, self.loss_scale())
+
+    def loss_scale(self) -> float | None:
+        # DeepSpeed's own dynamic scaler (the JSON's fp16 block); saved and restored with its optimizer state.
+        return float(self.engine.optimizer.loss_scale) if self.engine.fp16_enabled() else None
+
+    def extra_state(self) -> dict:
+        """The fp16 loss scaler as DeepSpeed holds it (it saves and restores it itself; recorded here to be read)."""
+        scaler = getattr(self.engine.optimizer, "loss_scaler", None) if self.engine.fp16_enabled() else None
+        if scaler is None:
+            return {}
+        keys = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+        return {"deepspeed_loss_scaler": {k: float(getattr(scaler, k)) for k in keys if hasattr(scaler, k)}}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass  # DeepSpeed's load_checkpoint restored the scaler with the optimizer state
 
     def full_state_dict(self, trainable_only: bool = False):
         if self.stage == 3:

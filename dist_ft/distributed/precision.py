@@ -3,7 +3,9 @@
 - fp32: everything in float32.
 - bf16-mixed: float32 master weights, bfloat16 compute under autocast (FSDP2 and DeepSpeed express the same
   thing through their own policies, built from this table).
-- fp16-mixed: float32 master weights, float16 compute and a dynamic loss scale; CUDA only.
+- fp16-mixed: float32 master weights, float16 compute and a dynamic loss scale (torch.amp.GradScaler on the
+  rank's device, CPU included: CPU autocast runs float16 and the scaler unscales and steps there; DeepSpeed uses
+  its own scaler from the JSON). An overflowing step is skipped on every rank and the scale lowered.
 - bf16-true: weights, gradients and optimizer state in bfloat16 (half the memory, less accurate updates).
 """
 
@@ -53,13 +55,27 @@ def has_native_bf16(capability: tuple[int, int]) -> bool:
     return tuple(capability) >= (8, 0)
 
 
-def hardware_problem(name: str, *, cuda_available: bool | None = None,
-                     capability: tuple[int, int] | None = None) -> str | None:
-    """Why this machine cannot run `name` (None when it can). Checked before any work starts."""
+def cpu_has_fp16_kernels() -> bool:
+    """Whether oneDNN has float16 kernels on this CPU (AVX512-FP16 or AMX-FP16): what DeepSpeed's CPU accelerator
+    asks before it accepts `fp16.enabled` (torch's own CPU autocast runs float16 without them)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def hardware_problem(name: str, *, strategy: str | None = None, cuda_available: bool | None = None,
+                     capability: tuple[int, int] | None = None, cpu_fp16: bool | None = None) -> str | None:
+    """Why this machine cannot run `name` (under `strategy`; None when it can). Checked before any work starts."""
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
-    if name == "fp16-mixed" and not cuda:
-        return ("distributed.precision: fp16-mixed needs a CUDA GPU (loss scaling of float16 is not supported on "
-                "CPU); use bf16-mixed or fp32")
+    # fp16-mixed runs on any CPU under DDP and FSDP2 (CPU autocast computes in float16, GradScaler("cpu") scales
+    # and steps). DeepSpeed's CPU accelerator refuses fp16 at initialize unless oneDNN has fp16 kernels.
+    if name == "fp16-mixed" and not cuda and (strategy or "").startswith("zero") and not (
+            cpu_has_fp16_kernels() if cpu_fp16 is None else cpu_fp16):
+        return (f"distributed.precision: fp16-mixed with {strategy} on CPU: DeepSpeed's CPU accelerator runs fp16 "
+                "only where oneDNN has float16 kernels (AVX512-FP16 or AMX-FP16), and this CPU has none; use "
+                "strategy ddp or fsdp for fp16-mixed (torch's loss scaler), or bf16-mixed with "
+                f"{strategy}")
     if name in ("bf16-mixed", "bf16-true") and cuda:
         cc = torch.cuda.get_device_capability() if capability is None else capability
         if not has_native_bf16(cc):

@@ -25,6 +25,7 @@ OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimize
 class StepResult:
     grad_norm: float
     skipped: bool  # a non-finite gradient on any rank: no update was made
+    loss_scale: float | None = None  # fp16-mixed: the loss scale after this step (halved by a skipped step)
 
 
 class Strategy(ABC):
@@ -40,7 +41,9 @@ class Strategy(ABC):
         self.recipe = recipe
         self.model: torch.nn.Module | None = None  # what forward is called on
         self.optimizer: torch.optim.Optimizer | None = None
-        # fp16 needs a dynamic loss scale (CUDA only; checked before start). DeepSpeed keeps its own.
+        # fp16 needs a dynamic loss scale, on CPU as on CUDA. DeepSpeed keeps its own (deepspeed_zero.py). Under
+        # FSDP2 the gradients are DTensors, whose inf check is reduced over the mesh (DTensor's handler for
+        # _amp_foreach_non_finite_check_and_unscale_), so this plain scaler skips a step on every rank or on none.
         self.scaler = torch.amp.GradScaler(topo.device.type) if precision.needs_scaler else None
         # Parameters whose gradients are dropped before the step (gradual unfreezing: not yet open).
         self.grad_mask: list[torch.nn.Parameter] = []
@@ -89,7 +92,11 @@ class Strategy(ABC):
         elif not skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(norm, skipped)
+        return StepResult(norm, skipped, self.loss_scale())
+
+    def loss_scale(self) -> float | None:
+        """The current fp16 loss scale (None without loss scaling)."""
+        return float(self.scaler.get_scale()) if self.scaler is not None else None
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
