@@ -102,6 +102,25 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
+# Recognisable fake secrets: launch tests put them in the environment and then scan every file the launch wrote
+# (working directory, run directory, $HOME) and its output, since launchers copy environments into files
+# (accelerate's and DeepSpeed's multi-node `.deepspeed_env`) and logs.
+FAKE_SECRETS = {"WANDB_API_KEY": "fakeWandbKey0123456789abcdef0123456789abcd",
+                "HF_TOKEN": "hf_fakeTokenQ9x8w7v6u5t4s3r2q1p0",
+                "AWS_SECRET_ACCESS_KEY": "fakeAwsSecret/K7MDENGbPxRfiCYEXAMPLEKEY"}
+
+
+def secret_leaks(*roots: Path, outputs: tuple[str, ...] = ()) -> list[str]:
+    """Files under `roots` (and captured outputs) that hold any FAKE_SECRETS value; empty when none."""
+    needles = [v.encode() for v in FAKE_SECRETS.values()]
+    hits = [f"output #{i}" for i, text in enumerate(outputs) if any(n.decode() in text for n in needles)]
+    for root in roots:
+        for path in Path(root).rglob("*"):
+            if path.is_file() and not path.is_symlink() and any(n in path.read_bytes() for n in needles):
+                hits.append(str(path))
+    return hits
+
+
 def run_cli(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "dist_ft", *args], capture_output=True, text=True,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dist_ft.distributed.topology import free_port
-from conftest import REPO, read_metrics, run_cli
+from conftest import FAKE_SECRETS, REPO, read_metrics, run_cli, secret_leaks
 
 RECIPE = REPO / "configs" / "smollm2-text-pydoc-ddp.yaml"
 
@@ -32,9 +32,19 @@ def reference(tmp_path_factory, tiny_llama):
     return [r["loss"] for r in read_metrics(out)[0]]
 
 
-def _run(cmd, env=None):
-    full = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=full, cwd=REPO)
+def _run(cmd, env=None, *, work: Path | None = None):
+    """Run a launcher as a user would, from a working directory of its own and with secrets in the environment;
+    then no file it wrote (there, in the run directory under it, in $HOME) and none of its output holds them."""
+    if work is None:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    home = work / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    full = {**os.environ, "PYTHONUNBUFFERED": "1", "HOME": str(home), **FAKE_SECRETS, **(env or {})}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=full, cwd=work)
+    leaks = secret_leaks(work, outputs=(res.stdout, res.stderr))
+    assert not leaks, f"secrets from the environment written to {leaks}"
+    return res
 
 
 def _bin(name):
@@ -62,19 +72,19 @@ def _assert_two_ranks_match(res, out, reference):
 def test_launcher(tmp_path, tiny_llama, reference, launcher):
     out = tmp_path / "run"
     strategy = "zero2" if launcher == "deepspeed" else "ddp"
-    res = _run(LAUNCHERS[launcher](_overrides(tiny_llama, out, strategy)))
+    res = _run(LAUNCHERS[launcher](_overrides(tiny_llama, out, strategy)), work=tmp_path)
     _assert_two_ranks_match(res, out, reference)
 
 
 @pytest.mark.parametrize("config", list(ACCELERATE))
 def test_accelerate_launch(tmp_path, tiny_llama, reference, config):
     out = tmp_path / "run"
-    cmd = [_bin("accelerate"), "launch", "--config_file", f"launch/accelerate/{config}.yaml",
+    cmd = [_bin("accelerate"), "launch", "--config_file", str(REPO / "launch" / "accelerate" / f"{config}.yaml"),
            "--main_process_port", str(free_port()), "-m", "dist_ft", "train", str(RECIPE),
            *_overrides(tiny_llama, out, ACCELERATE[config])]
     # accelerate 1.15 starts the ranks without GPUs too; ACCELERATE_USE_CPU only steers its own Accelerator
     # (which dist_ft does not build): set here as a user on a CPU box may have it.
-    res = _run(cmd, env={"ACCELERATE_USE_CPU": "1"})
+    res = _run(cmd, env={"ACCELERATE_USE_CPU": "1"}, work=tmp_path)
     _assert_two_ranks_match(res, out, reference)
     assert "launcher accelerate" in res.stdout
 
@@ -149,3 +159,13 @@ def test_a_multi_node_slurm_step_where_each_node_trains_alone_is_refused():
     assert "spans 2 nodes" in problem and "deepspeed_multinode_launcher standard" in problem
     assert launcher_problems(zero2, {"SLURM_STEP_NUM_NODES": "2", "WORLD_SIZE": "2"}) == []
     assert launcher_problems(ddp, {"SLURM_STEP_NUM_NODES": "1", "WORLD_SIZE": "1"}) == []
+
+
+def test_the_secret_scan_finds_an_environment_dump(tmp_path):
+    """The scan the launch tests rely on can fail: a launcher that dumps its environment (as accelerate's
+    multi-node DeepSpeed path does into .deepspeed_env) is caught, and so is one that prints it."""
+    dump = "import os; open('.deepspeed_env', 'w').write(''.join(f'{k}={v}\\n' for k, v in os.environ.items()))"
+    with pytest.raises(AssertionError, match=r"\.deepspeed_env"):
+        _run([sys.executable, "-c", dump], work=tmp_path / "a")
+    with pytest.raises(AssertionError, match="output"):
+        _run([sys.executable, "-c", "import os; print(os.environ['HF_TOKEN'])"], work=tmp_path / "b")

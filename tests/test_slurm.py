@@ -16,7 +16,7 @@ import pytest
 
 from dist_ft.slurm import SlurmJob, render
 
-from conftest import REPO, read_metrics, run_cli, tiny_recipe, write_recipe
+from conftest import FAKE_SECRETS, REPO, read_metrics, run_cli, secret_leaks, tiny_recipe, write_recipe
 from slurm_cluster import SlurmCluster, unavailable
 
 TEMPLATE = REPO / "slurm" / "dist-ft.sbatch"
@@ -95,9 +95,13 @@ def cluster(tmp_path_factory):
         yield c
 
 
-def _job_env() -> dict:
-    # What a user's shell holds when they submit: the environment with dist_ft on PATH (sbatch exports it).
-    return {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+def _job_env(work: Path) -> dict:
+    # What a user's shell holds when they submit: the environment with dist_ft on PATH (sbatch exports it), and
+    # secrets, which no file the job writes (in its working directory, run directory or $HOME) may hold.
+    home = work / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    return {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1",
+            "HOME": str(home), **FAKE_SECRETS}
 
 
 def _write_job(tmp_path, model, name, launcher="torchrun", strategy="ddp") -> tuple[Path, Path]:
@@ -126,8 +130,9 @@ def reference(cluster, tmp_path_factory, tiny_llama):
     """An uninterrupted 2-node job through torchrun: both the launch-path test and the pre-emption reference."""
     tmp = tmp_path_factory.mktemp("slurm-ref")
     out, script = _write_job(tmp, tiny_llama, "straight")
-    job = cluster.sbatch(script, env=_job_env(), cwd=tmp)
+    job = cluster.sbatch(script, env=_job_env(tmp), cwd=tmp)
     info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 400)
+    assert not secret_leaks(tmp), secret_leaks(tmp)
     return out, info
 
 
@@ -145,10 +150,11 @@ def test_two_node_job_through_torchrun(reference):
 
 def test_two_node_job_through_accelerate(cluster, tmp_path, tiny_llama, reference):
     out, script = _write_job(tmp_path, tiny_llama, "accel", launcher="accelerate")
-    job = cluster.sbatch(script, env=_job_env(), cwd=tmp_path)
+    job = cluster.sbatch(script, env=_job_env(tmp_path), cwd=tmp_path)
     info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 400)
     _assert_two_nodes(out, info)
     assert "launcher accelerate" in _log(out)
+    assert not secret_leaks(tmp_path), secret_leaks(tmp_path)
     # Same recipe, same world size, other launcher: the same training.
     ref = {r["step"]: r["loss"] for r in read_metrics(reference[0])[0]}
     got = {r["step"]: r["loss"] for r in read_metrics(out)[0]}
@@ -160,11 +166,15 @@ def test_two_node_deepspeed_job_through_accelerate(cluster, tmp_path, tiny_llama
     """ZeRO-2 from the recipe, accelerate's DeepSpeed config for the launcher (its JSON path is relative to the
     repository, where the job is submitted from)."""
     out, script = _write_job(tmp_path, tiny_llama, "zero2", launcher="accelerate", strategy="zero2")
-    env = {**_job_env(), "DIST_FT_ACCELERATE_CONFIG": str(REPO / "launch" / "accelerate" / "zero2.yaml")}
+    env = {**_job_env(tmp_path), "DIST_FT_ACCELERATE_CONFIG": str(REPO / "launch" / "accelerate" / "zero2.yaml")}
+    assert not (REPO / ".deepspeed_env").exists()
     job = cluster.sbatch(script, env=env, cwd=REPO)
     info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 600)
     _assert_two_nodes(out, info)
     assert "strategy zero2" in _log(out)
+    # A multi-node DeepSpeed launch through accelerate writes the whole environment to .deepspeed_env in the
+    # working directory unless its multi-node launcher is `standard` (the template's).
+    assert not (REPO / ".deepspeed_env").exists() and not secret_leaks(tmp_path), secret_leaks(tmp_path)
     ref = [r["loss"] for r in read_metrics(reference[0])[0]]
     got = [r["loss"] for r in read_metrics(out)[0]]
     assert max(abs(a - b) / b for a, b in zip(got, ref)) < 1e-4, (got, ref)
@@ -173,7 +183,7 @@ def test_two_node_deepspeed_job_through_accelerate(cluster, tmp_path, tiny_llama
 def test_usr1_checkpoints_requeues_and_resumes_exactly(cluster, tmp_path, tiny_llama, reference):
     out, script = _write_job(tmp_path, tiny_llama, "preempted")
     # Slow steps (0.3 s each) so that the signal lands mid-run; the numbers do not depend on it.
-    job = cluster.sbatch(script, env={**_job_env(), "DIST_FT_FAULT": "slow:0.3"}, cwd=tmp_path)
+    job = cluster.sbatch(script, env={**_job_env(tmp_path), "DIST_FT_FAULT": "slow:0.3"}, cwd=tmp_path)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if (out / "metrics.jsonl").is_file() and len(read_metrics(out)[0]) >= 3:
@@ -208,7 +218,7 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(cluster, tmp_path, tiny_l
 
 def test_a_killed_rank_ends_the_job_with_a_failing_status(cluster, tmp_path, tiny_llama):
     out, script = _write_job(tmp_path, tiny_llama, "killed")
-    job = cluster.sbatch(script, env={**_job_env(), "DIST_FT_FAULT": "kill:3:1"}, cwd=tmp_path)
+    job = cluster.sbatch(script, env={**_job_env(tmp_path), "DIST_FT_FAULT": "kill:3:1"}, cwd=tmp_path)
     info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, 400)
     ended = time.time()
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", (info, _log(out))

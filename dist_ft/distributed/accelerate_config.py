@@ -198,6 +198,17 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
+def _shipped_or_local(path: str):
+    """The file at `path`; or, where the relative path of a shipped template (the launch/accelerate configs name
+    configs/deepspeed/zeroN.json) does not exist from this working directory, that template as installed."""
+    local = Path(path)
+    parts = local.parts
+    if local.is_file() or local.is_absolute() or parts[:2] != ("configs", "deepspeed") or len(parts) != 3:
+        return local
+    from importlib import resources
+    return resources.files("dist_ft") / "templates" / "deepspeed" / parts[2]
+
+
 def deepspeed_file_problems(recipe: Recipe, path: str, *, world_size: int | None) -> list[str]:
     """The DeepSpeed JSON an accelerate config names (deepspeed_config_file), against the recipe. dist_ft trains
     with its own JSON (the recipe's distributed.deepspeed_config, else configs/deepspeed/), so every explicit
@@ -206,7 +217,7 @@ def deepspeed_file_problems(recipe: Recipe, path: str, *, world_size: int | None
 
     what = f"accelerate config deepspeed_config.deepspeed_config_file {path}:"
     try:
-        cfg = json.loads(Path(path).read_text(encoding="utf-8"))
+        cfg = json.loads(_shipped_or_local(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         return [f"{what} cannot be read ({exc}); fix the path, or set distributed.deepspeed_config in the recipe "
                 "and remove deepspeed_config_file from the accelerate config"]
