@@ -13,10 +13,16 @@ Faults (DIST_FT_FAULT injects them at a chosen step; see dist_ft/faults.py):
                    then `checkpoint.resume: auto` must continue from the newest complete one and finish
     partition      two "nodes" (network namespaces joined by a veth pair, one rank each); the link goes down
                    after step 2; both must end (needs root and `ip netns`)
+    stall-checkpoint   both ranks stop making progress inside the checkpoint of step 3 (a hung filesystem: no
+                   rank waits on another, so no collective times out)
+    stall-final-save   rank 0 stops while writing final/ after the last step (rank 1 waits for it at a barrier)
+    stall-exit     rank 1 stops on its way out, after rank 0 finished and exited 0 (torchrun waits for it)
+    stall-exit-gil the same inside C code that holds the GIL (no Python thread runs again in that rank)
 
-"Survived" means: the expected exit status, a message naming the failing rank or the signal, no process left
-behind, no final model from a failed run, and for the checkpoint faults a resume that finishes. Time to exit is
-from the fault (the injected step's start, or the signal) to the launcher's exit.
+"Survived" means: the expected exit status, a message naming the failing rank or the signal (for the stalls: the
+phase the rank stopped in, or faulthandler's stacks), no process left behind, no final model from a failed run, and
+for the checkpoint faults a resume that finishes. Time to exit is from the fault (the injected step's start, or the
+signal; for the stalls the run's last record before it) to the launcher's exit.
 Results: benchmarks/results/faults.{json,md}.
 """
 
@@ -38,8 +44,14 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-FAULTS = ["exception", "sigkill", "hang", "sigterm-rank", "sigterm-launcher", "kill-during-checkpoint", "partition"]
-INJECT = {"exception": "crash:3:1", "sigkill": "kill:3:1", "hang": "hang:3:1", "sigterm-rank": "signal:3:1"}
+FAULTS = ["exception", "sigkill", "hang", "sigterm-rank", "sigterm-launcher", "kill-during-checkpoint", "partition",
+          "stall-checkpoint", "stall-final-save", "stall-exit", "stall-exit-gil"]
+INJECT = {"exception": "crash:3:1", "sigkill": "kill:3:1", "hang": "hang:3:1", "sigterm-rank": "signal:3:1",
+          "stall-checkpoint": "hang-checkpoint:3", "stall-final-save": "hang-final-save:12:0",
+          "stall-exit": "hang-exit:0:1", "stall-exit-gil": "hang-exit-gil:0:1"}
+# Where each stall is: the phase its rank's progress watchdog names (None: faulthandler's backstop ends it).
+STALL_PHASE = {"stall-checkpoint": "the checkpoint of step 3", "stall-final-save": "the final save",
+               "stall-exit": "the exit", "stall-exit-gil": None}
 
 
 def recipe(model: Path, out: Path, **extra) -> dict:
@@ -150,9 +162,43 @@ def partition_trial(model: Path, work: Path) -> dict:
             "note": "both nodes ended (timeout_seconds 10)"}
 
 
+def stall_trial(kind: str, model: Path, work: Path) -> dict:
+    """A rank stops making progress where no peer waits on it in a collective: the job must still end, within
+    distributed.timeout_seconds (10) plus a bounded margin, naming where."""
+    out = work / "run"
+    shutil.rmtree(out, ignore_errors=True)
+    path = work / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe(model, out, checkpoint={"every_steps": 3})))
+    proc = launch(path, {"DIST_FT_FAULT": INJECT[kind]})
+    seen = set()
+    try:
+        while proc.poll() is None:
+            seen |= descendants(proc.pid)
+            time.sleep(0.1)
+        text, _ = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        text, _ = proc.communicate()
+    ended = time.time()
+    time.sleep(0.5)
+    left = sorted(p for p in seen if alive(p))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    where = STALL_PHASE[kind]
+    named = f"no progress in {where} for 10 s" in text if where else "Timeout (0:00:20)!" in text
+    if kind == "stall-final-save":  # rank 1's collective timeout and rank 0's watchdog race: either names it
+        named = named or "timed out" in text.lower()
+    final_ok = (out / "final").is_dir() == kind.startswith("stall-exit")
+    ok = proc.returncode != 0 and named and final_ok and not left
+    return {"fault": kind, "ok": ok, "rc": proc.returncode, "seconds_to_exit": round(ended - records[-1]["time"], 2),
+            "left_behind": left, "note": ("phase named" if where else "faulthandler's stacks") if named else
+            "NOT named"}
+
+
 def trial(kind: str, model: Path, work: Path, rng: random.Random) -> dict:
     if kind == "partition":
         return partition_trial(model, work)
+    if kind.startswith("stall-"):
+        return stall_trial(kind, model, work)
     out = work / "run"
     shutil.rmtree(out, ignore_errors=True)
     extra = {"checkpoint": {"every_steps": 1}, "training": {"max_steps": 200}} \
@@ -229,8 +275,12 @@ def main() -> int:
                 print(f"[faults] {kind} #{i + 1}: {'survived' if r['ok'] else 'FAILED'}, exit {r['rc']} after "
                       f"{r['seconds_to_exit']} s; {r['note']}" + (f"; left behind {r['left_behind']}"
                                                                   if r["left_behind"] else ""), flush=True)
+    # A run of some faults replaces their rows only: the table keeps every fault's latest trials.
+    ran = args.faults.split(",")
+    old = json.loads((RESULTS / "faults.json").read_text()) if (RESULTS / "faults.json").is_file() else []
+    rows = [r for r in old if r["fault"] not in ran] + rows
     lines = ["| fault | trials | survived | time to exit (s), median [max] | notes |", "|---|---:|---:|---|---|"]
-    for kind in args.faults.split(","):
+    for kind in [k for k in FAULTS if any(r["fault"] == k for r in rows)]:
         rs = [r for r in rows if r["fault"] == kind]
         ts = sorted(r["seconds_to_exit"] for r in rs)
         notes = "; ".join(sorted({r["note"] for r in rs}))
@@ -241,7 +291,7 @@ def main() -> int:
     (RESULTS / "faults.json").write_text(json.dumps(rows, indent=1))
     (RESULTS / "faults.md").write_text("# Faults, repeated (2 gloo ranks, tiny Llama, CPU)\n\n"
                                        "`.venv/bin/python benchmarks/faults.py`\n\n" + table + "\n")
-    return 0 if all(r["ok"] for r in rows) else 1
+    return 0 if all(r["ok"] for r in rows if r["fault"] in ran) else 1
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 
 from . import faults
+from .distributed import watchdog
 
 FORMAT = "dist_ft-checkpoint/1"
 MANIFEST = "manifest.json"
@@ -270,6 +271,8 @@ def save_checkpoint(*, root: Path, strategy, trainer_state: TrainerState, recipe
             (tmp / "rng").mkdir(parents=True)
         dist.barrier()
         strategy.save_state(tmp / "state")
+        watchdog.beat()  # each part of a checkpoint may take up to timeout_seconds (see ProgressWatchdog)
+        faults.inject("hang-checkpoint", step, topo.rank)
         (tmp / "rng" / f"rank-{topo.rank}.json").write_text(json.dumps(rng_state()))
         if topo.is_main:
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state.__dict__, indent=1))
@@ -284,7 +287,9 @@ def save_checkpoint(*, root: Path, strategy, trainer_state: TrainerState, recipe
     names = _files(tmp) if topo.is_main else None
     box = [names]
     dist.broadcast_object_list(box, src=0)
+    watchdog.beat()
     files = _hash_files(tmp, box[0], topo.rank, topo.world_size)
+    watchdog.beat()
     if topo.is_main:
         manifest = {"format": FORMAT, "step": step, "samples_seen": trainer_state.samples_seen,
                     "world_size": topo.world_size, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **meta,

@@ -414,10 +414,27 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    rc = args.fn(args)
+    from .distributed import watchdog
     from .distributed.topology import hard_exit, process_group_was_used
 
+    try:
+        rc = args.fn(args)
+    except BaseException as exc:
+        if not (from_command_line and process_group_was_used()):
+            watchdog.unwatch()
+            raise
+        # A rank that failed after joining a process group leaves the way one that succeeded does (hard_exit):
+        # the interpreter's finalization would run gloo's and autograd's thread teardown, which can abort or hang.
+        import traceback
+        traceback.print_exc()
+        rc = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1
     if from_command_line and process_group_was_used():
+        watchdog.phase("the exit", limit=watchdog.TEARDOWN_S)
+        hard_exit(rc or 0)
+    watchdog.unwatch()
+    if from_command_line and args.fn is cmd_launch:
+        # The ranks are gone and their outcome decided: nothing bounds the teardown of torchrun's store and agent
+        # threads in the interpreter's finalization, and a launcher that never exits is a job that never ends.
         hard_exit(rc or 0)
     return rc
 

@@ -224,7 +224,9 @@ class DistributedConfig:
     activation_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     deepspeed_config: Optional[str] = _f(None, "Your own DeepSpeed JSON for zero1/2/3 ('auto' values are filled "
                                          "from the recipe; None: the shipped template for the strategy).")
-    timeout_seconds: int = _f(300, "Collective timeout: a dead or stuck rank ends the job after this long.", ge=10)
+    timeout_seconds: int = _f(300, "Collective and progress timeout: a dead rank, or one stuck in any phase (a "
+                              "collective, a step, a checkpoint, the final save, the exit), ends the job after this "
+                              "long.", ge=10)
     threads_per_process: Optional[int] = _f(None, "CPU threads per process (None: cores / local processes).", ge=1)
 
 

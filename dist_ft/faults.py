@@ -7,14 +7,21 @@
     signal:3:1             rank 1 sends itself SIGTERM before step 3 (a preemption that reaches one rank)
     slow:0.3               every rank sleeps 0.3 s before each step (a run long enough to be signalled mid-way)
     overflow:3:1           rank 1's gradients of step 3 come out non-finite (an fp16 overflow: skipped, scale lowered)
+    hang-checkpoint:6      every rank stalls inside the checkpoint of step 6 (a hung filesystem: nobody waits on a peer)
+    hang-final-save:12:0   rank 0 stalls while writing final/ after the last step (12)
+    hang-exit:0:1          rank 1 stalls on its way out, after the process group is shut down (STEP is always 0)
+    hang-exit-gil:0:1      the same inside C code that holds the GIL (what a destructor joining a thread that waits
+                           for the GIL does); any hang point takes the -gil suffix
 
 Unset (always, outside tests), this is one dictionary lookup.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import sys
 import time
 
 
@@ -35,13 +42,18 @@ def inject(point: str, step: int, rank: int = 0) -> None:
     if parts[0] == "slow" == point:
         time.sleep(float(parts[1]))
         return
-    if parts[0] != point or int(parts[1]) != step or (len(parts) > 2 and int(parts[2]) != rank):
+    holds_gil = parts[0].endswith("-gil")
+    if parts[0].removesuffix("-gil") != point or int(parts[1]) != step or (len(parts) > 2 and int(parts[2]) != rank):
         return
     if point in ("checkpoint-write", "kill"):
         os.kill(os.getpid(), signal.SIGKILL)
-    elif point == "hang":
+    elif point.startswith("hang"):
+        sys.stderr.flush()
         while True:
-            time.sleep(3600)
+            if holds_gil:
+                ctypes.PyDLL(None).sleep(3600)  # a PyDLL call keeps the GIL: no Python thread runs again
+            else:
+                time.sleep(3600)
     elif point == "signal":
         os.kill(os.getpid(), signal.SIGTERM)
     elif point == "crash":

@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from .data.dataset import forgetting_examples, prepare_data
 from .distributed.launchers import launcher_problems
 from .distributed.precision import precision_plan
 from .distributed.strategy import Strategy, make_strategy
+from .distributed import watchdog
 from .distributed.topology import Topology, init_distributed, shutdown
 from .evaluation import RunEvaluator
 from .metrics import better
@@ -168,7 +170,11 @@ def run_training(recipe: Recipe, *, source: str = "recipe") -> TrainResult:
     try:
         return _train(recipe, topo, tok, data, model_path, t_start, forgetting)
     finally:
+        # The run is over (a peer may be gone already): tearing down takes seconds, so a stuck teardown ends sooner.
+        watchdog.phase("the process group's shutdown", limit=watchdog.TEARDOWN_S, note=sys.exc_info()[1])
         shutdown()
+        watchdog.phase("the exit", limit=watchdog.TEARDOWN_S, note=sys.exc_info()[1])
+        faults.inject("hang-exit", 0, topo.rank)
 
 
 def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start: float,
@@ -260,6 +266,7 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
     evaluator = RunEvaluator(recipe, strategy, data, tok, forgetting)
 
     def run_eval(step: int) -> dict:
+        watchdog.phase(f"the evaluation at step {step}")
         res, answers = evaluator(state.eval_before or None)
         if res:
             metrics.write({"step": step, **res})
@@ -272,6 +279,8 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
                        f"for {answers[0]['reference'][:100]!r}")
         return res
 
+    # From here to the process's exit, a rank without progress for timeout_seconds ends the job (watchdog.py).
+    watchdog.watch(recipe.distributed.timeout_seconds, rank=topo.rank, model=strategy.unwrap())
     if resume is None:
         eval_before = run_eval(0)
         if eval_before:
@@ -290,6 +299,7 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
     step = state.step
 
     def save(step: int) -> None:
+        watchdog.phase(f"the checkpoint of step {step}")
         state.step, state.scheduler = step, scheduler.state_dict()
         if feed.position is not None:  # a stream's place on every rank (each reads its own shards)
             positions = [feed.position] * topo.world_size
@@ -323,6 +333,7 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
     memory = MemoryMeter(topo.device)
     with StopRequest(deadline=recipe.distributed.timeout_seconds) as stop_request:
         for step in range(first_step, t.max_steps + 1):
+            watchdog.phase(f"step {step}")
             faults.inject("hang", step, topo.rank)
             faults.inject("crash", step, topo.rank)
             faults.inject("kill", step, topo.rank)
@@ -437,6 +448,8 @@ def _train(recipe: Recipe, topo: Topology, tok, data, model_path: Path, t_start:
         _log(topo, f"[eval] after {step} steps: " + _fmt_metrics(eval_after))
         if not keep_if_best(step, eval_after) and recipe.checkpoint.final == "best" and state.best_step is not None:
             eval_after = _load_best(strategy, ckpt.checkpoints_root(out), topo, run_eval)
+    watchdog.phase("the final save")
+    faults.inject("hang-final-save", step, topo.rank)
     final = _save_final(strategy, tok, out / "final", topo)
     seconds = time.perf_counter() - t_start
     peaks = [None] * topo.world_size

@@ -1,7 +1,9 @@
 """Faults during a run, each on 2 real gloo ranks.
 
-- A rank that stops answering ends the job within the collective timeout (no hang); a rank that crashes takes the
-  job down with its error; neither leaves a final model behind.
+- A rank that stops answering ends the job within the collective timeout (no hang), also where no peer waits for
+  it in a collective (checkpoint I/O on every rank, the final save, the exit after its peer finished, a stall that
+  holds the GIL): its progress watchdog ends it; a rank that crashes takes the job down with its error; none
+  leaves a final model behind unless the stall came after it was complete.
 - Stop signals (SIGTERM to one rank, or to the launcher) give one agreed checkpoint and a clean exit, and the
   resume is exact; a second signal ends a rank at once, even inside a collective.
 - A full disk while saving: a clear error on every rank, nothing complete lost, no partial checkpoint left.
@@ -40,6 +42,45 @@ def test_a_silent_rank_times_out_instead_of_hanging(tmp_path, tiny_llama):
     text = res.stdout + res.stderr
     assert "timed out" in text.lower() or "timeout" in text.lower(), text[-3000:]
     assert not (out / "final").exists()
+
+
+# Where a rank can stall with no peer waiting for it in a collective (whose timeout would end the job): the
+# phase the rank's progress watchdog names (None: the stall holds the GIL, so faulthandler's backstop ends it).
+STALLS = {"hang-checkpoint:3": "the checkpoint of step 3",  # every rank at once, as on a hung filesystem
+          "hang-final-save:6:0": "the final save",  # rank 0 writing final/ (rank 1 waits at the barrier, and times out)
+          "hang-exit:0:1": "the exit",  # rank 1 on its way out, after rank 0 finished and exited 0
+          "hang-exit-gil:0:1": None}  # the same inside C code that keeps the GIL (a destructor joining a thread)
+
+
+@pytest.mark.parametrize("fault", list(STALLS))
+def test_a_stall_anywhere_ends_the_job_within_the_timeout(tmp_path, tiny_llama, fault):
+    """A rank that stops making progress where nobody waits on it in a collective still ends the job within
+    distributed.timeout_seconds (10) plus a bounded margin, saying where it was; before the progress watchdog, the
+    agent waited for such a rank forever (its peers had exited 0, or were stuck too)."""
+    out, path = _recipe(tmp_path, tiny_llama)
+    res = run_cli("launch", str(path), "--nproc-per-node", "2", "checkpoint.every_steps=3",
+                  env={"DIST_FT_FAULT": fault}, timeout=300)
+    ended = time.time()
+    text = res.stdout + res.stderr
+    assert res.returncode != 0, text[-3000:]
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["time"]
+    # From the last record before the stall: the timeout (10), faulthandler's backstop (10) when the GIL is held,
+    # the agent's reaction and the ranks' exit; the stalled rank would otherwise never end.
+    assert ended - last < 10 + (10 if STALLS[fault] is None else 0) + 45, (ended - last, text[-3000:])
+    where = STALLS[fault]
+    if where is None:
+        assert "Timeout (0:00:20)!" in text and "in inject" in text, text[-3000:]  # faulthandler's stacks
+    elif fault.startswith("hang-final-save"):  # rank 1's collective timeout and rank 0's watchdog race
+        assert f"no progress in {where} for 10 s" in text or "timed out" in text.lower(), text[-3000:]
+    else:
+        assert f"no progress in {where} for 10 s (distributed.timeout_seconds)" in text, text[-3000:]
+        assert "(exit status 124)" in text and "Where each thread was" in text
+    if fault.startswith("hang-exit"):
+        assert (out / "final").is_dir()  # it stalled after the run's outputs were complete
+    else:
+        assert not (out / "final").exists()
+    if fault.startswith("hang-checkpoint"):
+        assert _complete_checkpoints(out) == [] and (out / "checkpoints" / ".tmp-step-00000003").is_dir()
 
 
 @pytest.mark.parametrize("fault", ["crash", "kill"])
@@ -343,3 +384,37 @@ def test_a_signal_heard_twice_at_once_counts_once(gap, exits):
         assert res.returncode == 128 + signal.SIGTERM and "second SIGTERM" in res.stderr, res
     else:
         assert res.returncode == 0 and "still here 15" in res.stdout, res
+
+
+@pytest.mark.parametrize("how, code", [("progress", 0), ("stall", 124), ("stall-gil", 1), ("unwatched", 0)])
+def test_the_progress_watchdog(how, code):
+    """Beats keep a rank alive past the limit; a stall ends it with the phase and the stacks (124); a stall in C
+    code that keeps the GIL is ended by faulthandler's backstop (1); after `unwatch` nothing fires."""
+    script = (
+        "import ctypes, time\n"
+        "from dist_ft.distributed import watchdog\n"
+        "watchdog.watch(2, rank=1)\n"
+        "watchdog.phase('the test phase')\n"
+        "for _ in range(8):\n"
+        "    time.sleep(0.5)\n"
+        "    watchdog.beat()\n"
+        f"how = {how!r}\n"
+        "if how == 'unwatched':\n"
+        "    watchdog.unwatch()\n"
+        "if how in ('stall', 'unwatched'):\n"
+        "    time.sleep(6)\n"
+        "if how == 'stall-gil':\n"
+        "    ctypes.PyDLL(None).sleep(30)\n"
+        "print('done')\n")
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    elapsed = time.perf_counter() - t0
+    assert res.returncode == code, res
+    if how == "stall":
+        assert "rank 1: no progress in the test phase for 2 s" in res.stderr and 'line 12 in <module>' in res.stderr
+        assert elapsed < 4 + 2 + 2 + 3, elapsed
+    elif how == "stall-gil":
+        assert "Timeout (0:00:04)!" in res.stderr and "line 14 in <module>" in res.stderr, res.stderr
+        assert elapsed < 4 + 4 + 2 + 3, elapsed
+    else:
+        assert "done" in res.stdout and "no progress" not in res.stderr
