@@ -320,7 +320,7 @@ CATEGORIES = [  # (category, any of these in a stack); the first match wins
     ("forward (model)", ("forward (transformers/", "forward (peft/", "forward (torch/nn/modules")),
     ("data (rows, collate)", ("collate", "rows (dist_ft", "feed.py", "batching.py")),
 ]
-IN_LOOP = {"dist_ft": ("_train (dist_ft/trainer.py",), "raw": ("main (raw_loop.py", "main (benchmarks/raw_loop.py")}
+IN_LOOP = {"dist_ft": ("_train (dist_ft/train/trainer.py",), "raw": ("main (raw_loop.py", "main (benchmarks/raw_loop.py")}
 NOT_STEP = ("run_eval", "evaluate (", "heldout_loss", "_save_final", "build_model", "setup (", "from_pretrained",
             "initialize (", "all_gather_object", "destroy_process_group", "gather (", "DistributedDataParallel.__init__",
             "init_process_group", "fully_shard (", "_find_and_load (", "measured_cpu_peak")
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers import AutoConfig
 
         from dist_ft.assets import resolve_model_path
-        from dist_ft.flops import flops_per_token
+        from dist_ft.telemetry.flops import flops_per_token
         trained = [json.loads(x) for x in (job_dir / "train.jsonl").read_text().splitlines()[:a.steps * G]]
         mean_len = statistics.mean(len(x["input_ids"]) for x in trained)
         flops_tok = flops_per_token(AutoConfig.from_pretrained(resolve_model_path(job["model_path"])), mean_len)

@@ -73,7 +73,7 @@ def run_one(workdir: Path, name: str, steps: int, nproc: int) -> dict:
     steps_r = [r for r in records if "loss" in r]
     start = next(r for r in records if r.get("event") == "start")
     end = next(r for r in records if r.get("event") == "end")
-    from dist_ft.export import load_trained
+    from dist_ft.checkpoint.export import load_trained
     model, tok = load_trained(out)
     return {"method": name, "lr": lr, "trainable": start["trainable_params"], "total": start["total_params"],
             "eval_before": evals[0]["eval_loss"], "eval_after": evals[-1]["eval_loss"],

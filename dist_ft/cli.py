@@ -71,9 +71,9 @@ def cmd_schema(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .checkpoint import CheckpointError
+    from .checkpoint.store import CheckpointError
     from .signals import EXIT_STOPPED
-    from .trainer import run_training
+    from .train.trainer import run_training
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
@@ -180,7 +180,7 @@ def launch(recipe_path: str, overrides: list[str], *, nproc_per_node: int, nnode
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from .signals import EXIT_STOPPED
-    from .telemetry import stopped_since
+    from .telemetry.progress import stopped_since
 
     started = time.time()
     watchdog = AgentWatchdog(grace=5).start()  # the agent reacts in well under a second when it can
@@ -260,7 +260,7 @@ def cmd_slurm(args) -> int:
 
 def cmd_data(args) -> int:
     from .assets import resolve_model_path
-    from .data.report import data_report
+    from .data.profile import data_report
     from .model import load_tokenizer
     from .preflight import data_problems
 
@@ -291,8 +291,8 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .checkpoint import CheckpointError
-    from .export import export
+    from .checkpoint.store import CheckpointError
+    from .checkpoint.export import export
 
     try:
         out = export(args.source, args.out, merge_lora=args.merge_lora, dtype=args.dtype)
@@ -303,7 +303,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import make_report
+    from .telemetry.run_report import make_report
 
     try:
         path, summary = make_report(args.run_dir)

@@ -547,7 +547,7 @@ def reported_metrics(r: Recipe) -> set[str]:
 
 
 def _eval_checks(r: Recipe) -> list[str]:
-    from .metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, METRICS
+    from .train.scores import CLASSIFICATION_METRICS, GENERATION_METRICS, METRICS
 
     p, e, c = [], r.eval, r.checkpoint
     for m in e.metrics:

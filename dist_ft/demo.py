@@ -78,7 +78,7 @@ def run_demo(*, nproc: int | None, output_dir: str | None, overrides: list[str])
     print(f"WordNet:    {record['response']}")
     print(f"base model: {base_answer}")
     print(f"fine-tuned: {tuned_answer}")
-    from .report import make_report
+    from .telemetry.run_report import make_report
     report, _ = make_report(out)
     print(f"report and plots: {report} ({Path(out) / 'plots'})")
     return 0

@@ -376,7 +376,7 @@ def analyze_model(recipe) -> ModelFacts:
 def _blocks(model) -> list:
     """FSDP's units (distributed/fsdp.py's rule), else the list of repeated blocks (methods.blocks_of)."""
     try:
-        from .distributed.fsdp import transformer_blocks
+        from .distributed.fsdp.strategy import transformer_blocks
         return transformer_blocks(model)
     except Exception:  # noqa: BLE001 - no torch.distributed here, or no _no_split_modules
         from .methods import blocks_of
@@ -761,7 +761,7 @@ def logits_bytes(facts: ModelFacts, *, seq: int, micro_batch: int, e: float) -> 
 
 def deepspeed_buckets(recipe, world: int, hidden: int, gpu: bool) -> dict:
     """Bucket sizes (elements) of the resolved DeepSpeed JSON; DeepSpeed's defaults for keys it leaves out."""
-    from .distributed.deepspeed_config import AUTO, load_template, resolve_deepspeed_config
+    from .distributed.deepspeed.config import AUTO, load_template, resolve_deepspeed_config
 
     out = dict(DS_DEFAULTS)
     try:
@@ -1009,7 +1009,7 @@ def largest_micro_batch(recipe, cluster: Cluster, facts: ModelFacts, mc: Optiona
 
 def training_flops_per_token(facts: ModelFacts, mc: MethodCounts, seq: int, checkpointing: bool) -> tuple[float, float]:
     """(forward FLOPs per token, training FLOPs per token): forward x (1 + recompute + g + f), see the docstring."""
-    from .flops import flops_per_token
+    from .telemetry.flops import flops_per_token
 
     fwd = flops_per_token(facts.config, seq) / 3.0
     L = max(facts.layers, 1)
@@ -1066,13 +1066,13 @@ def offload_cost(recipe, mc: MethodCounts, rules: ByteRules, cluster: Cluster) -
 
 
 def _peak(cluster: Cluster, precision: str) -> tuple[Optional[float], str]:
-    from .flops import gpu_peak
+    from .telemetry.flops import gpu_peak
 
     if cluster.peak_flops:
         return cluster.peak_flops, "--peak-tflops"
     dtype = {"fp32": "fp32", "fp16-mixed": "fp16"}.get(precision, "bf16")
     if cluster.is_cpu:
-        from .flops import measured_cpu_peak
+        from .telemetry.flops import measured_cpu_peak
         measured = measured_cpu_peak()
         return measured / cluster.gpus_per_node, "measured fp32 matmul on this machine, shared by the processes"
     peak = gpu_peak(cluster.gpu, dtype)

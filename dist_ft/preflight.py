@@ -159,7 +159,7 @@ def strategy_problems(recipe: Recipe, *, world_size: int | None = None) -> list[
     import importlib.util
     if importlib.util.find_spec("deepspeed") is None:
         return [f"distributed.strategy: {d.strategy} needs DeepSpeed: pip install 'dist-ft[deepspeed]'"]
-    from .distributed.deepspeed_config import deepspeed_json_problems, load_template
+    from .distributed.deepspeed.config import deepspeed_json_problems, load_template
     try:
         template, source = load_template(recipe)
     except FileNotFoundError:

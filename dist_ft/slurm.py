@@ -112,7 +112,7 @@ def submit(path: Path) -> str:
 
 def _stopped(argv: list[str]) -> int:
     from .config import load_recipe
-    from .telemetry import stopped_since
+    from .telemetry.progress import stopped_since
 
     p = argparse.ArgumentParser(prog="python -m dist_ft.slurm stopped")
     p.add_argument("--since", type=float, required=True)

@@ -34,7 +34,7 @@ from typing import Literal, Optional
 import yaml
 
 from .config import RecipeError, _build, dump_recipe, load_recipe, reported_metrics
-from .metrics import LOWER_IS_BETTER
+from .train.scores import LOWER_IS_BETTER
 from .sweep_shapes import translate
 
 KINDS = ("log_uniform", "uniform", "int", "choice")

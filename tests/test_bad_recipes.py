@@ -20,8 +20,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from dist_ft.cli import main  # noqa: E402
-from dist_ft.config import describe_schema  # noqa: E402
+from dist_ft.cli import main
+from dist_ft.config import describe_schema
 
 SCHEMA = {key: tp for key, tp, _default, _help in describe_schema()}
 # Numeric fields with a lower bound, and a value below it.

@@ -7,7 +7,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from dist_ft.evaluation import classification_metrics
+from dist_ft.train.evaluation import classification_metrics
 from conftest import read_metrics, run_cli, tiny_recipe, write_jsonl, write_recipe
 
 
@@ -99,7 +99,7 @@ def test_bad_data_fails_before_training(tmp_path, tiny_llama):
 
 
 def test_schedule_shapes():
-    from dist_ft.schedule import lr_factor
+    from dist_ft.train.schedule import lr_factor
     f = [lr_factor(s, warmup=2, total=10, kind="cosine", min_ratio=0.1) for s in range(10)]
     assert f[0] == 0.5 and f[1] == 1.0 and abs(f[2] - 1.0) < 1e-12 and f[-1] > 0.1 and f[-1] < f[5]
     assert lr_factor(10, warmup=2, total=10, kind="linear", min_ratio=0.0) == 0.0

@@ -173,7 +173,7 @@ def test_a_mapping_that_leaves_a_field_out_is_reported(tmp_path, tokenizer, monk
     assert "use data.format: alpaca" in line and str(data) in line
     assert line.removeprefix("[data] ") in prepared.report  # kept with the cache, for the run's record
 
-    from dist_ft.data.report import data_report
+    from dist_ft.data.profile import data_report
     rep = data_report(r, tokenizer, tmp_path / "data-report", log=lambda m: None)
     assert rep["ignored_fields"][str(data)]["fields"] == {"id": 30, "input": non_empty}
     assert f"'input' (non-empty in {non_empty} of 30 records)" in (tmp_path / "data-report" / "report.md").read_text()

@@ -12,7 +12,7 @@ import torch
 
 from dist_ft.data.batching import MixtureOrder
 from dist_ft.data.quality import balance, clean, dedup
-from dist_ft.losses import loss_sum
+from dist_ft.train.loss import loss_sum
 
 from conftest import read_metrics, run_cli, tiny_recipe, write_jsonl, write_recipe
 

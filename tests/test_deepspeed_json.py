@@ -15,8 +15,8 @@ import pytest
 
 from conftest import read_metrics, run_cli, tiny_recipe, write_recipe
 from dist_ft.config import load_recipe
-from dist_ft.distributed.deepspeed_config import deepspeed_json_problems, resolve_deepspeed_config
-from dist_ft.schedule import lr_factor
+from dist_ft.distributed.deepspeed.config import deepspeed_json_problems, resolve_deepspeed_config
+from dist_ft.train.schedule import lr_factor
 
 # transformers tests/deepspeed/ds_config_zero2.json, as its docs tell users to write it.
 HF_ZERO2 = {
@@ -147,7 +147,7 @@ def test_every_offload_the_recipe_accepts_resolves_from_the_shipped_templates(tm
     """Every (strategy, offload) that the recipe check accepts resolves cleanly, DeepSpeed's own validation included,
     and offloads exactly what the recipe says: ZeRO-3 + optimizer-only and params-only were refused (the template
     held both offload blocks), ZeRO-1 + optimizer got the ZeRO-2 template (stage 2 against the recipe's 1)."""
-    from dist_ft.distributed.deepspeed_config import load_template
+    from dist_ft.distributed.deepspeed.config import load_template
 
     recipe = _pure_recipe(tmp_path, strategy=strategy, offload=offload)
     template, source = load_template(recipe)
@@ -180,7 +180,7 @@ def test_a_user_json_offload_device_still_has_to_agree(tmp_path):
 @pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])
 def test_bf16_mixed_reduces_and_accumulates_gradients_in_fp32(tmp_path, strategy):
     """Without these keys DeepSpeed reduces and accumulates bf16 gradients in bf16; DDP and FSDP2 reduce in fp32."""
-    from dist_ft.distributed.deepspeed_config import load_template
+    from dist_ft.distributed.deepspeed.config import load_template
 
     recipe = _pure_recipe(tmp_path, strategy=strategy, precision="bf16-mixed")
     for template in (load_template(recipe)[0], {"zero_optimization": {"stage": int(strategy[-1])}}):

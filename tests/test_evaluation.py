@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from dist_ft.metrics import classification_metrics, generation_metrics, normalize_answer
+from dist_ft.train.scores import classification_metrics, generation_metrics, normalize_answer
 
 from conftest import REPO, read_metrics, run_cli, tiny_recipe, write_jsonl, write_recipe
 

@@ -4,7 +4,7 @@ took the L4's figures and an H100 PCIe or NVL the SXM part's, and MFU was off by
 
 import pytest
 
-from dist_ft.flops import gpu_peak, gpu_peaks
+from dist_ft.telemetry.flops import gpu_peak, gpu_peaks
 
 T = 1e12
 # (device name, bf16, fp16, fp32/TF32) from the vendors' datasheets, dense.
@@ -66,7 +66,7 @@ def test_case_and_spacing_do_not_matter_and_plan_names_resolve():
 def test_device_peak_names_an_unknown_gpu(monkeypatch):
     import torch
 
-    from dist_ft import flops
+    from dist_ft.telemetry import flops
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L40")
     assert flops.device_peak(torch.device("cuda", 0), "bf16") == (181.05 * T, "NVIDIA L40 datasheet")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10G")

@@ -159,7 +159,7 @@ def packed_logit_errors(model, samples: list[list[int]], *, rows: int, pad_id: i
     """(max |packed - alone| over every target token's logits, the same for the packed rows read as one causal
     sequence each, i.e. attention across sample boundaries). Both forwards go through losses.forward_logits, the
     trainer's own path from a batch to the logits."""
-    from dist_ft.losses import forward_logits
+    from dist_ft.train.loss import forward_logits
 
     def run(batch):
         with torch.no_grad():
@@ -327,7 +327,7 @@ def telemetry_problems(records: list[dict], *, gpu_known: bool) -> list[str]:
 def test_telemetry_on_a_gpu(tmp_path, tiny_llama):
     """MFU against the exact GPU's datasheet peak (issue 21, item 11) and per-step peak memory (item 12)."""
     _need(1)
-    from dist_ft.flops import gpu_peaks
+    from dist_ft.telemetry.flops import gpu_peaks
     known = gpu_peaks(torch.cuda.get_device_name(0)) is not None
     out, res = _run(tmp_path, "telemetry", tiny_llama, training={"max_steps": 6})
     train, _ = read_metrics(out)

@@ -82,7 +82,7 @@ def test_cuda_device_index_refuses_layouts_without_a_gpu_per_rank(launcher, loca
 
 @pytest.mark.parametrize("offload", ["params", "all"])
 def test_fsdp_offload_puts_buffers_on_the_compute_device(offload):
-    from dist_ft.distributed.fsdp import placement
+    from dist_ft.distributed.fsdp.strategy import placement
 
     gpu = torch.device("cuda", 3)
     where = placement(offload=offload, device=gpu)
@@ -92,7 +92,7 @@ def test_fsdp_offload_puts_buffers_on_the_compute_device(offload):
 
 
 def test_move_buffers_leaves_parameters_in_place():
-    from dist_ft.distributed.fsdp import move_buffers
+    from dist_ft.distributed.fsdp.strategy import move_buffers
 
     with torch.device("meta"):
         model = torch.nn.BatchNorm1d(4)
@@ -189,7 +189,7 @@ GIB = 2**30
 
 
 def test_gpu_memory_figures_count_context_and_reserve():
-    from dist_ft.telemetry import GpuMemoryStats, gpu_memory_figures
+    from dist_ft.telemetry.progress import GpuMemoryStats, gpu_memory_figures
 
     # An 80 GiB card: 20 GiB of tensors at the step's worst moment, the allocator held 24 GiB then and holds 22 now;
     # the device has 25 GiB in use (the 3 GiB beyond the allocator: CUDA context, NCCL buffers, workspaces).
@@ -217,7 +217,7 @@ class FakeCuda:
         self.reserved_peak = max(self.reserved_peak, self.now)
 
     def read(self):
-        from dist_ft.telemetry import GpuMemoryStats
+        from dist_ft.telemetry.progress import GpuMemoryStats
         context = GIB
         return GpuMemoryStats(self.allocated_peak, self.reserved_peak, self.now, 80 * GIB - self.now - context,
                               80 * GIB)
@@ -228,7 +228,7 @@ class FakeCuda:
 
 
 def test_memory_meter_reports_each_steps_peak_and_keeps_the_runs():
-    from dist_ft.telemetry import MemoryMeter
+    from dist_ft.telemetry.progress import MemoryMeter
 
     cuda = FakeCuda()
     meter = MemoryMeter(torch.device("cuda", 0), read=cuda.read, reset=cuda.reset)
@@ -250,7 +250,7 @@ def test_memory_meter_reports_each_steps_peak_and_keeps_the_runs():
 
 
 def test_memory_meter_on_cpu_is_the_peak_rss():
-    from dist_ft.telemetry import MemoryMeter
+    from dist_ft.telemetry.progress import MemoryMeter
 
     meter = MemoryMeter(torch.device("cpu"))
     meter.start_step()

@@ -13,7 +13,7 @@ import torch
 
 from dist_ft.data.batching import collate, pack
 from dist_ft.data.formats import Example
-from dist_ft.losses import forward_logits
+from dist_ft.train.loss import forward_logits
 
 # bf16 logits of the same sample from the varlen and the dense flash kernel: rounding only. Samples attending to each
 # other (the defect) differ by far more, which the test checks too, so the tolerance cannot hide it.

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_ft import losses
+from dist_ft.train import loss as losses
 from dist_ft.data.formats import IGNORE, Example
-from dist_ft.losses import chunk_rows, loss_sum
+from dist_ft.train.loss import chunk_rows, loss_sum
 
 
 @pytest.mark.parametrize("vocab, rows", [(131072, 8), (49152, 21), (32000, 32), (1000, 1048), (1 << 21, 1)])
@@ -97,7 +97,7 @@ def test_eval_loss_equals_full_cross_entropy(tiny_llama):
     from transformers import AutoModelForCausalLM
 
     from dist_ft.data.batching import collate
-    from dist_ft.evaluation import evaluate
+    from dist_ft.train.evaluation import evaluate
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     examples = _examples(model.config.vocab_size, [13, 40, 7, 33, 21, 9, 50], prompt=5)
     got = evaluate(_OneProcess(model), examples, micro_batch=3, pad_id=0)

@@ -106,7 +106,7 @@ def test_shipped_recipes_pass_check(recipe):
 @pytest.mark.parametrize("template", sorted((REPO / "configs" / "deepspeed").glob("*.json")), ids=lambda p: p.name)
 def test_shipped_deepspeed_templates_resolve(template):
     from dist_ft.config import recipe_from_dict
-    from dist_ft.distributed.deepspeed_config import resolve_deepspeed_config
+    from dist_ft.distributed.deepspeed.config import resolve_deepspeed_config
 
     cfg = json.loads(template.read_text())
     stage = cfg["zero_optimization"]["stage"]
@@ -122,7 +122,7 @@ def test_shipped_deepspeed_templates_resolve(template):
 
 def test_deepspeed_mismatches_are_all_reported():
     from dist_ft.config import recipe_from_dict
-    from dist_ft.distributed.deepspeed_config import resolve_deepspeed_config
+    from dist_ft.distributed.deepspeed.config import resolve_deepspeed_config
 
     user = {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.5, "bf16": {"enabled": True},
             "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_ft import losses
+from dist_ft.train import loss as losses
 from dist_ft.data.formats import IGNORE
-from dist_ft.losses import _CrossEntropySum, forward_logits, loss_sum
+from dist_ft.train.loss import _CrossEntropySum, forward_logits, loss_sum
 
 
 def _flat(logits, labels):

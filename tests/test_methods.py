@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import read_metrics, run_cli, tiny_recipe, write_recipe
 from dist_ft.config import RecipeError, recipe_from_dict
-from dist_ft.losses import forward_logits, loss_sum
+from dist_ft.train.loss import forward_logits, loss_sum
 
 NVT = 4
 METHODS = {
@@ -126,12 +126,12 @@ def one_process_group():
 
 def test_gradual_unfreezing_opens_one_block_at_a_time(tmp_path, tiny_llama, one_process_group):
     """2 blocks, one more every 2 steps, head open from the start: block 1 first changes at step 3, block 0 at 5."""
-    from dist_ft.distributed.ddp import DDPStrategy
+    from dist_ft.distributed.ddp.strategy import DDPStrategy
     from dist_ft.distributed.precision import precision_plan
     from dist_ft.distributed.topology import Topology
     from dist_ft.methods import UnfreezeSchedule
     from dist_ft.model import ModelBuilder, load_tokenizer
-    from dist_ft.trainer import _make_optimizer, train_step
+    from dist_ft.train.trainer import _make_optimizer, train_step
 
     recipe = _recipe(tiny_llama, tmp_path / "run", "gradual", training={"learning_rate": 1e-2})
     topo = Topology(0, 1, 0, 1, torch.device("cpu"), "gloo", "none")
@@ -169,7 +169,7 @@ def test_gradual_unfreezing_opens_one_block_at_a_time(tmp_path, tiny_llama, one_
 
 
 def test_adamw_8bit_keeps_8bit_state():
-    from dist_ft.trainer import _make_optimizer
+    from dist_ft.train.trainer import _make_optimizer
     recipe = recipe_from_dict({"training": {"optimizer": "adamw_8bit", "learning_rate": 1e-3}})
     layer = torch.nn.Linear(128, 128)
     opt = _make_optimizer(recipe)(layer.parameters())

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from dist_ft.data.batching import collate, pack
 from dist_ft.data.formats import IGNORE, Example
-from dist_ft.losses import forward_logits
+from dist_ft.train.loss import forward_logits
 from dist_ft.model import resolve_attention
 
 
@@ -93,7 +93,7 @@ def _two_packed_rows():
 
 @pytest.mark.parametrize("impl", ["flash_attention_2", "flash_attention_3", "kernels-community/flash-attn2"])
 def test_flash_gets_one_row_with_the_sample_boundaries(impl):
-    from dist_ft.losses import attention_inputs
+    from dist_ft.train.loss import attention_inputs
     batch = _two_packed_rows()
     got = attention_inputs(batch, attn_implementation=impl)
     assert got["input_ids"].shape == got["position_ids"].shape == got["labels"].shape == (1, 16)
@@ -110,7 +110,7 @@ def test_flash_gets_one_row_with_the_sample_boundaries(impl):
 
 
 def test_flash_boundaries_hold_for_one_row_and_for_rows_without_padding():
-    from dist_ft.losses import attention_inputs
+    from dist_ft.train.loss import attention_inputs
     one = {k: v[:1] for k, v in _two_packed_rows().items()}
     assert attention_inputs(one, attn_implementation="flash_attention_2")["cu_seq_lens_q"].tolist() == [0, 3, 7, 8]
     full = {"input_ids": torch.ones(2, 4, dtype=torch.long), "labels": torch.ones(2, 4, dtype=torch.long),
@@ -121,13 +121,13 @@ def test_flash_boundaries_hold_for_one_row_and_for_rows_without_padding():
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager", "flex_attention", ""])
 def test_other_kernels_get_packed_rows_as_they_are(impl):
-    from dist_ft.losses import attention_inputs
+    from dist_ft.train.loss import attention_inputs
     batch = _two_packed_rows()
     assert attention_inputs(batch, attn_implementation=impl) is batch  # they read restarts in every row
 
 
 def test_padded_and_classification_batches_are_left_alone_under_flash():
-    from dist_ft.losses import attention_inputs
+    from dist_ft.train.loss import attention_inputs
     padded = collate([Example(np.arange(5, 12, dtype=np.int32), np.arange(5, 12, dtype=np.int32)),
                       Example(np.arange(5, 9, dtype=np.int32), np.arange(5, 9, dtype=np.int32))], pad_id=0)
     assert attention_inputs(padded, attn_implementation="flash_attention_2") is padded  # unpadded by its mask
@@ -213,7 +213,7 @@ def test_packed_micro_batch_of_several_rows_equals_separate_samples(attn, tiny_l
 def test_rows_laid_end_to_end_give_the_same_logits_under_sdpa(tiny_llama):
     """The flash form itself ([1, B*T], boundaries as cu_seq_lens) run through sdpa keeps every sample's logits:
     the transform loses nothing whichever kernel reads it."""
-    from dist_ft.losses import attention_inputs
+    from dist_ft.train.loss import attention_inputs
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa", dtype=torch.float32).eval()
     rng = np.random.default_rng(1)
     vocab = model.config.vocab_size

@@ -275,7 +275,7 @@ def test_largest_micro_batch_bounds():
 # --------------------------------------------------------------------------------------------- speed
 
 def test_speed_from_flops():
-    from dist_ft.flops import flops_per_token
+    from dist_ft.telemetry.flops import flops_per_token
 
     base = ["model.path=builtin:llama-3-8b", "distributed.strategy=fsdp", "distributed.precision=bf16-mixed",
             "data.max_length=2048", "training.micro_batch_size=2"]

@@ -110,13 +110,13 @@ def test_zero_fp16_on_cpu_is_refused_or_runs(tmp_path, tiny_llama, strategy):
 
 
 def _scaler(out, step):
-    from dist_ft.checkpoint import checkpoints_root, step_dir
+    from dist_ft.checkpoint.store import checkpoints_root, step_dir
     state = json.loads((step_dir(checkpoints_root(out), step) / "trainer_state.json").read_text())
     return state["strategy_extra"]["scaler"], state["skipped_steps"]
 
 
 def _weights(out, step):
-    from dist_ft.checkpoint import checkpoints_root, step_dir
+    from dist_ft.checkpoint.store import checkpoints_root, step_dir
     from dist_ft.distributed.dcp_state import read_model_tensors
     return read_model_tensors(step_dir(checkpoints_root(out), step) / "state")
 

@@ -95,7 +95,7 @@ def test_gradient_release_zeroes_unwritten_slices():
     are zeroed after the first backward; written slices are left to DeepSpeed; the storage goes after the step."""
     import torch
 
-    from dist_ft.distributed.deepspeed_zero import _GradientRelease
+    from dist_ft.distributed.deepspeed.strategy import _GradientRelease
 
     sizes = [(4, 8), (3, 6), (2, 2)]  # (partition numel, whole numel): the third is padding only on rank 1
     params, views, flat = [], {}, torch.zeros(sum(s for s, _ in sizes))

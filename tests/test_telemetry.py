@@ -87,7 +87,7 @@ def test_wandb_offline_history_run_id_and_no_key(tmp_path, tiny_llama):
 
 
 def test_online_without_a_key_goes_offline_and_says_so(monkeypatch):
-    from dist_ft.tracking import wandb_mode
+    from dist_ft.telemetry.tracker import wandb_mode
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("HOME", "/nonexistent")
@@ -101,7 +101,7 @@ def test_online_without_a_key_goes_offline_and_says_so(monkeypatch):
 def test_mfu_by_hand():
     from transformers import LlamaConfig
 
-    from dist_ft.flops import flops_per_token, mfu
+    from dist_ft.telemetry.flops import flops_per_token, mfu
     cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       head_dim=16, intermediate_size=128, vocab_size=512)
     # attention 64*64 (q) + 2*64*32 (k, v) + 64*64 (o) = 12,288; SwiGLU MLP 3*64*128 = 24,576 per layer;
@@ -111,7 +111,7 @@ def test_mfu_by_hand():
 
 
 def test_a_failing_sink_only_warns(tmp_path, capsys):
-    from dist_ft.tracking import Telemetry
+    from dist_ft.telemetry.tracker import Telemetry
 
     class Broken:
         def log(self, record):

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 from ..config import Recipe
-from .deepspeed_config import flatten_keys
+from .deepspeed.config import flatten_keys
 
 _FULL_SHARD = {"true", "1", "full_shard"}  # reshard_after_forward (FSDP2: a bool; FSDP1: a sharding strategy)
 _SCHEDULER_KEYS = {  # DeepSpeed scheduler params -> the recipe keys that do their job
@@ -213,7 +213,7 @@ def deepspeed_file_problems(recipe: Recipe, path: str, *, world_size: int | None
     """The DeepSpeed JSON an accelerate config names (deepspeed_config_file), against the recipe. dist_ft trains
     with its own JSON (the recipe's distributed.deepspeed_config, else configs/deepspeed/), so every explicit
     value of this file must agree with what that JSON and the recipe make; "auto" always agrees."""
-    from .deepspeed_config import load_template
+    from .deepspeed.config import load_template
 
     what = f"accelerate config deepspeed_config.deepspeed_config_file {path}:"
     try:

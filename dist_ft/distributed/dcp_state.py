@@ -15,7 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from ..safe_load import dcp_reader  # DCP's own reader unpickles `.metadata`; ours never runs code from it
+from ..safe_load import dcp_reader
 
 
 def _options(trainable_only: bool, strict: bool = True) -> StateDictOptions:

@@ -160,12 +160,12 @@ def _to_float(norm) -> float:
 
 def make_strategy(name: str, **kwargs) -> Strategy:
     if name == "ddp":
-        from .ddp import DDPStrategy
+        from .ddp.strategy import DDPStrategy
         return DDPStrategy(**kwargs)
     if name == "fsdp":
-        from .fsdp import FSDP2Strategy
+        from .fsdp.strategy import FSDP2Strategy
         return FSDP2Strategy(**kwargs)
     if name in ("zero1", "zero2", "zero3"):
-        from .deepspeed_zero import DeepSpeedStrategy
+        from .deepspeed.strategy import DeepSpeedStrategy
         return DeepSpeedStrategy(stage=int(name[-1]), **kwargs)
     raise ValueError(f"distributed.strategy: unknown strategy {name!r}")

@@ -13,7 +13,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from ..config import Recipe
+from ...config import Recipe
 
 AUTO = "auto"
 

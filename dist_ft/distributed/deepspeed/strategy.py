@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .activation_checkpointing import enable_activation_checkpointing
-from .deepspeed_config import deepspeed_problems, load_template, resolve_deepspeed_config
-from .strategy import OptimizerFactory, StepResult, Strategy, _to_float
+from ..activation_checkpointing import enable_activation_checkpointing
+from .config import deepspeed_problems, load_template, resolve_deepspeed_config
+from ..strategy import OptimizerFactory, StepResult, Strategy, _to_float
 
 
 def _import_deepspeed():
@@ -176,7 +176,7 @@ class DeepSpeedStrategy(Strategy):
         if not problems:  # as `dist-ft check` does, so DeepSpeed never says it as a traceback on every rank
             problems = deepspeed_problems(cfg, source=source)
         if problems:
-            from ..config import RecipeError
+            from ...config import RecipeError
             raise RecipeError(problems, source)
         if self._load_universal:
             cfg["checkpoint"] = {**cfg.get("checkpoint", {}), "load_universal": True}
@@ -346,7 +346,7 @@ class DeepSpeedStrategy(Strategy):
     def read_trainable(self, folder: Path):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        from ..safe_load import deepspeed_loads_weights_only
+        from ...safe_load import deepspeed_loads_weights_only
         with deepspeed_loads_weights_only():
             return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=self.TAG,
                                                             exclude_frozen_parameters=True)
@@ -371,7 +371,7 @@ class DeepSpeedStrategy(Strategy):
                    "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
-                from ..checkpoint import CheckpointError
+                from ...checkpoint.store import CheckpointError
                 raise CheckpointError(f"{folder}: converting the ZeRO checkpoint (world size "
                                       f"{manifest.get('world_size')}, {manifest.get('strategy')}) for world size "
                                       f"{self.topo.world_size} ({self.name}) failed:\n{res.stderr[-2000:]}")
@@ -382,13 +382,13 @@ class DeepSpeedStrategy(Strategy):
 
     def load_state(self, folder: Path, manifest: dict) -> None:
         source = getattr(self, "_universal_dir", None) if self._load_universal else folder
-        from ..safe_load import deepspeed_loads_weights_only
+        from ...safe_load import deepspeed_loads_weights_only
         with deepspeed_loads_weights_only():  # DeepSpeed itself would unpickle with weights_only=False
             path, _ = self.engine.load_checkpoint(str(source), tag=self.TAG, load_optimizer_states=True,
                                                   load_lr_scheduler_states=False,
                                                   load_module_strict=not self.trainable_only)
         if path is None:
-            from ..checkpoint import CheckpointError
+            from ...checkpoint.store import CheckpointError
             raise CheckpointError(f"{source / self.TAG}: DeepSpeed found no checkpoint to load")
 
     def close(self) -> None:

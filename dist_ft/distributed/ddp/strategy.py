@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .activation_checkpointing import enable_activation_checkpointing
-from .strategy import OptimizerFactory, Strategy
+from ..activation_checkpointing import enable_activation_checkpointing
+from ..strategy import OptimizerFactory, Strategy
 
 
 class DDPStrategy(Strategy):
     name = "ddp"
 
     def setup(self, builder, make_optimizer: OptimizerFactory) -> None:
-        from ..model import is_quantized
+        from ...model import is_quantized
         model = builder.build()
         if not is_quantized(model):  # a bitsandbytes base is placed by from_pretrained and refuses .to()
             model = model.to(self.topo.device)

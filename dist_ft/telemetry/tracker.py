@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .telemetry import MetricsFile
+from .progress import MetricsFile
 
 
 def _warn(msg: str) -> None:

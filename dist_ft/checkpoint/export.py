@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import checkpoint as ckpt
-from .config import Recipe, recipe_from_dict
+from . import store as ckpt
+from ..config import Recipe, recipe_from_dict
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -47,9 +47,9 @@ def _recipe_for(kind: str, folder: Path) -> Recipe:
 
 def load_trained(source: str | Path) -> tuple[torch.nn.Module, object]:
     """(model, tokenizer) as the run trained them, on CPU, from a checkpoint or a finished run's folder."""
-    from .assets import resolve_model_path
-    from .distributed.precision import precision_plan
-    from .model import ModelBuilder, load_tokenizer
+    from ..assets import resolve_model_path
+    from ..distributed.precision import precision_plan
+    from ..model import ModelBuilder, load_tokenizer
 
     kind, folder = resolve_source(Path(source))
     recipe = _recipe_for(kind, folder)
@@ -79,7 +79,7 @@ def load_trained(source: str | Path) -> tuple[torch.nn.Module, object]:
     model = builder.build(quantize=False)
     lora = recipe.method.kind != "full"
     if manifest["state_format"] == "dcp":
-        from .distributed.dcp_state import load_model_only
+        from ..distributed.dcp_state import load_model_only
         names = load_model_only(model, folder / "state", skip_quant_state=recipe.method.kind == "qlora")
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 
-from . import faults
-from .distributed import watchdog
+from .. import faults
+from ..distributed import watchdog
 
 FORMAT = "dist_ft-checkpoint/1"
 MANIFEST = "manifest.json"

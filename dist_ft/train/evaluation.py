@@ -14,10 +14,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data.batching import collate
-from .data.formats import IGNORE, Example
-from .losses import forward_logits, loss_sum
-from .metrics import classification_metrics, generation_metrics
+from ..data.batching import collate
+from ..data.formats import IGNORE, Example
+from .loss import forward_logits, loss_sum
+from .scores import classification_metrics, generation_metrics
 
 
 def _reduce(t: torch.Tensor, device: torch.device) -> torch.Tensor:

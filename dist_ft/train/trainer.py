@@ -24,30 +24,30 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint as ckpt
-from . import faults, safe_load
-from .assets import resolve_model_path
-from .config import Recipe, RecipeError, dump_recipe, recipe_to_dict
-from .data.batching import BatchLayout, collate, count_targets
-from .data.feed import TrainFeed
-from .data.dataset import forgetting_examples, prepare_data
-from .distributed.launchers import launcher_problems
-from .distributed.precision import precision_plan
-from .distributed.strategy import Strategy, make_strategy
-from .distributed import watchdog
-from .distributed.topology import Topology, init_distributed, shutdown
+from ..checkpoint import store as ckpt
+from .. import faults, safe_load
+from ..assets import resolve_model_path
+from ..config import Recipe, RecipeError, dump_recipe, recipe_to_dict
+from ..data.batching import BatchLayout, collate, count_targets
+from ..data.feed import TrainFeed
+from ..data.dataset import forgetting_examples, prepare_data
+from ..distributed.launchers import launcher_problems
+from ..distributed.precision import precision_plan
+from ..distributed.strategy import Strategy, make_strategy
+from ..distributed import watchdog
+from ..distributed.topology import Topology, init_distributed, shutdown
 from .evaluation import RunEvaluator
-from .metrics import better
-from .losses import forward_logits, loss_sum
-from .methods import UnfreezeSchedule
-from .model import LazyTokenizer, ModelBuilder, count_parameters, resolve_attention
-from .preflight import preflight
+from .scores import better
+from .loss import forward_logits, loss_sum
+from ..methods import UnfreezeSchedule
+from ..model import LazyTokenizer, ModelBuilder, count_parameters, resolve_attention
+from ..preflight import preflight
 from .schedule import make_scheduler
-from .preflight import LAUNCHER_FILES
-from .signals import StopRequest
-from .flops import device_peak, flops_per_token, mfu
-from .telemetry import MemoryMeter, Progress
-from .tracking import Telemetry
+from ..preflight import LAUNCHER_FILES
+from ..signals import StopRequest
+from ..telemetry.flops import device_peak, flops_per_token, mfu
+from ..telemetry.progress import MemoryMeter, Progress
+from ..telemetry.tracker import Telemetry
 
 
 @dataclass

@@ -18,8 +18,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from .activation_checkpointing import enable_activation_checkpointing
-from .strategy import OptimizerFactory, Strategy
+from ..activation_checkpointing import enable_activation_checkpointing
+from ..strategy import OptimizerFactory, Strategy
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
