@@ -18,6 +18,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .distributed.spec import names as backend_names, spec_problems
+
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, **bounds: Any) -> Any:
     """A schema field: its default, a one-line description and optional numeric bounds (ge, gt, le)."""
@@ -31,7 +33,8 @@ Task = Literal["causal_lm", "sequence_classification"]
 DataFormat = Literal["text", "instruction", "alpaca", "chat", "sharegpt", "classification"]
 PROMPT_FORMATS = ("instruction", "alpaca", "chat", "sharegpt")  # formats whose samples have a prompt and an answer
 MethodKind = Literal["full", "lora", "qlora", "partial", "prompt_tuning", "prefix_tuning", "ia3"]
-Strategy = Literal["ddp", "fsdp", "zero1", "zero2", "zero3"]
+# The backends: one spec each (distributed/spec.py); the recipe check reads their refusals there.
+Strategy = Literal[tuple(backend_names())]
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-true"]
 Scheduler = Literal["cosine", "linear", "constant"]
 AttnImpl = Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"]
@@ -445,20 +448,7 @@ def _cross_checks(r: Recipe) -> list[str]:
     if r.method.kind in ("lora", "qlora") and isinstance(r.method.lora.target_modules, list) \
             and not r.method.lora.target_modules:
         p.append("method.lora.target_modules: empty list; name modules (e.g. [q_proj, v_proj]) or use all-linear")
-    strategy, offload, precision = r.distributed.strategy, r.distributed.offload, r.distributed.precision
-    if offload != "none" and strategy == "ddp":
-        p.append("distributed.offload: ddp keeps everything on the device; use fsdp or zero1/zero2/zero3 to offload")
-    if offload in ("params", "all") and strategy in ("zero1", "zero2"):
-        p.append(f"distributed.offload: {strategy} does not shard parameters, so it cannot offload them; use "
-                 "offload: optimizer, or strategy: zero3")
-    if strategy == "fsdp" and offload == "optimizer":
-        p.append("distributed.offload: FSDP2 offloads parameters together with their optimizer state; use "
-                 "offload: all (or params), or zero1/zero2 for optimizer-only offload")
-    if r.distributed.deepspeed_config is not None and not strategy.startswith("zero"):
-        p.append("distributed.deepspeed_config: only used with zero1/zero2/zero3; remove it or change the strategy")
-    if r.method.kind == "lora" and r.method.lora.use_dora and strategy in ("fsdp", "zero3"):
-        p.append(f"method.lora.use_dora: DoRA magnitudes need the whole weight, which {strategy} never gathers at "
-                 "start; use ddp, zero1 or zero2 for DoRA")
+    p += spec_problems(r)  # what the chosen backend refuses (distributed/<backend>/__init__.py)
     if r.training.stop_after_steps and not r.checkpoint.every_steps:
         p.append("training.stop_after_steps: the run would stop without a checkpoint to resume from; set "
                  "checkpoint.every_steps (the stop writes one too)")
@@ -578,20 +568,12 @@ def _eval_checks(r: Recipe) -> list[str]:
 
 
 def _method_checks(r: Recipe) -> list[str]:
-    """Which method runs with which strategy, and why not where it cannot."""
-    p, m, strategy = [], r.method, r.distributed.strategy
-    if m.kind == "qlora" and strategy in ("fsdp", "zero3"):
-        p.append(f"method.kind: qlora keeps the base in bitsandbytes' packed 4/8-bit tensors, which {strategy} cannot "
-                 "shard here; use ddp, zero1 or zero2 (the base is small once quantised), or lora with "
-                 f"{strategy}")
+    """What a method needs of the rest of the recipe (what a backend refuses is in its spec)."""
+    p, m = [], r.method
     if m.kind in ("prompt_tuning", "prefix_tuning"):
         if r.data.packing:
             p.append(f"data.packing: {m.kind} prepends virtual tokens to every row, which breaks the per-sample "
                      "positions of packed rows; set data.packing: false")
-        if strategy in ("fsdp", "zero3"):
-            p.append(f"method.kind: {m.kind} is not supported with {strategy} (peft reads the virtual-token "
-                     "embeddings as whole tensors when it saves them, which sharding prevents); use ddp, zero1 or "
-                     "zero2: the adapter is tiny and the base is frozen")
     if m.kind == "prefix_tuning" and r.distributed.activation_checkpointing:
         p.append("distributed.activation_checkpointing: prefix_tuning feeds past key/values that recomputation "
                  "does not replay; set it to false")
@@ -602,14 +584,8 @@ def _method_checks(r: Recipe) -> list[str]:
             p.append("method.partial: nothing would be trained; set last_blocks, head, embeddings or bias_only")
         if pc.unfreeze_every_steps and pc.unfreeze_every_epochs:
             p.append("method.partial: set unfreeze_every_steps or unfreeze_every_epochs, not both")
-        if (pc.unfreeze_every_steps or pc.unfreeze_every_epochs) and strategy.startswith("zero"):
-            p.append(f"method.partial.unfreeze_every_*: DeepSpeed fixes its trainable set when the engine is built, "
-                     f"so {strategy} cannot unfreeze during training; use ddp or fsdp")
     elif pc != PartialConfig():
         p.append(f"method.partial: only used with method.kind: partial (kind is {m.kind}); remove it")
-    if r.training.optimizer == "adamw_8bit" and strategy in ("fsdp", "zero3"):
-        p.append(f"training.optimizer: adamw_8bit quantises whole parameter tensors, which {strategy} shards; use "
-                 "adamw, or ddp/zero1/zero2")
     return p
 
 

@@ -28,7 +28,7 @@ def main() -> int:
 
     from dist_ft.config import load_recipe
     from dist_ft.distributed.precision import precision_plan
-    from dist_ft.distributed.strategy import make_strategy
+    from dist_ft.distributed.spec import make_strategy
     from dist_ft.distributed.topology import init_distributed, shutdown
     from dist_ft.model import ModelBuilder
 

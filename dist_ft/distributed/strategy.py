@@ -1,7 +1,8 @@
-"""The small interface between the trainer and a sharding backend, and the factory that picks one.
+"""The small interface between the trainer and a sharding backend.
 
-The trainer only ever calls these methods; it never names DDP, FSDP or DeepSpeed. Each backend lives in its own
-module (ddp.py, fsdp.py, deepspeed_zero.py) and is imported only when chosen, so a DDP user needs no DeepSpeed.
+The trainer only ever calls these methods; it never names a backend. Each backend lives in its own package
+(ddp/, fsdp/, deepspeed/) with its spec, and is imported only when chosen (spec.make_strategy), so a DDP user needs
+no DeepSpeed.
 """
 
 from __future__ import annotations
@@ -156,16 +157,3 @@ def _to_float(norm) -> float:
     if hasattr(norm, "full_tensor"):  # a DTensor norm from sharded parameters
         norm = norm.full_tensor()
     return float(norm)
-
-
-def make_strategy(name: str, **kwargs) -> Strategy:
-    if name == "ddp":
-        from .ddp.strategy import DDPStrategy
-        return DDPStrategy(**kwargs)
-    if name == "fsdp":
-        from .fsdp.strategy import FSDP2Strategy
-        return FSDP2Strategy(**kwargs)
-    if name in ("zero1", "zero2", "zero3"):
-        from .deepspeed.strategy import DeepSpeedStrategy
-        return DeepSpeedStrategy(stage=int(name[-1]), **kwargs)
-    raise ValueError(f"distributed.strategy: unknown strategy {name!r}")

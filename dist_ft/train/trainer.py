@@ -33,7 +33,8 @@ from ..data.feed import TrainFeed
 from ..data.dataset import forgetting_examples, prepare_data
 from ..distributed.launchers import launcher_problems
 from ..distributed.precision import precision_plan
-from ..distributed.strategy import Strategy, make_strategy
+from ..distributed.spec import make_strategy
+from ..distributed.strategy import Strategy
 from ..distributed import watchdog
 from ..distributed.topology import Topology, init_distributed, shutdown
 from .evaluation import RunEvaluator

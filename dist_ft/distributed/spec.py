@@ -1,0 +1,143 @@
+"""What a sharding backend is and what it accepts: one `BackendSpec` per value of `distributed.strategy`.
+
+Each backend package (ddp/, fsdp/, deepspeed/) declares its specs in its `__init__.py`, next to its Strategy
+(`strategy.py`), and imports nothing heavy there, so reading a spec costs no torch or DeepSpeed import. The recipe
+check (config.py), preflight, the launcher check (launchers.py, accelerate_config.py) and `dist-ft plan` read
+these; none of them compares strategy names. Adding a backend means one new package with its `SPECS` and its
+Strategy, listed in `BACKEND_PACKAGES`.
+
+Refusals are keyed by what the recipe asks for (see `requested`): `method:<kind>`, `optimizer:<name>`,
+`offload:<value>`, `dora`, `gradual_unfreeze`, `engine_config`. The value is the reason and the fix, written to
+follow the recipe field that asked, e.g. "method.kind: qlora keeps the base ...".
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+# The backend packages, in the order `dist-ft schema` and `plan --all-strategies` list them.
+BACKEND_PACKAGES = ("ddp", "fsdp", "deepspeed")
+
+SHARDABLE = ("params", "grads", "optimizer")
+
+
+@dataclass(frozen=True)
+class MemoryRules:
+    """How `dist-ft plan` counts this backend's memory (see plan/memory.py for the formulas)."""
+    # bf16-mixed / fp16-mixed: the module itself is cast to the compute dtype and an fp32 master copy is kept
+    # (DeepSpeed); otherwise fp32 parameters are the master copy and autocast computes in 16 bits.
+    casts_module_to_compute_dtype: bool = False
+    # fp32 and bf16-true keep a separate master partition (a clone) beside the parameters (ZeRO-1/2).
+    separate_master: bool = False
+    # Which transient buffers the backend allocates during a step: "ddp_buckets" | "fsdp_units" |
+    # "zero_buckets" | "zero3_live".
+    buffers: str = "ddp_buckets"
+    # The whole model is built on the host before it is moved/sharded (ddp, zero1/2 call ModelBuilder.build()).
+    builds_whole_model_on_host: bool = False
+    # distributed.offload values and what each moves to the host: subset of {"params", "grads", "optimizer"}.
+    offload_moves: Mapping[str, frozenset] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str                    # the value of distributed.strategy
+    summary: str                 # one line, for `dist-ft schema` and the docs
+    strategy: str                # "module:Class" of its Strategy; imported only when this backend is chosen
+    shards: frozenset            # what is split over ranks: a subset of SHARDABLE
+    refuses: Mapping[str, str] = field(default_factory=dict)  # requested key -> reason and fix (see module doc)
+    offloads: tuple = ("none",)  # the distinct distributed.offload choices `plan --all-strategies` compares
+    state_format: str = "dcp"    # what save_state writes; a checkpoint resumes under any backend that reads it
+    requires: tuple | None = None  # (python package, pip extra) it needs installed
+    engine_config: bool = False  # reads distributed.deepspeed_config (its engine's own JSON)
+    zero_stage: int | None = None
+    own_loss_scaler: bool = False  # fp16 is scaled by the engine's scaler, not torch's GradScaler
+    accelerate_type: str = "MULTI_GPU"  # accelerate's distributed_type that starts it
+    launch_config: str = ""      # its accelerate config under launch/accelerate/
+    memory: MemoryRules = field(default_factory=MemoryRules)
+    kwargs: Mapping[str, Any] = field(default_factory=dict)  # passed to the Strategy class
+
+    def refusal(self, key: str) -> str | None:
+        return self.refuses.get(key)
+
+
+def whole_tensor_refusals(name: str) -> dict[str, str]:
+    """What a backend that shards parameters (no rank ever holds a whole weight) cannot run."""
+    virtual = ("is not supported with {n} (peft reads the virtual-token embeddings as whole tensors when it saves "
+               "them, which sharding prevents); use ddp, zero1 or zero2: the adapter is tiny and the base is frozen")
+    return {
+        "method:qlora": f"qlora keeps the base in bitsandbytes' packed 4/8-bit tensors, which {name} cannot shard "
+                        f"here; use ddp, zero1 or zero2 (the base is small once quantised), or lora with {name}",
+        "method:prompt_tuning": "prompt_tuning " + virtual.format(n=name),
+        "method:prefix_tuning": "prefix_tuning " + virtual.format(n=name),
+        "dora": f"DoRA magnitudes need the whole weight, which {name} never gathers at start; use ddp, zero1 or "
+                "zero2 for DoRA",
+        "optimizer:adamw_8bit": f"adamw_8bit quantises whole parameter tensors, which {name} shards; use adamw, or "
+                                "ddp/zero1/zero2",
+    }
+
+
+NOT_AN_ENGINE = {"engine_config": "only used with zero1/zero2/zero3; remove it or change the strategy"}
+
+
+def _load() -> dict[str, BackendSpec]:
+    specs: dict[str, BackendSpec] = {}
+    for pkg in BACKEND_PACKAGES:
+        module = importlib.import_module(f"{__package__}.{pkg}")
+        for spec in module.SPECS:
+            specs[spec.name] = spec
+    return specs
+
+
+_SPECS: dict[str, BackendSpec] | None = None
+
+
+def all_specs() -> dict[str, BackendSpec]:
+    global _SPECS
+    if _SPECS is None:
+        _SPECS = _load()
+    return _SPECS
+
+
+def names() -> tuple[str, ...]:
+    return tuple(all_specs())
+
+
+def spec_for(name: str) -> BackendSpec:
+    try:
+        return all_specs()[name]
+    except KeyError:
+        raise ValueError(f"distributed.strategy: unknown strategy {name!r}; one of {', '.join(names())}") from None
+
+
+def names_with(predicate) -> list[str]:
+    """The backends for which `predicate(spec)` holds: for the "use X or Y" part of a message."""
+    return [s.name for s in all_specs().values() if predicate(s)]
+
+
+def requested(recipe) -> list[tuple[str, str]]:
+    """What the recipe asks of its backend, as (refusal key, the recipe field that asks)."""
+    m, d, t = recipe.method, recipe.distributed, recipe.training
+    keys = [(f"method:{m.kind}", "method.kind"), (f"optimizer:{t.optimizer}", "training.optimizer"),
+            (f"offload:{d.offload}", "distributed.offload")]
+    if m.kind == "lora" and m.lora.use_dora:
+        keys.append(("dora", "method.lora.use_dora"))
+    if m.kind == "partial" and (m.partial.unfreeze_every_steps or m.partial.unfreeze_every_epochs):
+        keys.append(("gradual_unfreeze", "method.partial.unfreeze_every_*"))
+    if d.deepspeed_config is not None:
+        keys.append(("engine_config", "distributed.deepspeed_config"))
+    return keys
+
+
+def spec_problems(recipe, spec: BackendSpec | None = None) -> list[str]:
+    """Everything in `recipe` that its backend (or `spec`) refuses, each naming the field and the fix."""
+    spec = spec or spec_for(recipe.distributed.strategy)
+    return [f"{where}: {spec.refuses[key]}" for key, where in requested(recipe) if key in spec.refuses]
+
+
+def make_strategy(name: str, **kwargs):
+    """The Strategy of backend `name`, its module imported now (a DDP user needs no DeepSpeed)."""
+    spec = spec_for(name)
+    module, cls = spec.strategy.split(":")
+    return getattr(importlib.import_module(module), cls)(**{**spec.kwargs, **kwargs})
