@@ -32,8 +32,8 @@ def run_demo(*, nproc: int | None, output_dir: str | None, overrides: list[str])
     from transformers import AutoModelForCausalLM
 
     from .assets import resolve_model_path
-    from .cli import launch, packaged_recipe
     from .config import load_recipe
+    from .launch import launch, packaged_recipe
     from .data.dataset import _collect
     from .preflight import preflight
 

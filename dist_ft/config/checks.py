@@ -1,0 +1,154 @@
+"""Cross-field checks: what one part of a recipe requires of another. Each message names the fields and the fix.
+
+What a backend refuses is not here but in its spec (distributed/<backend>/__init__.py), read through spec_problems.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from ..distributed.spec import spec_problems
+from .schema import PROMPT_FORMATS, PartialConfig, Recipe, data_sources, source_format
+
+
+def _cross_checks(r: Recipe) -> list[str]:
+    """Checks that need more than one field. Each message names the fields and the fix."""
+    p = []
+    if r.model.task == "sequence_classification" and r.data.format != "classification":
+        p.append("data.format: model.task is sequence_classification, so data.format must be classification")
+    if r.data.format == "classification" and r.model.task != "sequence_classification":
+        p.append("model.task: data.format is classification, so model.task must be sequence_classification")
+    if r.data.packing and r.data.format == "classification":
+        p.append("data.packing: packing applies to causal_lm data; set it to false for classification")
+    if r.training.warmup_steps > r.training.max_steps:
+        p.append(f"training.warmup_steps: {r.training.warmup_steps} is more than training.max_steps "
+                 f"({r.training.max_steps}); lower it")
+    if r.training.early_stopping_patience and not r.training.eval_every:
+        p.append("training.early_stopping_patience: needs periodic evaluation; set training.eval_every > 0")
+    if r.data.eval is None and r.data.eval_fraction == 0 and r.training.eval_every:
+        p.append("training.eval_every: no evaluation data; set data.eval or data.eval_fraction > 0")
+    p += _method_checks(r)
+    p += _eval_checks(r)
+    p += _data_checks(r)
+    if r.method.kind in ("lora", "qlora") and isinstance(r.method.lora.target_modules, list) \
+            and not r.method.lora.target_modules:
+        p.append("method.lora.target_modules: empty list; name modules (e.g. [q_proj, v_proj]) or use all-linear")
+    p += spec_problems(r)  # what the chosen backend refuses (distributed/<backend>/__init__.py)
+    if r.training.stop_after_steps and not r.checkpoint.every_steps:
+        p.append("training.stop_after_steps: the run would stop without a checkpoint to resume from; set "
+                 "checkpoint.every_steps (the stop writes one too)")
+    if r.checkpoint.every_steps and r.checkpoint.every_steps > r.training.max_steps:
+        p.append(f"checkpoint.every_steps: {r.checkpoint.every_steps} is more than training.max_steps "
+                 f"({r.training.max_steps}), so no checkpoint would be written; lower it")
+    if r.model.attn_implementation in ("flash_attention_2", "flash_attention_3") \
+            and r.distributed.precision == "fp32":
+        p.append(f"model.attn_implementation: {r.model.attn_implementation} needs bf16 or fp16 weights; set "
+                 "distributed.precision to bf16-mixed, or use sdpa")
+    return p
+
+
+def _data_checks(r: Recipe) -> list[str]:
+    p, d = [], r.data
+    sources = data_sources(d)
+    if isinstance(d.train, list):
+        if not d.train:
+            p.append("data.train: an empty list; give a path or at least one source {path: ..., weight: ...}")
+        for i, s in enumerate(d.train):
+            if not s.path:
+                p.append(f"data.train[{i}].path: missing; give a file, folder or builtin:NAME")
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            p.append("data.train: two sources have the same name; set data.train[i].name to tell them apart")
+    formats = {source_format(d, s) for s in sources}
+    if "classification" in formats and len(formats) > 1:
+        p.append("data.train: classification sources cannot be mixed with text/instruction/alpaca/chat/sharegpt "
+                 "sources")
+    sg = d.sharegpt
+    named = [(n, role) for role in ("user", "assistant", "system") for n in getattr(sg, role)]
+    for name in sorted({n for n, _ in named}):
+        roles = [role for n, role in named if n == name]
+        if len(roles) > 1:
+            p.append(f"data.sharegpt: {name!r} is listed under {' and '.join(roles)}; keep it under one")
+    if d.balance != "none" and d.format != "classification":
+        p.append(f"data.balance: {d.balance} balances classes, which only classification data has; set it to none")
+    if d.streaming:
+        if d.eval is None:
+            p.append("data.streaming: a stream cannot hold out evaluation data; set data.eval to a file")
+        if len(sources) > 1:
+            p.append("data.streaming: one streamed source at a time; mix sources in memory (streaming: false)")
+        if d.dedup != "none" or d.balance != "none":
+            p.append("data.streaming: dedup and balance need every record at once; run them when writing the "
+                     "shards, or set streaming: false")
+        if d.format == "classification":
+            p.append("data.streaming: for language-model data (text, instruction, alpaca, chat, sharegpt); "
+                     "classification sets fit in memory")
+    return p
+
+
+def reported_metrics(r: Recipe) -> set[str]:
+    """The scalar metrics an evaluation of this recipe reports (what keep_best and sweeps may aim at)."""
+    e, known = r.eval, {"eval_loss", "eval_perplexity"}
+    if r.data.format == "classification":
+        known |= {"eval_accuracy", "eval_f1"}
+    if "exact_match" in e.metrics:
+        known.add("eval_exact_match")
+    if "rouge" in e.metrics:
+        known |= {"eval_rouge1", "eval_rouge2", "eval_rougeL"}
+    if "bleu" in e.metrics:
+        known.add("eval_bleu")
+    if e.forgetting is not None:
+        known |= {"eval_forgetting_loss", "eval_forgetting_delta"}
+    return known
+
+
+def _eval_checks(r: Recipe) -> list[str]:
+    from ..train.scores import CLASSIFICATION_METRICS, GENERATION_METRICS, METRICS
+
+    p, e, c = [], r.eval, r.checkpoint
+    for m in e.metrics:
+        if m not in METRICS:
+            close = difflib.get_close_matches(m, METRICS, n=1)
+            p.append(f"eval.metrics: unknown metric {m!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                     + f" (known: {', '.join(METRICS)}; loss and perplexity are always reported)")
+        elif m in CLASSIFICATION_METRICS and r.data.format != "classification":
+            p.append(f"eval.metrics: {m} needs classification data (data.format is {r.data.format}); use "
+                     "exact_match, rouge or bleu for generated answers")
+        elif m in GENERATION_METRICS and r.data.format not in PROMPT_FORMATS:
+            p.append(f"eval.metrics: {m} scores answers generated for prompts, which {r.data.format} data has not; "
+                     "use data.format " + ", ".join(PROMPT_FORMATS) + (", or accuracy/f1 for classification"
+                                                              if r.data.format == "classification" else ""))
+    if e.forgetting is not None and r.model.task != "causal_lm":
+        p.append("eval.forgetting: measures language-model loss on general text; model.task is "
+                 f"{r.model.task}, so remove it")
+    if c.keep_best is not None:
+        known = reported_metrics(r)
+        if c.keep_best not in known:
+            p.append(f"checkpoint.keep_best: {c.keep_best} is not reported by this recipe; choose one of "
+                     f"{', '.join(sorted(known))} (generation metrics need eval.metrics)")
+        if not r.training.eval_every:
+            p.append("checkpoint.keep_best: needs evaluations during training; set training.eval_every > 0")
+    if c.final == "best" and c.keep_best is None:
+        p.append("checkpoint.final: best needs checkpoint.keep_best (the metric that decides what is best)")
+    return p
+
+
+def _method_checks(r: Recipe) -> list[str]:
+    """What a method needs of the rest of the recipe (what a backend refuses is in its spec)."""
+    p, m = [], r.method
+    if m.kind in ("prompt_tuning", "prefix_tuning"):
+        if r.data.packing:
+            p.append(f"data.packing: {m.kind} prepends virtual tokens to every row, which breaks the per-sample "
+                     "positions of packed rows; set data.packing: false")
+    if m.kind == "prefix_tuning" and r.distributed.activation_checkpointing:
+        p.append("distributed.activation_checkpointing: prefix_tuning feeds past key/values that recomputation "
+                 "does not replay; set it to false")
+    pc = m.partial
+    if m.kind == "partial":
+        if not (pc.last_blocks or pc.head or pc.embeddings or pc.bias_only or pc.unfreeze_every_steps
+                or pc.unfreeze_every_epochs):
+            p.append("method.partial: nothing would be trained; set last_blocks, head, embeddings or bias_only")
+        if pc.unfreeze_every_steps and pc.unfreeze_every_epochs:
+            p.append("method.partial: set unfreeze_every_steps or unfreeze_every_epochs, not both")
+    elif pc != PartialConfig():
+        p.append(f"method.partial: only used with method.kind: partial (kind is {m.kind}); remove it")
+    return p
