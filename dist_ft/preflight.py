@@ -12,6 +12,7 @@ from .config import Recipe, RecipeError, data_sources, eval_sources, source_form
 from .data.sources import FILE_SUFFIXES, check_spec
 from .data.streaming import stream_problem
 from .distributed.precision import hardware_problem
+from .distributed.spec import spec_for
 from .model import flash_attention_problem
 from .model_folder import model_folder_problems
 
@@ -153,12 +154,17 @@ def hardware_problems(recipe: Recipe) -> list[str]:
 
 
 def strategy_problems(recipe: Recipe, *, world_size: int | None = None) -> list[str]:
+    """What the backend needs outside the recipe: its package installed (`spec.requires`) and, for a backend
+    configured by its engine's own JSON (`spec.engine_config`), that JSON readable and agreeing with the recipe."""
     d = recipe.distributed
-    if not d.strategy.startswith("zero"):
+    spec = spec_for(d.strategy)
+    if spec.requires is not None:
+        import importlib.util
+        package, extra = spec.requires
+        if importlib.util.find_spec(package) is None:
+            return [f"distributed.strategy: {d.strategy} needs the {package} package: pip install 'dist-ft[{extra}]'"]
+    if not spec.engine_config:
         return []
-    import importlib.util
-    if importlib.util.find_spec("deepspeed") is None:
-        return [f"distributed.strategy: {d.strategy} needs DeepSpeed: pip install 'dist-ft[deepspeed]'"]
     from .distributed.deepspeed.config import deepspeed_json_problems, load_template
     try:
         template, source = load_template(recipe)

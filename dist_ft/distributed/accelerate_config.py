@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..config import Recipe
 from .deepspeed.config import flatten_keys
+from .spec import BackendSpec, all_specs, names, names_with, spec_for
 
 _FULL_SHARD = {"true", "1", "full_shard"}  # reshard_after_forward (FSDP2: a bool; FSDP1: a sharding strategy)
 _SCHEDULER_KEYS = {  # DeepSpeed scheduler params -> the recipe keys that do their job
@@ -44,16 +45,65 @@ def _yaml(value) -> str:
     return json.dumps(value) if isinstance(value, (str, bool)) or value is None else str(value)
 
 
+def _launch_type(env: dict[str, str]) -> str | None:
+    """accelerate's distributed_type for the launch that set `env` (None when accelerate did not start it). A
+    launch that is neither DeepSpeed, FSDP nor Megatron-LM exports nothing of its own: MULTI_GPU."""
+    if not any(k.startswith("ACCELERATE_") for k in env):
+        return None
+    for kind in ("DEEPSPEED", "FSDP", "MEGATRON_LM"):
+        if _true(env.get(f"ACCELERATE_USE_{kind}")):
+            return kind
+    return "MULTI_GPU"
+
+
+def _zero_stage(env: dict[str, str]) -> str:
+    """The ZeRO stage a DeepSpeed accelerate config gives: its zero_stage, else its deepspeed_config_file's
+    zero_optimization.stage ("" when it gives none)."""
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if stage is not None:
+        return stage.strip()
+    path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    try:
+        cfg = json.loads(_shipped_or_local(path).read_text(encoding="utf-8")) if path else {}
+    except (OSError, ValueError):
+        return ""  # unreadable: deepspeed_file_problems says so
+    zero = cfg.get("zero_optimization") if isinstance(cfg, dict) else None
+    return str(zero.get("stage", "")) if isinstance(zero, dict) else ""
+
+
+def accelerate_backend(recipe: Recipe, env: dict[str, str]) -> BackendSpec | None:
+    """The backend the accelerate launch that set `env` asks for: the spec whose `accelerate_type` is the config's
+    distributed_type (and, for DEEPSPEED, whose `zero_stage` is the config's ZeRO stage); None when the config
+    names none. A MULTI_GPU launch starts the ranks as torchrun does, which every backend accepts, so it names its
+    own backend only for a recipe whose backend is started that way."""
+    kind = _launch_type(env)
+    if kind == "MULTI_GPU" and spec_for(recipe.distributed.strategy).accelerate_type != kind:
+        return None
+    stage = _zero_stage(env) if kind == "DEEPSPEED" else None
+    found = [s for s in all_specs().values()
+             if s.accelerate_type == kind and (stage is None or str(s.zero_stage) == stage)]
+    return found[0] if len(found) == 1 else None
+
+
+def _stage_fix(stage) -> str:
+    """The distributed.strategy that a ZeRO stage named in an accelerate or DeepSpeed config stands for."""
+    found = names_with(lambda s: s.accelerate_type == "DEEPSPEED" and str(s.zero_stage) == str(stage))
+    if found:
+        return f"distributed.strategy: {found[0]}"
+    return f"distributed.strategy: {names_with(lambda s: not s.shards)[0]} (ZeRO stage 0 shards nothing)"
+
+
 def accelerate_problems(recipe: Recipe, env: dict[str, str]) -> list[str]:
     """Every disagreement between the accelerate launch that set `env` and the recipe (empty when accelerate did
     not start this process)."""
-    if not any(k.startswith("ACCELERATE_") for k in env):
+    kind = _launch_type(env)
+    if kind is None:
         return []
     problems = (_precision_problems(recipe, env) + _compile_problems(env) + _backend_problems(env)
                 + _accumulation_problems(recipe, env))
-    if _true(env.get("ACCELERATE_USE_DEEPSPEED")):
+    if kind == "DEEPSPEED":
         problems += _deepspeed_problems(recipe, env)
-    elif _true(env.get("ACCELERATE_USE_FSDP")):
+    elif kind == "FSDP":
         problems += _fsdp_problems(recipe, env)
     return problems
 
@@ -88,7 +138,7 @@ def _backend_problems(env: dict[str, str]) -> list[str]:
     problems = []
     if _true(env.get("ACCELERATE_USE_MEGATRON_LM")):
         problems.append("accelerate config distributed_type: MEGATRON_LM but dist_ft has no Megatron-LM backend; "
-                        "set distributed.strategy (ddp | fsdp | zero1 | zero2 | zero3) in the recipe and start it "
+                        f"set distributed.strategy ({' | '.join(names())}) in the recipe and start it "
                         "with launch/accelerate/<strategy>.yaml")
     if _true(env.get("ACCELERATE_USE_PARALLELISM_CONFIG")):
         problems.append("accelerate config parallelism_config (tensor/context/sequence parallel sizes) but dist_ft "
@@ -158,18 +208,18 @@ def _offload_problem(recipe: Recipe, what: str, devices: dict[str, tuple[str, st
 
 def _deepspeed_problems(recipe: Recipe, env: dict[str, str]) -> list[str]:
     strategy = recipe.distributed.strategy
-    if not strategy.startswith("zero"):
+    spec = spec_for(strategy)
+    if spec.accelerate_type != "DEEPSPEED":
         return [f"launched with an accelerate DeepSpeed config (distributed_type: DEEPSPEED), but "
-                f"distributed.strategy is {strategy}; use launch/accelerate/{strategy}.yaml or set "
-                "distributed.strategy: zero1 | zero2 | zero3 in the recipe"]
+                f"distributed.strategy is {strategy}; use launch/accelerate/{spec.launch_config} or set "
+                f"distributed.strategy: {' | '.join(names_with(lambda s: s.accelerate_type == 'DEEPSPEED'))} in "
+                "the recipe"]
     problems = []
     stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    if stage is not None and stage.strip() != strategy[-1]:
-        fix = f"distributed.strategy: zero{stage.strip()}" if stage.strip() in ("1", "2", "3") else \
-            "distributed.strategy: ddp (ZeRO stage 0 shards nothing)"
+    if stage is not None and stage.strip() != str(spec.zero_stage):
         problems.append(f"accelerate config deepspeed_config.zero_stage: {stage.strip()} but distributed.strategy is "
-                        f"{strategy}; set {fix} in the recipe, or zero_stage: {strategy[-1]} in the accelerate "
-                        "config")
+                        f"{strategy}; set {_stage_fix(stage.strip())} in the recipe, or zero_stage: "
+                        f"{spec.zero_stage} in the accelerate config")
     devices = {k: (f"deepspeed_config.offload_{name}_device", env[v].strip().lower() if v in env else None)
                for k, name, v in (("optimizer", "optimizer", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"),
                                   ("params", "param", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"))}
@@ -261,8 +311,8 @@ def deepspeed_file_problems(recipe: Recipe, path: str, *, world_size: int | None
             problems.append(f"{what} {key} is {_yaml(value)} but distributed.precision is {d.precision}; set "
                             f"distributed.precision: {fix} in the recipe, or write \"auto\" there (the recipe "
                             "decides)")
-    check("zero_optimization.stage", int(d.strategy[-1]), "the ZeRO stage of distributed.strategy",
-          lambda v: f"distributed.strategy: zero{v}")
+    check("zero_optimization.stage", spec_for(d.strategy).zero_stage, "the ZeRO stage of distributed.strategy",
+          _stage_fix)
     devices = {}
     for k, key in (("optimizer", "zero_optimization.offload_optimizer.device"),
                    ("params", "zero_optimization.offload_param.device")):
@@ -324,10 +374,11 @@ def _other_keys_problem(what: str, path: str, flat: dict, owned: set, recipe: Re
 
 def _fsdp_problems(recipe: Recipe, env: dict[str, str]) -> list[str]:
     d = recipe.distributed
-    if d.strategy != "fsdp":
+    spec = spec_for(d.strategy)
+    if spec.accelerate_type != "FSDP":
         return [f"launched with an accelerate FSDP config (distributed_type: FSDP), but distributed.strategy is "
-                f"{d.strategy}; use launch/accelerate/{d.strategy}.yaml or set distributed.strategy: fsdp in the "
-                "recipe"]
+                f"{d.strategy}; use launch/accelerate/{spec.launch_config} or set distributed.strategy: "
+                f"{' | '.join(names_with(lambda s: s.accelerate_type == 'FSDP'))} in the recipe"]
     problems, what = [], "accelerate config fsdp_config."
     version = env.get("FSDP_VERSION", "2").strip()
     if version != "2":

@@ -3,7 +3,10 @@
 Launchers only start processes; the recipe alone configures the run. But a user who starts a zero3 accelerate
 config with a ddp recipe (or the other way round) should hear about it instead of getting a run that is not the
 one they meant. The launcher's own variables are read here only to check that agreement, never as settings
-(accelerate_config.py compares an accelerate launch's config, field by field).
+(accelerate_config.py compares an accelerate launch's config, field by field). Where the launcher's config names
+a backend (accelerate_backend: an FSDP config, a DeepSpeed one with its ZeRO stage, a multi-GPU one for a recipe
+whose backend starts that way), what that backend's spec refuses is refused here too, as the recipe check refuses
+it for the recipe's own backend.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import os
 import sys
 
 from ..config import Recipe
-from .accelerate_config import accelerate_problems
+from .accelerate_config import accelerate_backend, accelerate_problems
+from .spec import spec_problems
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:
@@ -37,6 +41,10 @@ def launcher_problems(recipe: Recipe, env: dict[str, str] | None = None) -> list
     rank before the model loads; the trainer refuses to start on any."""
     env = dict(os.environ if env is None else env)
     problems = accelerate_problems(recipe, env)
+    backend = accelerate_backend(recipe, env)
+    if backend is not None:
+        problems += [f"accelerate config asks for {backend.name}, which refuses: {p}"
+                     for p in spec_problems(recipe, backend)]
     nodes, world = env.get("SLURM_STEP_NUM_NODES", ""), env.get("WORLD_SIZE", "")
     if nodes.isdigit() and world.isdigit() and int(world) < int(nodes):
         # Every node would train alone, each its own "rank 0" writing the same files: a silent waste of the job.

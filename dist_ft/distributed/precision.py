@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .spec import names_with, spec_for
+
 
 @dataclass(frozen=True)
 class PrecisionPlan:
@@ -68,14 +70,15 @@ def hardware_problem(name: str, *, strategy: str | None = None, cuda_available: 
                      capability: tuple[int, int] | None = None, cpu_fp16: bool | None = None) -> str | None:
     """Why this machine cannot run `name` (under `strategy`; None when it can). Checked before any work starts."""
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
-    # fp16-mixed runs on any CPU under DDP and FSDP2 (CPU autocast computes in float16, GradScaler("cpu") scales
-    # and steps). DeepSpeed's CPU accelerator refuses fp16 at initialize unless oneDNN has fp16 kernels.
-    if name == "fp16-mixed" and not cuda and (strategy or "").startswith("zero") and not (
+    # fp16-mixed runs on any CPU under torch's GradScaler (CPU autocast computes in float16, GradScaler("cpu")
+    # scales and steps). A backend with its own loss scaler (DeepSpeed) refuses fp16 at initialize on a CPU unless
+    # oneDNN has fp16 kernels.
+    if name == "fp16-mixed" and not cuda and strategy is not None and spec_for(strategy).own_loss_scaler and not (
             cpu_has_fp16_kernels() if cpu_fp16 is None else cpu_fp16):
+        torch_scaled = " or ".join(names_with(lambda s: not s.own_loss_scaler))
         return (f"distributed.precision: fp16-mixed with {strategy} on CPU: DeepSpeed's CPU accelerator runs fp16 "
                 "only where oneDNN has float16 kernels (AVX512-FP16 or AMX-FP16), and this CPU has none; use "
-                "strategy ddp or fsdp for fp16-mixed (torch's loss scaler), or bf16-mixed with "
-                f"{strategy}")
+                f"strategy {torch_scaled} for fp16-mixed (torch's loss scaler), or bf16-mixed with {strategy}")
     if name in ("bf16-mixed", "bf16-true") and cuda:
         cc = torch.cuda.get_device_capability() if capability is None else capability
         if not has_native_bf16(cc):

@@ -13,7 +13,8 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from ...config import Recipe
+from ...config import DistributedConfig, Recipe
+from ..spec import BackendSpec, spec_for
 
 AUTO = "auto"
 
@@ -22,7 +23,7 @@ def template_name(strategy: str, offload: str) -> str:
     """The shipped template for a strategy and `distributed.offload`. Offloading the optimizer needs DeepSpeed's own
     (CPU) Adam, so those templates carry an optimizer section; their offload devices are "auto" (the recipe says
     which blocks are on). Parameter offload alone keeps dist_ft's optimizer: the resolver writes its block."""
-    stage = int(strategy[-1])
+    stage = spec_for(strategy).zero_stage
     if offload in ("optimizer", "all"):
         return f"zero{stage}_offload.json"
     return f"zero{stage}.json"
@@ -76,7 +77,7 @@ def resolve_deepspeed_config(template: dict, recipe: Recipe, *, world_size: int,
     cfg = copy.deepcopy(template)
     problems: list[str] = []
     t, d = recipe.training, recipe.distributed
-    stage = int(d.strategy[-1])
+    spec = spec_for(d.strategy)
     owned = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
@@ -84,7 +85,7 @@ def resolve_deepspeed_config(template: dict, recipe: Recipe, *, world_size: int,
         "gradient_clipping": t.max_grad_norm if t.max_grad_norm is not None else 0.0,
         "bf16.enabled": d.precision in ("bf16-mixed", "bf16-true"),
         "fp16.enabled": d.precision == "fp16-mixed",
-        "zero_optimization.stage": stage,
+        "zero_optimization.stage": spec.zero_stage,
         "optimizer.params.lr": t.learning_rate,
         "optimizer.params.betas": [t.adam_beta1, t.adam_beta2],
         "optimizer.params.eps": t.adam_eps,
@@ -117,23 +118,7 @@ def resolve_deepspeed_config(template: dict, recipe: Recipe, *, world_size: int,
                         "the scheduler section and set training.learning_rate, training.warmup_steps, "
                         "training.lr_scheduler (cosine | linear | constant) and training.min_lr_ratio instead")
     zero = cfg.setdefault("zero_optimization", {})
-    # Offload: the recipe's `distributed.offload` decides; a template's explicit devices must agree with it.
-    want_opt = d.offload in ("optimizer", "all")
-    want_param = d.offload in ("params", "all")
-    for key, want in (("offload_optimizer", want_opt), ("offload_param", want_param)):
-        if isinstance(zero.get(key), dict) and zero[key].get("device") == AUTO:
-            if not want:  # the block is not for this recipe's offload
-                del zero[key]
-                continue
-            zero[key]["device"] = "cpu"
-        has = isinstance(zero.get(key), dict) and zero[key].get("device", "none") not in ("none", None)
-        if has and not want:
-            problems.append(f"{source}: zero_optimization.{key} offloads to {zero[key]['device']!r} but "
-                            f"distributed.offload is {d.offload!r}; make them agree")
-        if want and not has:
-            zero[key] = {"device": "cpu", "pin_memory": AUTO}
-    if want_param and stage != 3:
-        problems.append(f"{source}: parameter offload needs ZeRO stage 3, the strategy is {d.strategy}")
+    problems += _resolve_offload(zero, d, spec, source)
     # Buckets sized from the model as the DeepSpeed docs advise; overlap and pinning only help on GPUs.
     h = hidden_size or 1024
     fill = {"reduce_bucket_size": h * h, "allgather_bucket_size": int(5e8), "stage3_prefetch_bucket_size":
@@ -154,6 +139,29 @@ def resolve_deepspeed_config(template: dict, recipe: Recipe, *, world_size: int,
     if leftover:
         problems.append(f"{source}: no recipe value fills {', '.join(leftover)}; give them explicit values")
     return cfg, problems
+
+
+def _resolve_offload(zero: dict, d: DistributedConfig, spec: BackendSpec, source: str) -> list[str]:
+    """Fill and check the `zero_optimization` offload blocks: the recipe's `distributed.offload` decides; a
+    template's explicit devices must agree with it. Returns the disagreements."""
+    problems = []
+    want_opt = d.offload in ("optimizer", "all")
+    want_param = d.offload in ("params", "all")
+    for key, want in (("offload_optimizer", want_opt), ("offload_param", want_param)):
+        if isinstance(zero.get(key), dict) and zero[key].get("device") == AUTO:
+            if not want:  # the block is not for this recipe's offload
+                del zero[key]
+                continue
+            zero[key]["device"] = "cpu"
+        has = isinstance(zero.get(key), dict) and zero[key].get("device", "none") not in ("none", None)
+        if has and not want:
+            problems.append(f"{source}: zero_optimization.{key} offloads to {zero[key]['device']!r} but "
+                            f"distributed.offload is {d.offload!r}; make them agree")
+        if want and not has:
+            zero[key] = {"device": "cpu", "pin_memory": AUTO}
+    if want_param and "params" not in spec.shards:  # a backend offloads only the parameters it shards (ZeRO-3)
+        problems.append(f"{source}: parameter offload needs ZeRO stage 3, the strategy is {d.strategy}")
+    return problems
 
 
 def deepspeed_json_problems(template: dict, recipe: Recipe, *, source: str,
