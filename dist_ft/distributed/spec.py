@@ -37,7 +37,26 @@ class MemoryRules:
     # The whole model is built on the host before it is moved/sharded (ddp, zero1/2 call ModelBuilder.build()).
     builds_whole_model_on_host: bool = False
     # distributed.offload values and what each moves to the host: subset of {"params", "grads", "optimizer"}.
+    # Moving "optimizer" without "grads" is ZeRO-Offload: the gradients are reduced into an fp32 partition on the
+    # host and the updated weights come back; moving "grads" too means the whole step runs on the host (FSDP2).
     offload_moves: Mapping[str, frozenset] = field(default_factory=dict)
+    # bf16-mixed / fp16-mixed by autocast over the stored fp32 parameters (DDP): the embedding output, and so the
+    # residual stream between blocks, stays in the parameters' dtype (else it is in the compute dtype).
+    residual_in_param_dtype: bool = False
+    # When the gradients are counted with the optimizer step rather than on top of the activations, because they
+    # exist only from the backward to the step and grow as the backward frees activations: "always" (DDP and
+    # FSDP2 set them to None after each step), "cpu" (on CPU only: ZeRO-3's released partitions count once
+    # written; on GPUs its buffer is allocated whole at the start of the backward), "never".
+    grads_with_step: str = "never"
+    # Gradients are reduced after every micro-step (ZeRO-2/3 partition them as they arrive), not once per
+    # optimizer step; a backend that shards gradients yet reduces once keeps them unsharded between micro-steps.
+    reduce_every_microstep: bool = False
+    # The optimizer step on the device: "per_tensor" (torch's fused AdamW on each parameter, in place; adamw_8bit
+    # keeps 32-bit states for tensors too small to quantise), "flat_copy" (ZeRO-1/2 flatten the gradient
+    # partition into a new fp32 tensor for the step), "flat_in_place" (ZeRO-3 steps on its gradient partitions).
+    optimizer_step: str = "per_tensor"
+    # The optimizer that steps offloaded state on the host: "torch" or "deepspeed" (DeepSpeedCPUAdam).
+    cpu_optimizer: str = "torch"
 
 
 @dataclass(frozen=True)

@@ -10,5 +10,6 @@ SPECS = (
         strategy=f"{__name__}.strategy:DDPStrategy", shards=frozenset(),
         refuses={**NOT_AN_ENGINE, **{f"offload:{o}": _NO_OFFLOAD for o in ("optimizer", "params", "all")}},
         launch_config="ddp.yaml",
-        memory=MemoryRules(buffers="ddp_buckets", builds_whole_model_on_host=True)),
+        memory=MemoryRules(buffers="ddp_buckets", builds_whole_model_on_host=True, residual_in_param_dtype=True,
+                           grads_with_step="always")),
 )

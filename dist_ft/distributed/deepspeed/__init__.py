@@ -22,16 +22,19 @@ def _whole_params(name: str) -> dict:
 
 _OPT = frozenset({"optimizer"})
 _ZERO12 = dict(casts_module_to_compute_dtype=True, separate_master=True, buffers="zero_buckets",
-               builds_whole_model_on_host=True, offload_moves={"optimizer": _OPT})
+               builds_whole_model_on_host=True, offload_moves={"optimizer": _OPT}, optimizer_step="flat_copy",
+               cpu_optimizer="deepspeed")
 
 SPECS = (
     _zero(1, {"optimizer"}, "ZeRO-1: optimizer state sharded", _whole_params("zero1"), ("none", "optimizer"),
           MemoryRules(**_ZERO12)),
     _zero(2, {"optimizer", "grads"}, "ZeRO-2: optimizer state and gradients sharded", _whole_params("zero2"),
-          ("none", "optimizer"), MemoryRules(**_ZERO12)),
+          ("none", "optimizer"), MemoryRules(**_ZERO12, reduce_every_microstep=True)),
     _zero(3, {"optimizer", "grads", "params"}, "ZeRO-3: parameters, gradients and optimizer state sharded",
           whole_tensor_refusals("zero3"), ("none", "optimizer", "params", "all"),
           MemoryRules(casts_module_to_compute_dtype=True, buffers="zero3_live",
                       offload_moves={"optimizer": _OPT, "params": frozenset({"params"}),
-                                     "all": frozenset({"params", "optimizer"})})),
+                                     "all": frozenset({"params", "optimizer"})},
+                      grads_with_step="cpu", reduce_every_microstep=True, optimizer_step="flat_in_place",
+                      cpu_optimizer="deepspeed")),
 )

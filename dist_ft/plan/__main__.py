@@ -1,0 +1,7 @@
+"""`python -m dist_ft.plan RECIPE.yaml ...`: the same as `dist-ft plan`."""
+
+import sys
+
+from .command import main
+
+sys.exit(main())

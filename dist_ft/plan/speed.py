@@ -1,0 +1,128 @@
+"""Speed: FLOPs, communication and offload per optimizer step, and the step time they add up to. What each backend
+communicates and offloads is read from its spec (`shards`, MemoryRules.reduce_every_microstep, offload_moves,
+cpu_optimizer).
+
+Speed (`speed_estimate`): forward FLOPs per token = flops.flops_per_token / 3 (PaLM's 6 N + 12 L d T counts
+forward + backward). Training FLOPs per token = forward x (1 + recompute + g + f): the backward's gradient with
+respect to the inputs costs one forward over the g fraction of blocks that need gradients, the weight gradients one
+forward over the f fraction of trainable parameters, activation checkpointing recomputes the forward of those
+blocks. Full: 3x forward (4x with checkpointing); LoRA: ~2x (no weight-gradient GEMMs for frozen weights: ~2/3 of
+full). Compute time = tokens x FLOPs / (peak x MFU). Communication per rank per step (ring, (n-1)/n of the bytes):
+DDP all-reduce 2 G; ZeRO-1/2 reduce-scatter of gradients + all-gather of the updated parameters; ZeRO-3 and FSDP
+all-gather the parameters in forward and again in backward and reduce-scatter the gradients (FSDP here reduces in
+fp32: 2+2+4 B per parameter in bf16-mixed), at --intra-gbps within a node and --inter-gbps across nodes. Offload
+adds PCIe transfers and a CPU optimizer step. QLoRA's compute is multiplied by QLORA_COMPUTE_FACTOR
+(dequantisation). Step time = max(compute, communication) + offload (overlap assumed).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ..distributed.spec import spec_for
+from .cluster import Cluster
+from .constants import CPU_ADAM_PARAMS_PER_S, PCIE_GBPS, QLORA_COMPUTE_FACTOR
+from .counting import MethodCounts
+from .memory import ByteRules
+from .model import ModelFacts
+
+
+def training_flops_per_token(facts: ModelFacts, mc: MethodCounts, seq: int, checkpointing: bool) -> tuple[float, float]:
+    """(forward FLOPs per token, training FLOPs per token): forward x (1 + recompute + g + f), see the docstring."""
+    from ..telemetry.flops import flops_per_token
+
+    fwd = flops_per_token(facts.config, seq) / 3.0
+    L = max(facts.layers, 1)
+    g = mc.layers_with_grad / L
+    f = mc.n_trainable / max(mc.n_total, 1) if mc.kind in ("full", "partial") else 0.0
+    if mc.kind == "full":
+        g, f = 1.0, 1.0
+    recompute = g if checkpointing else 0.0
+    return fwd, fwd * (1.0 + recompute + g + f)
+
+
+def comm_bytes(recipe, facts: ModelFacts, mc: MethodCounts, rules: ByteRules, world: int) -> tuple[float, str]:
+    """Bytes each rank sends per optimizer step (ring collectives: (n-1)/n of the payload each)."""
+    if world <= 1:
+        return 0.0, "one rank: no collectives"
+    spec = spec_for(recipe.distributed.strategy)
+    gas = recipe.training.gradient_accumulation_steps
+    f = (world - 1) / world
+    T = mc.n_trainable
+    W = mc.n_trainable + mc.n_frozen + mc.n_quantized
+    every = spec.memory.reduce_every_microstep
+    if not spec.shards:
+        return 2 * f * T * rules.grads, "all-reduce of the gradients (2x)"
+    if "params" not in spec.shards:  # whole parameters on every rank: the updated ones are gathered after the step
+        rs = f * T * rules.grads * (gas if every else 1)
+        return rs + f * T * rules.weights, "reduce-scatter grads" + (" every micro-step" if every
+                                                                     else "") + " + all-gather params"
+    if every:
+        return gas * f * (2 * W * rules.compute + T * rules.grads), "per micro-step: all-gather fwd + bwd, " \
+                                                                     "reduce-scatter grads"
+    return gas * f * 2 * W * rules.compute + f * T * rules.reduce, "per micro-step all-gather fwd + bwd (bf16); " \
+                                                                   "reduce-scatter grads (fp32) once"
+
+
+def offload_cost(recipe, mc: MethodCounts, rules: ByteRules, cluster: Cluster) -> tuple[float, str]:
+    """Seconds per step spent on PCIe transfers and the CPU optimizer step."""
+    d = recipe.distributed
+    if d.offload == "none" or cluster.is_cpu:
+        return 0.0, ""
+    spec = spec_for(d.strategy)
+    moves = spec.memory.offload_moves.get(d.offload, frozenset())
+    n, gas = cluster.world, recipe.training.gradient_accumulation_steps
+    T = mc.n_trainable / n
+    W = (mc.n_trainable + mc.n_frozen + mc.n_quantized) / n
+    pcie = 0.0
+    if "params" in moves:       # the weights live on the host: copied in for every forward and backward
+        pcie += gas * 2 * W * rules.weights
+    if "grads" in moves:        # the step runs on the host, where the state is: only the gradients go there
+        pcie += T * rules.grads
+    elif "optimizer" in moves:  # gradients to the host optimizer, the updated weights back
+        pcie += T * rules.grads + T * rules.weights
+    cpu_params = T if "optimizer" in moves else 0.0
+    seconds = (pcie / (PCIE_GBPS * 1e9)
+               + cpu_params * cluster.gpus_per_node / CPU_ADAM_PARAMS_PER_S[spec.memory.cpu_optimizer])
+    return seconds, f"PCIe {pcie / 1e9:.2f} GB + CPU AdamW over {cpu_params:,.0f} params/rank"
+
+
+def _peak(cluster: Cluster, precision: str) -> tuple[Optional[float], str]:
+    from ..telemetry.flops import gpu_peak
+
+    if cluster.peak_flops:
+        return cluster.peak_flops, "--peak-tflops"
+    dtype = {"fp32": "fp32", "fp16-mixed": "fp16"}.get(precision, "bf16")
+    if cluster.is_cpu:
+        from ..telemetry.flops import measured_cpu_peak
+        measured = measured_cpu_peak()
+        return measured / cluster.gpus_per_node, "measured fp32 matmul on this machine, shared by the processes"
+    peak = gpu_peak(cluster.gpu, dtype)
+    return peak, f"{cluster.gpu} {dtype} datasheet"
+
+
+def speed_estimate(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, rules: ByteRules, seq: int,
+                   mb: int) -> dict:
+    d, t = recipe.distributed, recipe.training
+    fwd, train = training_flops_per_token(facts, mc, seq, d.activation_checkpointing)
+    peak, peak_source = _peak(cluster, d.precision)
+    tokens_rank = mb * seq * t.gradient_accumulation_steps
+    comm, comm_what = comm_bytes(recipe, facts, mc, rules, cluster.world)
+    gbps = cluster.inter_gbps if cluster.nodes > 1 else cluster.intra_gbps
+    comm_s = comm / (gbps * 1e9) if comm else 0.0
+    off_s, off_what = offload_cost(recipe, mc, rules, cluster)
+    out = {"forward_flops_per_token": fwd, "train_flops_per_token": train, "flops_multiple": train / fwd,
+           "peak_flops": peak, "peak_source": peak_source, "mfu": cluster.mfu, "tokens_per_rank_per_step": tokens_rank,
+           "comm_bytes_per_rank": comm, "comm_what": comm_what, "bandwidth_gbps": gbps,
+           "link": "inter-node" if cluster.nodes > 1 else "intra-node", "comm_s": comm_s, "offload_s": off_s,
+           "offload_what": off_what}
+    if peak:
+        compute_s = tokens_rank * train / (peak * cluster.mfu)
+        if mc.kind == "qlora":
+            compute_s *= QLORA_COMPUTE_FACTOR
+        step_s = max(compute_s, comm_s) + off_s
+        out.update(compute_s=compute_s, step_s=step_s, tokens_per_s=cluster.world * tokens_rank / step_s,
+                   tokens_per_s_per_rank=tokens_rank / step_s)
+    else:
+        out.update(compute_s=None, step_s=None, tokens_per_s=None, tokens_per_s_per_rank=None)
+    return out
