@@ -320,8 +320,8 @@ CATEGORIES = [  # (category, any of these in a stack); the first match wins
     ("forward (model)", ("forward (transformers/", "forward (peft/", "forward (torch/nn/modules")),
     ("data (rows, collate)", ("collate", "rows (dist_ft", "feed.py", "batching.py")),
 ]
-IN_LOOP = {"dist_ft": ("_train (dist_ft/train/trainer.py",), "raw": ("main (raw_loop.py", "main (benchmarks/raw_loop.py")}
-NOT_STEP = ("run_eval", "evaluate (", "heldout_loss", "_save_final", "build_model", "setup (", "from_pretrained",
+IN_LOOP = {"dist_ft": ("train (dist_ft/train/trainer.py",), "raw": ("main (raw_loop.py", "main (benchmarks/raw_loop.py")}
+NOT_STEP = ("run_eval", "evaluate (", "heldout_loss", "_save_final", "save_final (", "build_model", "setup (", "from_pretrained",
             "initialize (", "all_gather_object", "destroy_process_group", "gather (", "DistributedDataParallel.__init__",
             "init_process_group", "fully_shard (", "_find_and_load (", "measured_cpu_peak")
 

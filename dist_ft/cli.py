@@ -72,7 +72,7 @@ def cmd_schema(args) -> int:
 def cmd_train(args) -> int:
     from .checkpoint.store import CheckpointError
     from .signals import EXIT_STOPPED
-    from .train.trainer import run_training
+    from .train.run import run_training
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import pickle
 from pathlib import Path
 from typing import Iterable
@@ -162,18 +161,28 @@ def deepspeed_loads_weights_only(allow: Iterable[str] = ()):
         torch.load = real
 
 
-def run_module_weights_only(module: str, argv: list[str]) -> None:
-    """Run a library's command-line module (DeepSpeed's checkpoint converter) with the guard on."""
+def run_module_weights_only(module: str, argv: list[str], trusted: Iterable[str] = ()) -> None:
+    """Run a library's command-line module (DeepSpeed's checkpoint converter) with the guard on; `trusted`: the
+    files checkpoint.allow_pickle lists."""
     import runpy
     import sys
 
-    allow(p for p in os.environ.get("DIST_FT_ALLOW_PICKLE", "").split(os.pathsep) if p)
+    allow(trusted)
     sys.argv = [module, *argv]
     with deepspeed_loads_weights_only():
         runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
-if __name__ == "__main__":  # python -m dist_ft.safe_load MODULE [ARGS...]
+def _main(argv: list[str]) -> None:
+    """python -m dist_ft.safe_load [--allow FILE]... MODULE [ARGS...]"""
+    trusted = []
+    while argv[:1] == ["--allow"]:
+        trusted.append(argv[1])
+        argv = argv[2:]
+    run_module_weights_only(argv[0], argv[1:], trusted)
+
+
+if __name__ == "__main__":
     import sys
 
-    run_module_weights_only(sys.argv[1], sys.argv[2:])
+    _main(sys.argv[1:])

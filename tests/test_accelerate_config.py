@@ -226,7 +226,7 @@ def test_fsdp_options_that_agree_pass(tmp_path):
 # ---------------------------------------------------------------------------------------------- where it runs
 
 def test_training_refuses_before_the_model_loads(monkeypatch, tmp_path, tiny_llama):
-    import dist_ft.train.trainer as trainer
+    import dist_ft.train.run as trainer
 
     def reached(*a, **k):
         raise AssertionError("the model was resolved before the launcher check")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_ft.checkpoint import store as ckpt
+from dist_ft import checkpoint as ckpt
 
 
 def _fake_checkpoint(root, step, *, complete=True, payload=b"x" * 100):

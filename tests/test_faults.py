@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from dist_ft.checkpoint import store as ckpt
+from dist_ft import checkpoint as ckpt
 from dist_ft.signals import EXIT_STOPPED
 
 from conftest import REPO, read_metrics, run_cli, tiny_recipe, write_recipe

@@ -131,7 +131,8 @@ def test_gradual_unfreezing_opens_one_block_at_a_time(tmp_path, tiny_llama, one_
     from dist_ft.distributed.topology import Topology
     from dist_ft.methods import UnfreezeSchedule
     from dist_ft.model import ModelBuilder, load_tokenizer
-    from dist_ft.train.trainer import _make_optimizer, train_step
+    from dist_ft.train.optim import make_optimizer as _make_optimizer
+    from dist_ft.train.step import train_step
 
     recipe = _recipe(tiny_llama, tmp_path / "run", "gradual", training={"learning_rate": 1e-2})
     topo = Topology(0, 1, 0, 1, torch.device("cpu"), "gloo", "none")
@@ -169,7 +170,7 @@ def test_gradual_unfreezing_opens_one_block_at_a_time(tmp_path, tiny_llama, one_
 
 
 def test_adamw_8bit_keeps_8bit_state():
-    from dist_ft.train.trainer import _make_optimizer
+    from dist_ft.train.optim import make_optimizer as _make_optimizer
     recipe = recipe_from_dict({"training": {"optimizer": "adamw_8bit", "learning_rate": 1e-3}})
     layer = torch.nn.Linear(128, 128)
     opt = _make_optimizer(recipe)(layer.parameters())

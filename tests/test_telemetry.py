@@ -111,7 +111,7 @@ def test_mfu_by_hand():
 
 
 def test_a_failing_sink_only_warns(tmp_path, capsys):
-    from dist_ft.telemetry.tracker import Telemetry
+    from dist_ft.telemetry.tracker import Tracker as Telemetry
 
     class Broken:
         def log(self, record):

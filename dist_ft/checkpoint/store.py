@@ -18,24 +18,22 @@ manifest written and fsynced, and only then renamed into place. The backend form
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
-import random
 import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 
 from .. import faults
 from ..distributed import watchdog
+from .rng import rng_state
 
 FORMAT = "dist_ft-checkpoint/1"
 MANIFEST = "manifest.json"
@@ -191,30 +189,6 @@ def prune(root: Path, keep_last: int | None, log) -> None:
     for c in incomplete:
         if c.path.name.startswith(TMP_PREFIX) and c.step < newest:
             shutil.rmtree(c.path, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------------------------------- RNG
-
-def rng_state() -> dict:
-    """This process's RNG states as JSON-able data (no pickle to load them back)."""
-    py = random.getstate()
-    n = np.random.get_state()
-    state = {"python": [py[0], list(py[1]), py[2]],
-             "numpy": [n[0], n[1].tolist(), int(n[2]), int(n[3]), float(n[4])],
-             "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    v, internal, gauss = state["python"]
-    random.setstate((v, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
 
 
 # --------------------------------------------------------------------------------------------------- writing
@@ -393,33 +367,35 @@ def _verify_adapter(folder: Path, strategy, topo) -> None:
 
 # --------------------------------------------------------------------------------------------------- choosing
 
-def choose_resume(resume: str, output_dir: str | Path, log) -> Candidate | None:
-    """The checkpoint to resume from (sizes checked), or None for `auto` with no complete checkpoint.
+def candidates(resume: str, output_dir: str | Path, log) -> list[Candidate]:
+    """What `checkpoint.resume` points at, by manifest and file sizes (no hashing), newest first.
 
-    `auto`: the newest complete checkpoint under output_dir/checkpoints; incomplete or damaged ones are skipped,
-    each with a warning naming the file and the reason. A path: that checkpoint, or a CheckpointError.
+    `auto`: every complete checkpoint under output_dir/checkpoints (incomplete or damaged ones are skipped, each
+    with a warning naming the file and the reason); the caller takes the newest that also verifies. A run
+    directory: its complete checkpoints likewise. A checkpoint folder: that one, or a CheckpointError.
     """
-    if resume != "auto":
-        path = Path(resume)
-        if (path / "checkpoints").is_dir() and not (path / MANIFEST).exists():
-            complete, incomplete = list_checkpoints(path / "checkpoints")
-            for c in incomplete:
-                log(f"[checkpoint] warning: skipping {c.problem}")
-            if not complete:
-                raise CheckpointError(f"checkpoint.resume: {path} holds no complete checkpoint")
-            return complete[0]
-        if not path.is_dir():
-            raise CheckpointError(f"checkpoint.resume: {path} does not exist; give a checkpoints/step-N folder, "
-                                  "a run directory, or auto")
-        manifest = read_manifest(path)
-        bad = size_problems(path, manifest)
-        if bad:
-            raise CheckpointError("; ".join(bad))
-        return Candidate(path, manifest["step"], manifest)
-    complete, incomplete = list_checkpoints(checkpoints_root(output_dir))
-    for c in incomplete:
-        log(f"[checkpoint] warning: skipping {c.problem}")
-    return complete[0] if complete else None
+    path = checkpoints_root(output_dir) if resume == "auto" else Path(resume)
+    if resume == "auto" or ((path / "checkpoints").is_dir() and not (path / MANIFEST).exists()):
+        complete, incomplete = list_checkpoints(path if resume == "auto" else path / "checkpoints")
+        for c in incomplete:
+            log(f"[checkpoint] warning: skipping {c.problem}")
+        if not complete and resume != "auto":
+            raise CheckpointError(f"checkpoint.resume: {path} holds no complete checkpoint")
+        return complete
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint.resume: {path} does not exist; give a checkpoints/step-N folder, "
+                              "a run directory, or auto")
+    manifest = read_manifest(path)
+    bad = size_problems(path, manifest)
+    if bad:
+        raise CheckpointError("; ".join(bad))
+    return [Candidate(path, manifest["step"], manifest)]
+
+
+def choose_resume(resume: str, output_dir: str | Path, log) -> Candidate | None:
+    """The newest of `candidates` (sizes checked), or None for `auto` with no complete checkpoint."""
+    found = candidates(resume, output_dir, log)
+    return found[0] if found else None
 
 
 def compatibility_problems(manifest: dict, meta: dict) -> list[str]:

@@ -55,6 +55,11 @@ class Strategy(ABC):
         """Build the model through `builder` (model.ModelBuilder: `build()` whole, or `build_meta()` plus
         `weights()` for shard-wise loading), shard it, and create the optimizer over its trainable parameters."""
 
+    def config_record(self) -> dict:
+        """The backend's own resolved configuration, if it has one, for the run's config record (W&B, TensorBoard):
+        {name: JSON-able dict}."""
+        return {}
+
     def describe(self) -> str | None:
         """What the backend was configured to do, as read back from it (logged once after setup)."""
         return None
@@ -116,8 +121,9 @@ class Strategy(ABC):
         pc = self.recipe.method.partial
         return not (self.recipe.method.kind == "partial" and (pc.unfreeze_every_steps or pc.unfreeze_every_epochs))
 
-    def prepare_resume(self, folder: Path, manifest: dict) -> None:
-        """Called before setup when resuming (a backend that must configure itself for loading does it here)."""
+    def prepare_resume(self, folder: Path, manifest: dict, *, allow_pickle: Iterable[str] = ()) -> None:
+        """Called before setup when resuming (a backend that must configure itself for loading does it here).
+        `allow_pickle`: the files checkpoint.allow_pickle trusts, for any converter the backend runs."""
 
     def save_state(self, folder: Path) -> None:
         """Write model and optimizer state, sharded, into `folder`. A collective: every rank calls it."""

@@ -7,6 +7,7 @@ dist_ft; the offline files go into the run directory (wandb would otherwise writ
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -73,11 +74,16 @@ class _TensorBoard:
         self.writer.close()
 
 
-class Telemetry:
-    """metrics.jsonl plus the optional sinks; a no-op on ranks other than 0."""
+class Tracker:
+    """metrics.jsonl plus the optional sinks; a no-op on ranks other than 0.
+
+    `resumed_at`: the step a resumed run continues after. What the interrupted run logged later is dropped from
+    metrics.jsonl first: the resumed run logs those steps again."""
 
     def __init__(self, *, enabled: bool, out: Path, logging_cfg=None, run_id: str = "", config: dict | None = None,
-                 config_text: str = ""):
+                 config_text: str = "", resumed_at: int | None = None):
+        if enabled and resumed_at is not None:
+            rewind(out / "metrics.jsonl", resumed_at)
         self.metrics = MetricsFile(out / "metrics.jsonl" if enabled else None)
         self.sinks: dict[str, object] = {}
         if not enabled or logging_cfg is None:
@@ -110,3 +116,20 @@ class Telemetry:
             except Exception as exc:  # noqa: BLE001
                 _warn(f"{name} did not close cleanly ({type(exc).__name__}: {exc})")
         self.sinks = {}
+
+
+def rewind(path: Path, step: int) -> None:
+    """Keep the records of steps up to `step` (and no end record): what a run resumed from `step` continues."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut off by the crash
+        if rec.get("step", 0) <= step and rec.get("event") != "end":
+            keep.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(k + "\n" for k in keep))
+    os.replace(tmp, path)

@@ -76,14 +76,14 @@ def attention_inputs(batch: dict[str, torch.Tensor], *, attn_implementation: str
 
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under DDP's or DeepSpeed's engine (`.module`)."""
+    """The model under a backend's wrapper or engine (`.module`)."""
     while isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
     return model
 
 
 def attention_implementation(model: torch.nn.Module) -> str:
-    """The attention implementation `model` (under DDP, DeepSpeed or peft) runs, from its config ("" if none)."""
+    """The attention implementation `model` (under a backend's wrapper or peft) runs, from its config ("" if none)."""
     inner = _unwrapped(model)
     if getattr(inner, "active_peft_config", None) is not None:
         inner = inner.get_base_model()
@@ -91,7 +91,7 @@ def attention_implementation(model: torch.nn.Module) -> str:
 
 
 def selects_positions(model: torch.nn.Module) -> bool:
-    """Whether `model` (under DDP, DeepSpeed or peft) takes a [B, T] mask of positions to project (`logits_to_keep`).
+    """Whether `model` (under a backend's wrapper or peft) takes a [B, T] mask of positions to project (`logits_to_keep`).
     Prompt and prefix tuning do not: their virtual tokens shift the positions the mask would name."""
     if model not in _SELECTS_POSITIONS:
         inner = _unwrapped(model)

@@ -22,7 +22,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, *, peak_lr: float, warmup: 
                    min_ratio: float):
     """The recipe's schedule over `optimizer`, scaled from the recipe's peak learning rate.
 
-    The peak is set here rather than taken from the optimizer: an optimizer built by a backend (DeepSpeed's from its
+    The peak is set here rather than taken from the optimizer: an optimizer built by a backend (an engine's, from its
     JSON) may hold another value, and LambdaLR would silently scale that one instead."""
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] = peak_lr

@@ -209,6 +209,7 @@ class DeepSpeedStrategy(Strategy):
             out = Path(self.recipe.output_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / "deepspeed_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        self._resolved = cfg  # for config_record
         params = [p for p in model.parameters() if p.requires_grad]
         client = None if "optimizer" in cfg else make_optimizer(params)
         groups = None
@@ -251,6 +252,9 @@ class DeepSpeedStrategy(Strategy):
         wrong = {k: (self._actual[k], v) for k, v in want.items() if self._actual[k] != v}
         if wrong:
             raise RuntimeError(f"DeepSpeed engine disagrees with the recipe (engine, recipe): {wrong}")
+
+    def config_record(self) -> dict:
+        return {"deepspeed": self._resolved}
 
     def describe(self) -> str:
         a = self._actual
@@ -351,7 +355,7 @@ class DeepSpeedStrategy(Strategy):
             return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=self.TAG,
                                                             exclude_frozen_parameters=True)
 
-    def prepare_resume(self, folder: Path, manifest: dict) -> None:
+    def prepare_resume(self, folder: Path, manifest: dict, *, allow_pickle=()) -> None:
         """A ZeRO checkpoint loads only on the world size (and stage) that wrote it. Otherwise convert it once to
         DeepSpeed's universal format (per-parameter fp32 weights and optimizer moments) and load that."""
         if manifest.get("world_size") == self.topo.world_size and manifest.get("strategy") == self.name:
@@ -366,7 +370,8 @@ class DeepSpeedStrategy(Strategy):
             tmp = folder.parent / ".universal.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             # Through our guard: the converter unpickles every ZeRO file (safe_load.py).
-            cmd = [sys.executable, "-m", "dist_ft.safe_load", "deepspeed.checkpoint.ds_to_universal",
+            allow = [a for path in allow_pickle for a in ("--allow", str(path))]
+            cmd = [sys.executable, "-m", "dist_ft.safe_load", *allow, "deepspeed.checkpoint.ds_to_universal",
                    "--input_folder", str(folder / self.TAG), "--output_folder", str(tmp / self.TAG),
                    "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
             res = subprocess.run(cmd, capture_output=True, text=True)

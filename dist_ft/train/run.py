@@ -1,0 +1,51 @@
+"""`dist-ft train`: everything before the Trainer, cheap and checkable first. The recipe and everything it points at
+are validated; the tokenizer is loaded; the data tokenized (cached) before any process group exists; the process
+group started; then the Trainer builds the model through the strategy, evaluates, trains, evaluates and saves
+`final/`.
+
+    python -m dist_ft train configs/demo.yaml training.max_steps=10
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from .. import faults
+from ..assets import resolve_model_path
+from ..config import Recipe, RecipeError
+from ..data.dataset import forgetting_examples, prepare_data
+from ..distributed import watchdog
+from ..distributed.launchers import launcher_problems
+from ..distributed.topology import init_distributed, shutdown
+from ..model import LazyTokenizer
+from ..preflight import preflight
+from .trainer import Trainer, TrainResult
+
+
+def run_training(recipe: Recipe, *, source: str = "recipe") -> TrainResult:
+    t_start = time.perf_counter()
+    quiet = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) != 0
+    # 1. Everything that can be wrong with the recipe, its files and this machine, before any real work.
+    preflight(recipe, source=source)
+    conflicts = launcher_problems(recipe)
+    if conflicts:
+        raise RecipeError(conflicts, source)
+    model_path = resolve_model_path(recipe.model.path)
+    # Loaded when first used: a run whose tokens come from the cache never needs it in memory.
+    tok = LazyTokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
+    # 2. Tokenize before the process group exists: no collective can time out while one rank tokenizes.
+    data = prepare_data(recipe, tok, log=(lambda m: None) if quiet else print)
+    forgetting = forgetting_examples(recipe, tok) if recipe.eval.forgetting else []
+    # 3. Processes and devices.
+    topo = init_distributed(timeout_seconds=recipe.distributed.timeout_seconds,
+                            threads_per_process=recipe.distributed.threads_per_process)
+    try:
+        return Trainer(recipe, topo, tok, data, model_path, forgetting, t_start).train()
+    finally:
+        # The run is over (a peer may be gone already): tearing down takes seconds, so a stuck teardown ends sooner.
+        watchdog.phase("the process group's shutdown", limit=watchdog.TEARDOWN_S, note=sys.exc_info()[1])
+        shutdown()
+        watchdog.phase("the exit", limit=watchdog.TEARDOWN_S, note=sys.exc_info()[1])
+        faults.inject("hang-exit", 0, topo.rank)
