@@ -126,7 +126,7 @@ def export_job(recipe: dict, job_dir: Path, *, positions: int) -> Path:
 def matmul_peak(nproc: int, seconds: float = 3.0) -> float:
     """fp32 matmul FLOP/s of one process of `nproc` running at once, 1 thread each (as the training runs)."""
     wait_for_quiet(QUIET_WAIT[0])
-    code = ("from dist_ft.flops import measured_cpu_peak; "
+    code = ("from dist_ft.telemetry.flops import measured_cpu_peak; "
             f"print(measured_cpu_peak(threads=1, seconds={seconds}))")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
              for _ in range(nproc)]

@@ -36,7 +36,7 @@ def read_examples(path: Path) -> list[dict]:
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
-    """The job's schedule as dist_ft computes it (dist_ft/schedule.py, cosine to 0): multiplier of the peak learning
+    """The job's schedule as dist_ft computes it (dist_ft/train/schedule.py, cosine to 0): multiplier of the peak learning
     rate for optimizer step `step`, 0-based. The warm-up reaches step 0 at 1/warmup, not 0 as transformers' does."""
     if warmup and step < warmup:
         return (step + 1) / warmup

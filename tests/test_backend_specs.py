@@ -127,3 +127,31 @@ def test_plan_reads_the_spec(monkeypatch):
     assert optimizer_bytes() == pytest.approx(8 * n)  # the shipped ddp spec shards nothing
     _install(monkeypatch, dataclasses.replace(S.spec_for("ddp"), shards=frozenset({"optimizer"})))
     assert optimizer_bytes() == pytest.approx(8 * n / 8)  # a ddp that shards its optimizer state: 1/8 per rank
+
+
+def test_one_spec_change_makes_the_check_the_launcher_check_and_plan_refuse(monkeypatch, tmp_path):
+    """The rule lives in one place: a ddp spec that refuses LoRA is refused by `dist-ft check`'s recipe check, by
+    the launcher check of an accelerate multi-GPU launch, by `dist-ft plan` of the recipe, and is never offered by
+    `dist-ft plan --all-strategies`."""
+    from dist_ft import plan as P
+    from dist_ft.cli import main
+
+    recipe = recipe_from_dict({"model": {"path": "builtin:smollm2-135m"}, "method": {"kind": "lora"},
+                               "distributed": {"strategy": "ddp"}})
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {path: 'builtin:smollm2-135m'}\nmethod: {kind: lora}\ndistributed: {strategy: ddp}\n")
+    cluster = P.make_cluster(nodes=1, gpus_per_node=8, gpu="H100")
+    offered = {p.recipe.distributed.strategy for p in P.compare(recipe, cluster) if p.counts.kind == "lora"}
+    assert "ddp" in offered
+    assert main(["plan", str(path), "--nodes", "1", "--gpus-per-node", "8", "--gpu", "H100"]) == 0
+
+    old = S.spec_for("ddp")
+    reason = "lora is refused by this test spec"
+    _install(monkeypatch, dataclasses.replace(old, refuses={**old.refuses, "method:lora": reason}))
+    with pytest.raises(RecipeError, match=reason):  # the recipe check (dist-ft check, train, plan all run it)
+        recipe_from_dict({"method": {"kind": "lora"}, "distributed": {"strategy": "ddp"}})
+    env = accelerate_launch_env(LAUNCH / "ddp.yaml")
+    assert any(reason in p for p in launcher_problems(recipe, env))  # the launcher check
+    assert main(["plan", str(path), "--nodes", "1", "--gpus-per-node", "8", "--gpu", "H100"]) == 2  # plan
+    offered = {p.recipe.distributed.strategy for p in P.compare(recipe, cluster) if p.counts.kind == "lora"}
+    assert "ddp" not in offered and "fsdp" in offered  # --all-strategies never offers what a spec refuses

@@ -131,8 +131,8 @@ import contextlib, json, sys
 import numpy as np, torch, torch.distributed as dist
 from transformers import AutoModelForCausalLM
 from dist_ft.data.batching import collate
-from dist_ft.evaluation import evaluate
-from dist_ft.trainer import train_step
+from dist_ft.train.evaluation import evaluate
+from dist_ft.train.step import train_step
 sys.path.insert(0, sys.argv[2])
 from test_gpu_readiness_loss import _OneProcess, _examples
 
