@@ -6,6 +6,8 @@
     kill:3:1               rank 1 dies of SIGKILL before step 3 (what the out-of-memory killer does)
     signal:3:1             rank 1 sends itself SIGTERM before step 3 (a preemption that reaches one rank)
     slow:0.3               every rank sleeps 0.3 s before each step (a run long enough to be signalled mid-way)
+    slow-data:25:1         rank 1 takes 25 s longer to prepare its data: before tokenizing, and before its first
+                           streamed rows (a slow tokenizer, a cold cache, a slow first shard)
     overflow:3:1           rank 1's gradients of step 3 come out non-finite (an fp16 overflow: skipped, scale lowered)
     hang-checkpoint:6      every rank stalls inside the checkpoint of step 6 (a hung filesystem: nobody waits on a peer)
     hang-final-save:12:0   rank 0 stalls while writing final/ after the last step (12)
@@ -41,6 +43,14 @@ def inject(point: str, step: int, rank: int = 0) -> None:
     parts = spec.split(":")
     if parts[0] == "slow" == point:
         time.sleep(float(parts[1]))
+        return
+    if parts[0] == "slow-data" == point:
+        if len(parts) < 3 or int(parts[2]) == rank:
+            from .distributed import watchdog
+            end = time.monotonic() + float(parts[1])
+            while time.monotonic() < end:  # slow, but making progress (as a slow tokenizer does)
+                time.sleep(0.5)
+                watchdog.beat()
         return
     holds_gil = parts[0].endswith("-gil")
     if parts[0].removesuffix("-gil") != point or int(parts[1]) != step or (len(parts) > 2 and int(parts[2]) != rank):

@@ -418,3 +418,50 @@ def test_the_progress_watchdog(how, code):
         assert elapsed < 4 + 4 + 2 + 3, elapsed
     else:
         assert "done" in res.stdout and "no progress" not in res.stderr
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["tokenize-before-start", "streaming"])
+def test_a_slow_tokenizer_on_one_rank_does_not_time_out_a_collective(tmp_path, tiny_llama, streaming):
+    """Rank 1 prepares its data 25 s slower than rank 0, with distributed.timeout_seconds 10: before the process
+    group starts (the tokenization every run does), or at its first streamed rows (a stream tokenizes as it reads,
+    after the group started). Rank 0 waits on the launcher's store while rank 1's heartbeat moves, and says so;
+    the run ends normally. Before this wait, rank 0's process-group start (or its first all-reduce) timed out."""
+    out = tmp_path / "run"
+    data = {}
+    if streaming:
+        from test_data_scale import _shards
+
+        folder, _, evals = _shards(tmp_path)
+        data = {"train": str(folder), "eval": str(evals), "format": "text", "streaming": True,
+                "max_train_samples": None, "max_eval_samples": None}
+    r = tiny_recipe(tiny_llama, out, training={"max_steps": 3}, distributed={"timeout_seconds": 10},
+                    **({"data": data} if data else {}))
+    path = write_recipe(tmp_path / "r.yaml", r)
+    t0 = time.perf_counter()
+    res = run_cli("launch", str(path), "--nproc-per-node", "2", env={"DIST_FT_FAULT": "slow-data:25:1"}, timeout=400)
+    elapsed = time.perf_counter() - t0
+    text = res.stdout + res.stderr
+    assert res.returncode == 0, text[-4000:]
+    assert elapsed > 25  # rank 1 really was slow
+    assert "waiting for rank(s) [1]" in text and "they are alive" in text, text[-4000:]
+    assert (out / "final").is_dir()
+    assert [m["step"] for m in read_metrics(out)[0]] == [1, 2, 3]
+
+
+def test_a_peer_that_stops_sending_heartbeats_is_named():
+    """Rank 0 waits for rank 1, whose heartbeat moved once and then stopped (a dead or stopped process): the wait
+    ends after stall_seconds with an error naming rank 1, on a real TCPStore."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from dist_ft.distributed.rendezvous import PatientWait, PeerStalled
+    from dist_ft.distributed.topology import free_port
+
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, True, timeout=datetime.timedelta(seconds=30))
+    store.add("dist_ft/patient/data preparation/beat/1", 1)  # rank 1 began, then went silent
+    waits = PatientWait(store, 0, 2, stall_seconds=2.0, log=lambda m: None, beat_seconds=0.2)
+    t0 = time.perf_counter()
+    with pytest.raises(PeerStalled, match="rank 1 sent no heartbeat"):
+        waits.patient("data preparation", lambda: None)
+    assert 2.0 <= time.perf_counter() - t0 < 10

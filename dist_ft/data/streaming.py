@@ -20,6 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..distributed import watchdog
 from .batching import PackedRow
 from .formats import IGNORE, Example, FormatSpec, FormatStats, tokenize_records
 from .sources import DataError, Row
@@ -143,6 +144,7 @@ class StreamingRows:
 
     def _next_sample(self) -> tuple[Example, int]:
         while True:
+            watchdog.beat()  # each record read is progress, however slow the shard (distributed/watchdog.py)
             ex, pos = next(self._it)
             if ex is not None:
                 return ex, pos

@@ -129,7 +129,9 @@ def cuda_device_index(*, local_rank: int, local_world_size: int, visible_devices
                        "per task (srun --gpus-per-task=1)")
 
 
-def init_distributed(*, timeout_seconds: int, threads_per_process: int | None = None) -> Topology:
+def init_distributed(*, timeout_seconds: int, threads_per_process: int | None = None, store=None) -> Topology:
+    """Start the process group. `store`: the launcher's rendezvous store, opened earlier (rendezvous.open_store)
+    to wait for slow peers before the group exists; None to let torch open it from the environment."""
     rank, world, local, local_world, launcher = read_ranks()
     if torch.cuda.is_available():
         index = cuda_device_index(local_rank=local, local_world_size=local_world,
@@ -154,6 +156,8 @@ def init_distributed(*, timeout_seconds: int, threads_per_process: int | None = 
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
             kwargs = {"device_id": device} if device.type == "cuda" else {}
+            if store is not None:
+                kwargs["store"] = store
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **kwargs)
     topo = Topology(rank, world, local, local_world, device, backend, launcher)
     # Launchers on CPU have traps where N processes silently train alone or all claim rank 0: check what the

@@ -18,7 +18,8 @@ from ..config import Recipe, RecipeError
 from ..data.dataset import forgetting_examples, prepare_data
 from ..distributed import watchdog
 from ..distributed.launchers import launcher_problems
-from ..distributed.topology import init_distributed, shutdown
+from ..distributed.rendezvous import PatientWait, open_store
+from ..distributed.topology import init_distributed, read_ranks, shutdown
 from ..model import LazyTokenizer
 from ..preflight import preflight
 from .trainer import Trainer, TrainResult
@@ -35,14 +36,24 @@ def run_training(recipe: Recipe, *, source: str = "recipe") -> TrainResult:
     model_path = resolve_model_path(recipe.model.path)
     # Loaded when first used: a run whose tokens come from the cache never needs it in memory.
     tok = LazyTokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
-    # 2. Tokenize before the process group exists: no collective can time out while one rank tokenizes.
-    data = prepare_data(recipe, tok, log=(lambda m: None) if quiet else print)
-    forgetting = forgetting_examples(recipe, tok) if recipe.eval.forgetting else []
+    # 2. Tokenize before the process group exists, each rank as long as it takes: peers wait for each other on the
+    # launcher's store, as long as each is alive (rendezvous.py), never in a collective that would time out.
+    rank, world = read_ranks()[:2]
+    timeout = recipe.distributed.timeout_seconds
+    store = open_store(rank, world, timeout)
+    waits = PatientWait(store, rank, world, stall_seconds=timeout, log=(lambda m: None) if quiet else print)
+
+    def prepare():
+        faults.inject("slow-data", 0, rank)
+        data = prepare_data(recipe, tok, log=(lambda m: None) if quiet else print)
+        return data, forgetting_examples(recipe, tok) if recipe.eval.forgetting else []
+
+    data, forgetting = waits.patient("data preparation", prepare)
     # 3. Processes and devices.
-    topo = init_distributed(timeout_seconds=recipe.distributed.timeout_seconds,
-                            threads_per_process=recipe.distributed.threads_per_process)
+    topo = init_distributed(timeout_seconds=timeout, threads_per_process=recipe.distributed.threads_per_process,
+                            store=store)
     try:
-        return Trainer(recipe, topo, tok, data, model_path, forgetting, t_start).train()
+        return Trainer(recipe, topo, tok, data, model_path, forgetting, t_start, waits=waits).train()
     finally:
         # The run is over (a peer may be gone already): tearing down takes seconds, so a stuck teardown ends sooner.
         watchdog.phase("the process group's shutdown", limit=watchdog.TEARDOWN_S, note=sys.exc_info()[1])

@@ -29,6 +29,7 @@ from ..data.batching import BatchLayout, collate
 from ..data.feed import TrainFeed
 from ..distributed import watchdog
 from ..distributed.precision import precision_plan
+from ..distributed.rendezvous import PatientWait
 from ..distributed.spec import make_strategy
 from ..distributed.topology import Topology
 from ..model import ModelBuilder, count_parameters, resolve_attention
@@ -68,8 +69,9 @@ class Trainer:
     """Built on every rank once the process group exists; `train()` runs the loop and saves `final/`."""
 
     def __init__(self, recipe: Recipe, topo: Topology, tok, data, model_path: Path, forgetting: list,
-                 t_start: float):
+                 t_start: float, waits: PatientWait | None = None):
         self.recipe, self.topo, self.tok, self.data, self.t_start = recipe, topo, tok, data, t_start
+        self.waits, self._streamed = waits, False
         self.t = recipe.training
         self.log(f"[dist_ft] {topo.describe()}; world size {topo.world_size}")
         if topo.world_size > 1 and not topo.is_main:
@@ -224,14 +226,7 @@ class Trainer:
         t, s, topo = self.t, self.state, self.topo
         self.memory.start_step()  # GPU peaks per step, not since the model was loaded
         t0 = time.perf_counter()
-        micro, useful = [], 0
-        for m in range(t.gradient_accumulation_steps):
-            # Positions count from the samples consumed so far, so a resume on another number of ranks reads on
-            # exactly where the run stopped.
-            start, count = self.layout.micro_positions(0, m, topo.rank)
-            rows = self.feed.rows(s.samples_seen + start, count)
-            useful += sum(len(r.input_ids) for r in rows)  # real tokens: padded or packed, never the padding
-            micro.append(collate(rows, self.data.pad_token_id))
+        micro, useful = self._micro_batches(step)
         loss, n_targets, result = train_step(self.strategy, micro, t.max_grad_norm, self.class_weights,
                                              overflow=faults.active("overflow", step, topo.rank))
         s.samples_seen += self.layout.global_batch
@@ -255,6 +250,28 @@ class Trainer:
             self.tracker.write(record)
         self.progress.update(step=step, loss=loss, tokens_per_s=global_tokens / dt)
         return stops
+
+    def _micro_batches(self, step: int) -> tuple[list, int]:
+        """This rank's micro-batches of `step`, and how many real tokens they hold."""
+        def fetch():
+            if self.feed.stream is not None and not self._streamed:
+                self._streamed = True
+                faults.inject("slow-data", 0, self.topo.rank)
+            micro, useful = [], 0
+            for m in range(self.t.gradient_accumulation_steps):
+                # Positions count from the samples consumed so far, so a resume on another number of ranks reads
+                # on exactly where the run stopped.
+                start, count = self.layout.micro_positions(0, m, self.topo.rank)
+                rows = self.feed.rows(self.state.samples_seen + start, count)
+                useful += sum(len(r.input_ids) for r in rows)  # real tokens: padded or packed, never the padding
+                micro.append(collate(rows, self.data.pad_token_id))
+            return micro, useful
+
+        if self.feed.stream is None or self.waits is None:
+            return fetch()
+        # A stream tokenizes as it reads: a slow shard on one rank is waited for on the store as long as the rank
+        # is alive, not in the step's first collective, which would time out.
+        return self.waits.patient(f"the rows of step {step}", fetch)
 
     # ------------------------------------------------------------------------------------------------ around it
     def _evaluate_before(self) -> None:
