@@ -12,6 +12,7 @@ We locate installed files through `importlib.metadata`, never by importing those
 from __future__ import annotations
 
 import fcntl
+import time
 import importlib.metadata as md
 import os
 import shutil
@@ -25,10 +26,19 @@ def cache_root() -> Path:
 
 @contextmanager
 def file_lock(path: Path):
-    """An exclusive advisory lock; not a collective, so it has no timeout to trip over while another holds it."""
+    """An exclusive advisory lock; not a collective, so it has no timeout to trip over while another holds it.
+    Waiting for it counts as progress (the holder, another rank of this node, reports its own)."""
+    from .distributed import watchdog
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                watchdog.beat()
+                time.sleep(0.2)
         try:
             yield
         finally:

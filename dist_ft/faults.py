@@ -8,6 +8,7 @@
     slow:0.3               every rank sleeps 0.3 s before each step (a run long enough to be signalled mid-way)
     slow-data:25:1         rank 1 takes 25 s longer to prepare its data: before tokenizing, and before its first
                            streamed rows (a slow tokenizer, a cold cache, a slow first shard)
+    hang-data:0:1          rank 1 stops making progress while it prepares its data (a hung filesystem)
     overflow:3:1           rank 1's gradients of step 3 come out non-finite (an fp16 overflow: skipped, scale lowered)
     hang-checkpoint:6      every rank stalls inside the checkpoint of step 6 (a hung filesystem: nobody waits on a peer)
     hang-final-save:12:0   rank 0 stalls while writing final/ after the last step (12)

@@ -465,3 +465,18 @@ def test_a_peer_that_stops_sending_heartbeats_is_named():
     with pytest.raises(PeerStalled, match="rank 1 sent no heartbeat"):
         waits.patient("data preparation", lambda: None)
     assert 2.0 <= time.perf_counter() - t0 < 10
+
+
+def test_a_rank_stuck_preparing_its_data_is_named_within_the_timeout(tmp_path, tiny_llama):
+    """Rank 1 stops making progress while it prepares its data (alive, but stuck, as on a hung filesystem): its
+    heartbeat stops moving, so rank 0 stops waiting after distributed.timeout_seconds (10), names rank 1, and the
+    job ends instead of waiting forever."""
+    out, path = _recipe(tmp_path, tiny_llama)
+    t0 = time.perf_counter()
+    res = run_cli("launch", str(path), "--nproc-per-node", "2", env={"DIST_FT_FAULT": "hang-data:0:1"}, timeout=300)
+    elapsed = time.perf_counter() - t0
+    text = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "rank 1 sent no heartbeat" in text, text[-3000:]
+    assert elapsed < 10 + 60, elapsed
+    assert not (out / "final").exists()

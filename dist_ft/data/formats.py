@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..distributed import watchdog
 from .sources import DataError
 
 IGNORE = -100
@@ -281,6 +282,7 @@ def tokenize_records(tok, records: list[dict], spec: FormatSpec, source: str) ->
     stats = FormatStats(records=len(records))
     examples: list[Example] = []
     for n, record in enumerate(records):
+        watchdog.beat()  # progress, for peers waiting on this rank (distributed/rendezvous.py)
         where = getattr(record, "origin", None) or f"{source} record {n + 1}"
         if spec.format == "classification":
             text = _as_text(_column(record, spec.columns["text"], where, "classification"), where,

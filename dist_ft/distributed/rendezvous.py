@@ -4,10 +4,12 @@ the peer is alive.
 A collective waits `distributed.timeout_seconds` and then fails the whole job, which is right for a stuck peer but
 wrong for a busy one: one rank tokenizing a large data set (or a node whose cache is cold, or a stream whose first
 shard is slow to read) takes as long as it takes. So work whose length no one can bound runs inside `patient`:
-while it runs, a thread bumps this rank's heartbeat counter in the rendezvous store every few seconds; when it is
-done, the rank marks itself done and waits for the others, polling the store. A peer is waited for as long as its
-heartbeat moves, however long its work takes; a peer whose heartbeat has not moved for `stall_seconds` (dead,
-stopped, or stuck holding the GIL) ends the wait on every rank with an error naming it. Heartbeats are counters
+while it runs, a thread bumps this rank's heartbeat counter in the rendezvous store every few seconds, if the rank
+made progress since the last one (`watchdog.beat`: each record tokenized or streamed, each poll of a lock another
+local rank holds while it tokenizes). When done, the rank marks itself done and waits for the others, polling the
+store. A peer is waited for as long as its heartbeat moves, however long its work takes; a peer whose heartbeat has
+not moved for `stall_seconds` (dead, stopped, stuck in I/O, or stuck holding the GIL) ends the wait on every rank
+with an error naming it. Heartbeats are counters
 compared with this process's own clock, so clocks that differ across nodes do not matter.
 
 The store exists before the process group (`open_store`, the same store `init_process_group` would create from
@@ -73,7 +75,12 @@ class PatientWait:
         return result
 
     def _beat(self, key: str, stop: threading.Event) -> None:
+        last = watchdog.progress_count()
         while not stop.wait(self.beat_seconds):
+            now = watchdog.progress_count()
+            if now == last:
+                continue  # alive but not progressing: let the peers' clocks run
+            last = now
             try:
                 self.store.add(key, 1)
             except Exception:  # noqa: BLE001 - the store is gone: the waiters will name this rank

@@ -200,6 +200,13 @@ class ProgressWatchdog:
 
 
 _ACTIVE: ProgressWatchdog | None = None
+# Every beat and phase this process reported, watched or not: what its heartbeat to waiting peers publishes
+# (rendezvous.py), so a rank that is alive but stuck stops looking alive.
+_PROGRESS = 0
+
+
+def progress_count() -> int:
+    return _PROGRESS
 
 
 def watch(limit: float, *, rank: int, model=None) -> ProgressWatchdog:
@@ -212,11 +219,15 @@ def watch(limit: float, *, rank: int, model=None) -> ProgressWatchdog:
 
 def phase(name: str, *, limit: float | None = None, note: BaseException | None = None) -> None:
     """This rank starts `name` (progress); `note`: the error the run ended with. Nothing when no watchdog runs."""
+    global _PROGRESS
+    _PROGRESS += 1
     if _ACTIVE is not None:
         _ACTIVE.phase(name, limit=limit, note=note)
 
 
 def beat() -> None:
+    global _PROGRESS
+    _PROGRESS += 1
     if _ACTIVE is not None:
         _ACTIVE.beat()
 

@@ -45,6 +45,7 @@ def run_training(recipe: Recipe, *, source: str = "recipe") -> TrainResult:
 
     def prepare():
         faults.inject("slow-data", 0, rank)
+        faults.inject("hang-data", 0, rank)
         data = prepare_data(recipe, tok, log=(lambda m: None) if quiet else print)
         return data, forgetting_examples(recipe, tok) if recipe.eval.forgetting else []
 
