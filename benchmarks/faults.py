@@ -18,6 +18,9 @@ Faults (DIST_FT_FAULT injects them at a chosen step; see dist_ft/faults.py):
     stall-final-save   rank 0 stops while writing final/ after the last step (rank 1 waits for it at a barrier)
     stall-exit     rank 1 stops on its way out, after rank 0 finished and exited 0 (torchrun waits for it)
     stall-exit-gil the same inside C code that holds the GIL (no Python thread runs again in that rank)
+    slow-data      rank 1 prepares its data 25 s slower than rank 0 (timeout 10): the run must finish, rank 0 waiting
+                   on the store while rank 1's heartbeat moves
+    stuck-data     rank 1 stops making progress while preparing its data: the job must end, naming rank 1
 
 "Survived" means: the expected exit status, a message naming the failing rank or the signal (for the stalls: the
 phase the rank stopped in, or faulthandler's stacks), no process left behind, no final model from a failed run, and
@@ -45,10 +48,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 FAULTS = ["exception", "sigkill", "hang", "sigterm-rank", "sigterm-launcher", "kill-during-checkpoint", "partition",
-          "stall-checkpoint", "stall-final-save", "stall-exit", "stall-exit-gil"]
+          "stall-checkpoint", "stall-final-save", "stall-exit", "stall-exit-gil", "slow-data", "stuck-data"]
 INJECT = {"exception": "crash:3:1", "sigkill": "kill:3:1", "hang": "hang:3:1", "sigterm-rank": "signal:3:1",
           "stall-checkpoint": "hang-checkpoint:3", "stall-final-save": "hang-final-save:12:0",
-          "stall-exit": "hang-exit:0:1", "stall-exit-gil": "hang-exit-gil:0:1"}
+          "stall-exit": "hang-exit:0:1", "stall-exit-gil": "hang-exit-gil:0:1", "slow-data": "slow-data:25:1",
+          "stuck-data": "hang-data:0:1"}
 # Where each stall is: the phase its rank's progress watchdog names (None: faulthandler's backstop ends it).
 STALL_PHASE = {"stall-checkpoint": "the checkpoint of step 3", "stall-final-save": "the final save",
                "stall-exit": "the exit", "stall-exit-gil": None}
@@ -194,7 +198,41 @@ def stall_trial(kind: str, model: Path, work: Path) -> dict:
             "NOT named"}
 
 
+def data_trial(kind: str, model: Path, work: Path) -> dict:
+    """A rank slow (or stuck) preparing its data, before the process group starts. Time to exit: from the launch
+    (the fault is at the start), so for slow-data it is the whole run, 25 s of it rank 1's delay."""
+    out = work / "run"
+    shutil.rmtree(out, ignore_errors=True)
+    path = work / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe(model, out, training={"max_steps": 4})))
+    t0 = time.perf_counter()
+    proc = launch(path, {"DIST_FT_FAULT": INJECT[kind]})
+    seen = set()
+    try:
+        while proc.poll() is None:
+            seen |= descendants(proc.pid)
+            time.sleep(0.1)
+        text, _ = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        text, _ = proc.communicate()
+    elapsed = time.perf_counter() - t0
+    time.sleep(0.5)
+    left = sorted(p for p in seen if alive(p))
+    if kind == "slow-data":
+        ok = proc.returncode == 0 and "waiting for rank(s) [1]" in text and (out / "final").is_dir()
+        note = "finished; rank 0 waited for rank 1" if ok else "did NOT finish"
+    else:
+        named = "rank 1 sent no heartbeat" in text
+        ok = proc.returncode != 0 and named and not (out / "final").exists()
+        note = "stuck rank named" if named else "stuck rank NOT named"
+    return {"fault": kind, "ok": ok and not left, "rc": proc.returncode, "seconds_to_exit": round(elapsed, 2),
+            "left_behind": left, "note": note}
+
+
 def trial(kind: str, model: Path, work: Path, rng: random.Random) -> dict:
+    if kind in ("slow-data", "stuck-data"):
+        return data_trial(kind, model, work)
     if kind == "partition":
         return partition_trial(model, work)
     if kind.startswith("stall-"):
