@@ -18,7 +18,8 @@ from .model_folder import model_folder_problems
 
 _NEEDED_COLUMNS = {"text": ("text",), "instruction": ("prompt", "response"), "chat": ("messages",),
                    "alpaca": ("instruction", "output"), "sharegpt": ("conversations",),  # alpaca's input is optional
-                   "classification": ("text", "label")}
+                   "classification": ("text", "label"), "preference": ("prompt", "chosen", "rejected"),
+                   "unpaired_preference": ("prompt", "completion", "label")}
 
 
 def _peek_records(path: Path, n: int = 5) -> list[dict]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 
 from ..distributed.spec import spec_problems
-from .schema import PROMPT_FORMATS, PartialConfig, Recipe, data_sources, source_format
+from .schema import PREFERENCE_FORMATS, PROMPT_FORMATS, PartialConfig, Recipe, data_sources, source_format
 
 
 def _cross_checks(r: Recipe) -> list[str]:
@@ -28,6 +28,7 @@ def _cross_checks(r: Recipe) -> list[str]:
     if r.data.eval is None and r.data.eval_fraction == 0 and r.training.eval_every:
         p.append("training.eval_every: no evaluation data; set data.eval or data.eval_fraction > 0")
     p += _method_checks(r)
+    p += _objective_checks(r)
     p += _eval_checks(r)
     p += _data_checks(r)
     if r.method.kind in ("lora", "qlora") and isinstance(r.method.lora.target_modules, list) \
@@ -151,4 +152,47 @@ def _method_checks(r: Recipe) -> list[str]:
             p.append("method.partial: set unfreeze_every_steps or unfreeze_every_epochs, not both")
     elif pc != PartialConfig():
         p.append(f"method.partial: only used with method.kind: partial (kind is {m.kind}); remove it")
+    return p
+
+
+PAIRED_OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")
+REFERENCE_OBJECTIVES = ("dpo", "ipo", "kto")
+ADAPTER_OFF_METHODS = ("lora", "qlora", "ia3")  # peft switches these off in place: the base model is the reference
+
+
+def _objective_checks(r: Recipe) -> list[str]:
+    """What a preference objective needs of the data, the method and the rest of the recipe."""
+    o, d, p = r.objective, r.data, []
+    if o.kind == "sft":
+        if d.format in PREFERENCE_FORMATS:
+            p.append(f"objective.kind: data.format {d.format} holds answers to prefer, for a preference objective; "
+                     "set objective.kind: " + ("kto" if d.format == "unpaired_preference" else "dpo (or ipo, simpo, "
+                                               "orpo)"))
+        return p
+    if r.model.task != "causal_lm":
+        p.append(f"objective.kind: {o.kind} trains a causal LM; set model.task: causal_lm")
+    if o.kind == "kto":
+        p.append("objective.kind: kto (data.format: unpaired_preference) is not available in dist_ft yet; use dpo, "
+                 "ipo, simpo or orpo on preference pairs (data.format: preference)")
+    elif d.format != "preference":
+        p.append(f"data.format: objective.kind {o.kind} trains on preference pairs; set data.format: preference "
+                 "(records with prompt, chosen and rejected)")
+    if d.packing:
+        p.append("data.packing: preference pairs are not packed (a pair must never see another); set it to false")
+    if d.streaming:
+        p.append(f"data.streaming: objective.kind {o.kind} reads its pairs in memory; set data.streaming: false")
+    if o.label_smoothing and o.kind != "dpo":
+        p.append(f"objective.label_smoothing: only used with objective.kind dpo (kind is {o.kind}); remove it")
+    if o.kind in REFERENCE_OBJECTIVES:
+        if o.reference in ("precomputed", "copy"):
+            p.append(f"objective.reference: {o.reference} is not available in dist_ft yet; use an adapter method "
+                     f"({', '.join(ADAPTER_OFF_METHODS)}) with reference: auto (the model with its adapters off), or "
+                     "a reference-free objective: simpo, orpo")
+        elif r.method.kind not in ADAPTER_OFF_METHODS:
+            p.append(f"objective.kind: {o.kind} compares the policy with a reference; with method.kind "
+                     f"{r.method.kind} that would be a precomputed or copied reference, which dist_ft does not "
+                     f"provide yet; use method.kind: lora (the reference is the model with its adapters off), or a "
+                     "reference-free objective: simpo, orpo")
+    elif o.reference != "auto":
+        p.append(f"objective.reference: {o.kind} needs no reference policy; remove it")
     return p

@@ -23,7 +23,9 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = Non
 
 
 Task = Literal["causal_lm", "sequence_classification"]
-DataFormat = Literal["text", "instruction", "alpaca", "chat", "sharegpt", "classification"]
+DataFormat = Literal["text", "instruction", "alpaca", "chat", "sharegpt", "classification", "preference",
+                     "unpaired_preference"]
+PREFERENCE_FORMATS = ("preference", "unpaired_preference")  # pairs (or labelled answers) of a preference objective
 PROMPT_FORMATS = ("instruction", "alpaca", "chat", "sharegpt")  # formats whose samples have a prompt and an answer
 MethodKind = Literal["full", "lora", "qlora", "partial", "prompt_tuning", "prefix_tuning", "ia3"]
 # The backends: one spec each (distributed/spec.py); the recipe check reads their refusals there.
@@ -55,7 +57,12 @@ class DataColumns:
     input: str = _f("input", "Column holding the instruction's input, may be absent or empty (format: alpaca).")
     output: str = _f("output", "Column holding the answer (format: alpaca).")
     conversations: str = _f("conversations", "Column holding the list of {from, value} turns (format: sharegpt).")
-    label: str = _f("label", "Column holding the class, a name or an integer (format: classification).")
+    label: str = _f("label", "Column holding the class, a name or an integer (format: classification); whether the "
+                    "completion is desirable, true/false (format: unpaired_preference).")
+    chosen: str = _f("chosen", "Column holding the preferred answer, a string or assistant message(s) (format: "
+                     "preference; its prompt is in `prompt`: a string or the conversation so far).")
+    rejected: str = _f("rejected", "Column holding the answer not preferred (format: preference).")
+    completion: str = _f("completion", "Column holding the answer (format: unpaired_preference).")
 
 
 @dataclass
@@ -290,6 +297,26 @@ class LoggingConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    kind: Literal["sft", "dpo", "ipo", "simpo", "orpo", "kto"] = _f(
+        "sft", "What is optimised: sft, next-token loss on the answers; dpo, ipo, simpo, orpo on preference pairs "
+        "(data.format: preference); kto on answers labelled desirable or not (data.format: unpaired_preference).")
+    beta: Optional[float] = _f(None, "Strength of the preference term (None: the paper's default: dpo, ipo, orpo, "
+                               "kto 0.1; simpo 2.0).", gt=0.0)
+    label_smoothing: float = _f(0.0, "dpo: the assumed share of pairs whose labels are flipped (conservative DPO).",
+                                ge=0.0, lt=0.5)
+    simpo_gamma: float = _f(1.0, "simpo: the target margin between the length-normalised rewards.", ge=0.0)
+    reference: Literal["auto", "adapter_off", "precomputed", "copy"] = _f(
+        "auto", "dpo, ipo, kto: the reference policy. adapter_off: the model with its adapters switched off (no "
+        "second copy; adapter methods); auto picks it. simpo and orpo need none.")
+    kto_desirable_weight: float = _f(1.0, "kto: weight of desirable answers' losses.", gt=0.0)
+    kto_undesirable_weight: float = _f(1.0, "kto: weight of undesirable answers' losses.", gt=0.0)
+
+    def resolved_beta(self) -> float:
+        return self.beta if self.beta is not None else (2.0 if self.kind == "simpo" else 0.1)
+
+
+@dataclass
 class Recipe:
     output_dir: str = _f("runs/default", "Run directory: config.yaml, metrics.jsonl, final/.")
     seed: int = _f(0, "Seed for weights that start random, data order and dropout.", ge=0)
@@ -297,6 +324,7 @@ class Recipe:
     model: ModelConfig = _f(factory=ModelConfig, help="What is fine-tuned.")
     data: DataConfig = _f(factory=DataConfig, help="What it learns from.")
     method: MethodConfig = _f(factory=MethodConfig, help="Which weights are trained.")
+    objective: ObjectiveConfig = _f(factory=ObjectiveConfig, help="What is optimised: SFT or a preference loss.")
     training: TrainingConfig = _f(factory=TrainingConfig, help="The optimisation.")
     distributed: DistributedConfig = _f(factory=DistributedConfig, help="Sharding and precision.")
     eval: EvalConfig = _f(factory=EvalConfig, help="Held-out metrics, generation, forgetting.")

@@ -239,6 +239,8 @@ def collate(items: list, pad_id: int) -> dict[str, torch.Tensor]:
             mask[i, : len(e.input_ids)] = 1
         labels = torch.tensor([int(e.labels[0]) for e in items], dtype=torch.long)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if isinstance(items[0], Example) and items[0].split:
+        items = unpair(items)
     T = max(len(e.input_ids) for e in items)
     ids = torch.full((len(items), T), pad_id, dtype=torch.long)
     labels = torch.full((len(items), T), IGNORE, dtype=torch.long)
@@ -256,6 +258,14 @@ def collate(items: list, pad_id: int) -> dict[str, torch.Tensor]:
     if packed:
         return {"input_ids": ids, "labels": labels, "position_ids": extra}
     return {"input_ids": ids, "labels": labels, "attention_mask": extra}
+
+
+def unpair(pairs: list) -> list[Example]:
+    """Preference pairs as rows: every chosen sequence, then every rejected one (row i and row i + len(pairs) are
+    a pair), so that both go through one forward."""
+    chosen = [Example(e.input_ids[:e.split], e.labels[:e.split]) for e in pairs]
+    rejected = [Example(e.input_ids[e.split:], e.labels[e.split:]) for e in pairs]
+    return chosen + rejected
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:

@@ -26,7 +26,7 @@ from .quality import QualityReport, balance, clean, dedup, ignored_fields, ignor
 from .sources import DataError, resolve_source
 from .table import ExampleTable
 
-CACHE_VERSION = "5"  # 5: a conversation opening with an assistant turn no longer trains on its header
+CACHE_VERSION = "6"  # 6: a split column (preference pairs); 5: a conversation opening with an assistant turn no longer trains on its header
 
 
 @dataclass
@@ -99,12 +99,15 @@ def _used_columns(fmt: str, columns) -> list[str]:
     return {"text": [columns.text], "instruction": [columns.prompt, columns.response],
             "alpaca": [columns.instruction, columns.input, columns.output],
             "chat": [columns.messages], "sharegpt": [columns.conversations],
-            "classification": [columns.text]}[fmt]
+            "classification": [columns.text],
+            "preference": [columns.prompt, columns.chosen, columns.rejected],
+            "unpaired_preference": [columns.prompt, columns.completion]}[fmt]
 
 
 def _read_columns(fmt: str, columns) -> list[str]:
     """Every column the format reads; the others are reported as ignored."""
-    return _used_columns(fmt, columns) + ([columns.label] if fmt == "classification" else [])
+    labelled = fmt in ("classification", "unpaired_preference")
+    return _used_columns(fmt, columns) + ([columns.label] if labelled else [])
 
 
 @dataclass

@@ -31,6 +31,9 @@ class Example:
     input_ids: np.ndarray  # int32 [T]
     labels: np.ndarray  # int32 [T], IGNORE where no loss; for classification a single class index
     is_classification: bool = False
+    # A preference pair: input_ids and labels hold the chosen sequence, then the rejected one; `split` is the
+    # chosen sequence's length (0: not a pair).
+    split: int = 0
 
 
 @dataclass
@@ -241,6 +244,73 @@ def tokenize_record(tok, record: dict, spec: FormatSpec, where: str) -> tuple[li
     raise AssertionError(f"unhandled format {fmt}")
 
 
+def _answer_turns(value: object, where: str, column: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    turns = _messages(value, where, column)
+    if not turns or any(t["role"] != "assistant" for t in turns):
+        raise DataError(f"{where}: column {column!r} must be a string or a list of assistant turns")
+    return turns
+
+
+def _preference_side(tok, prompt: object, answer: object, spec: FormatSpec, where: str, column: str):
+    """(ids, labels) of the prompt followed by one answer, the answer alone carrying the loss; None if it is empty."""
+    c = spec.columns
+    if isinstance(prompt, list):  # the conversation so far, then the answer's assistant turn(s)
+        msgs = _messages(prompt, where, c["prompt"])
+        answer_turns = _answer_turns(answer, where, column)
+        if not any(t["content"].strip() for t in answer_turns):
+            return None
+        if not getattr(tok, "chat_template", None):
+            raise DataError(f"{where}: a conversation prompt needs a tokenizer with a chat template; this one has none")
+        if spec.system_prompt is not None and (not msgs or msgs[0]["role"] != "system"):
+            msgs = [{"role": "system", "content": spec.system_prompt}] + msgs
+        ids, spans = _chat_prefix_ids(tok, msgs + answer_turns, where)
+        labels = [IGNORE] * len(ids)
+        for start, end in spans[len(spans) - len(answer_turns):]:  # earlier assistant turns are context only
+            labels[start:end] = ids[start:end]
+        return ids, labels
+    text = _as_text(answer, where, column)
+    return _instruction_sample(tok, _as_text(prompt, where, c["prompt"]), text, spec, where)
+
+
+def preference_pair(tok, record: dict, spec: FormatSpec, where: str):
+    """A preference record to ((chosen ids, labels), (rejected ids, labels)); None when an answer is empty."""
+    c = spec.columns
+    prompt = _column(record, c["prompt"], where, spec.format)
+    sides = [_preference_side(tok, prompt, _column(record, c[k], where, spec.format), spec, where, c[k])
+             for k in ("chosen", "rejected")]
+    return None if any(s is None for s in sides) else tuple(sides)
+
+
+def _fit(ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int], bool]:
+    """Truncated to max_length; whether it was."""
+    return ids[:max_length], labels[:max_length], len(ids) > max_length
+
+
+def _has_target(labels) -> bool:
+    # A causal LM predicts token t+1 from t: the first label is never a target, so at least one later one must be.
+    return any(lab != IGNORE for lab in labels[1:])
+
+
+def _pair_example(tok, record: dict, spec: FormatSpec, where: str, stats: FormatStats) -> Example | None:
+    """One preference pair as an Example (chosen then rejected, `split` between); None when dropped (counted)."""
+    pair = preference_pair(tok, record, spec, where)
+    if pair is None:
+        stats.dropped_empty += 1
+        return None
+    (ci, cl), (ri, rl) = pair
+    if spec.too_long == "drop" and max(len(ci), len(ri)) > spec.max_length:
+        stats.dropped_too_long += 1
+        return None
+    (ci, cl, cut_c), (ri, rl, cut_r) = _fit(ci, cl, spec.max_length), _fit(ri, rl, spec.max_length)
+    if not (_has_target(cl) and _has_target(rl)):
+        stats.dropped_no_target += 1
+        return None
+    stats.truncated += cut_c or cut_r
+    return Example(np.asarray(ci + ri, np.int32), np.asarray(cl + rl, np.int32), split=len(ci))
+
+
 def int_label(value: object) -> int | None:
     """An integer label written as an integer or as decimal digits ("3", " -1"); None otherwise."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
@@ -299,6 +369,11 @@ def tokenize_records(tok, records: list[dict], spec: FormatSpec, source: str) ->
                 stats.truncated += 1
                 ids = ids[: spec.max_length]
             examples.append(Example(np.asarray(ids, np.int32), np.asarray([label], np.int32), True))
+            continue
+        if spec.format == "preference":
+            ex = _pair_example(tok, record, spec, where, stats)
+            if ex is not None:
+                examples.append(ex)
             continue
         out = tokenize_record(tok, record, spec, where)
         if out is None:

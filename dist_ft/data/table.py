@@ -18,13 +18,14 @@ import numpy as np
 
 from .formats import Example
 
-COLUMNS = ("ids", "labels", "starts", "label_starts", "cls")
+COLUMNS = ("ids", "labels", "starts", "label_starts", "cls", "split")
 
 
 class ExampleTable(Sequence):
     def __init__(self, ids: np.ndarray, labels: np.ndarray, starts: np.ndarray, label_starts: np.ndarray,
-                 cls: np.ndarray, rows: np.ndarray | None = None):
+                 cls: np.ndarray, split: np.ndarray, rows: np.ndarray | None = None):
         self.ids, self.labels, self.starts, self.label_starts, self.cls = ids, labels, starts, label_starts, cls
+        self.split = split  # a preference pair's chosen length (Example.split), 0 for everything else
         self.rows = rows  # a selection (subset, reorder) of the stored examples; None: all, in order
 
     @classmethod
@@ -37,7 +38,8 @@ class ExampleTable(Sequence):
 
         ids, labels = [e.input_ids for e in examples], [e.labels for e in examples]
         return cls(flat(ids), flat(labels), starts(ids), starts(labels),
-                   np.asarray([e.is_classification for e in examples], np.bool_))
+                   np.asarray([e.is_classification for e in examples], np.bool_),
+                   np.asarray([e.split for e in examples], np.int32))
 
     @classmethod
     def load(cls, folder: Path, stem: str, *, in_memory: bool = False) -> ExampleTable:
@@ -51,7 +53,7 @@ class ExampleTable(Sequence):
         table = cls(*[column(c) for c in COLUMNS])
         n = len(table.cls)
         if len(table.starts) != n + 1 or len(table.label_starts) != n + 1 or table.starts[-1] != len(table.ids) \
-                or table.label_starts[-1] != len(table.labels):
+                or table.label_starts[-1] != len(table.labels) or len(table.split) != n:
             raise ValueError(f"{folder}: the {stem} columns disagree on their lengths; delete the folder "
                              "(the data is tokenized again on the next run)")
         return table
@@ -80,12 +82,12 @@ class ExampleTable(Sequence):
         k = i if self.rows is None else int(self.rows[i])
         a, b = int(self.starts[k]), int(self.starts[k + 1])
         c, d = int(self.label_starts[k]), int(self.label_starts[k + 1])
-        return Example(self.ids[a:b], self.labels[c:d], bool(self.cls[k]))
+        return Example(self.ids[a:b], self.labels[c:d], bool(self.cls[k]), int(self.split[k]))
 
     def select(self, indices) -> ExampleTable:
         """The examples at `indices` (of this table), sharing its columns."""
         indices = np.asarray(indices, np.int64)
-        return ExampleTable(self.ids, self.labels, self.starts, self.label_starts, self.cls,
+        return ExampleTable(self.ids, self.labels, self.starts, self.label_starts, self.cls, self.split,
                             indices if self.rows is None else self.rows[indices])
 
     def lengths(self) -> np.ndarray:

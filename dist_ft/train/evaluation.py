@@ -141,8 +141,10 @@ class RunEvaluator:
     metrics, answers generated and scored, and the loss on eval.forgetting's general text against `baseline`
     (the evaluation before training)."""
 
-    def __init__(self, recipe, strategy, data, tok, forgetting: list[Example]):
+    def __init__(self, recipe, strategy, data, tok, forgetting: list[Example], objective=None):
         self.recipe, self.strategy, self.data, self.tok, self.forgetting = recipe, strategy, data, tok, forgetting
+        # A preference objective evaluates its own loss and rewards on held-out pairs (objective.py).
+        self.pairs = objective if hasattr(objective, "evaluate") else None
         wanted = recipe.eval.metrics
         self.detail = "f1" in wanted or "confusion" in wanted
         self.generated = [m for m in wanted if m in ("exact_match", "rouge", "bleu")]
@@ -151,7 +153,15 @@ class RunEvaluator:
         r, data = self.recipe, self.data
         res: dict = {}
         samples: list[dict] = []
-        if data.eval:
+        if data.eval and self.pairs is not None:
+            res = self.pairs.evaluate(self.strategy, data.eval, micro_batch=r.training.micro_batch_size,
+                                      pad_id=data.pad_token_id)
+            for name, part in data.eval_by_source().items():
+                if part:
+                    res[f"eval_loss/{name}"] = self.pairs.evaluate(
+                        self.strategy, part, micro_batch=r.training.micro_batch_size, pad_id=data.pad_token_id
+                    )["eval_loss"]
+        elif data.eval:
             classification = r.data.format == "classification"
             res = evaluate(self.strategy, data.eval, micro_batch=r.training.micro_batch_size,
                            pad_id=data.pad_token_id, num_labels=data.num_labels if classification else None,

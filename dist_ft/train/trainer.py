@@ -42,7 +42,8 @@ from .hooks import (EarlyStop, Evaluation, KeepBest, NonFiniteGuard, StopSignals
                     inject_step_faults)
 from .optim import make_optimizer
 from .schedule import make_scheduler
-from .step import all_reduce_sum, step_record, train_step
+from .objective import make_objective
+from .step import all_reduce_sum, step_record
 
 
 @dataclass
@@ -82,7 +83,9 @@ class Trainer:
         self._build_model(model_path)
         self._build_data()
         self._build_telemetry()
-        self.evaluate = Evaluation(RunEvaluator(recipe, self.strategy, data, tok, forgetting), self.tracker,
+        self.objective = make_objective(recipe)
+        evaluator = RunEvaluator(recipe, self.strategy, data, tok, forgetting, objective=self.objective)
+        self.evaluate = Evaluation(evaluator, self.tracker,
                                    out=self.out, topo=topo, state=self.state, log=self.log)
         self.keep_best = KeepBest(recipe.checkpoint, self.checkpoints, self.state)
         self.early_stop = EarlyStop(self.t.early_stopping_patience, self.state)
@@ -227,8 +230,9 @@ class Trainer:
         self.memory.start_step()  # GPU peaks per step, not since the model was loaded
         t0 = time.perf_counter()
         micro, useful = self._micro_batches(step)
-        loss, n_targets, result = train_step(self.strategy, micro, t.max_grad_norm, self.class_weights,
-                                             overflow=faults.active("overflow", step, topo.rank))
+        loss, n_targets, result, extra = self.objective.step(self.strategy, micro, t.max_grad_norm,
+                                                             self.class_weights,
+                                                             overflow=faults.active("overflow", step, topo.rank))
         s.samples_seen += self.layout.global_batch
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
@@ -243,6 +247,7 @@ class Trainer:
                                  tokens=global_tokens, useful=global_useful, dt=dt, world_size=topo.world_size,
                                  global_batch=self.layout.global_batch, skipped_steps=s.skipped_steps,
                                  memory=self.memory.step())
+            record.update(extra)  # a preference objective's rewards, margin and reward accuracy
             if self.peak:
                 seq = tokens / max(1, sum(int(mb["input_ids"].shape[0]) for mb in micro))
                 record["mfu"] = mfu(flops_per_token(self.model_cfg, seq), global_tokens / dt, self.peak,

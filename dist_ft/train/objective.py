@@ -1,0 +1,132 @@
+"""What a step optimises: next-token loss on the answers (SFT), or a preference objective on pairs.
+
+`make_objective` picks one from `objective.kind`; the Trainer calls its `step` and the evaluation its `evaluate`.
+A preference step runs each micro-batch's chosen and rejected sequences through one forward (rows i and i + P of
+the batch are a pair: batching.unpair), the head only at answer positions, and the reference (dpo, ipo) through
+the same model with its adapters switched off, without gradients. The loss is the mean over the pairs of the whole
+global batch (all micro-steps, all ranks), so it does not depend on how the batch is split.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from ..data.batching import collate
+from . import preference as P
+from .step import all_reduce_sum, train_step
+
+METRICS = ("chosen_reward", "rejected_reward", "margin", "reward_accuracy")
+
+
+class SFT:
+    """Next-token cross-entropy on the target tokens (step.py)."""
+    kind = "sft"
+
+    def step(self, strategy, micro_batches, max_grad_norm, class_weights=None, *, overflow: bool = False):
+        loss, n_targets, result = train_step(strategy, micro_batches, max_grad_norm, class_weights,
+                                             overflow=overflow)
+        return loss, n_targets, result, {}
+
+
+class Preference:
+    """dpo, ipo, simpo or orpo on preference pairs (preference.py holds the formulas)."""
+
+    def __init__(self, cfg):
+        self.kind, self.beta = cfg.kind, cfg.resolved_beta()
+        self.label_smoothing, self.gamma = cfg.label_smoothing, cfg.simpo_gamma
+        self.needs_reference = cfg.kind not in P.REFERENCE_FREE
+
+    # ------------------------------------------------------------------------------------------------ one batch
+    def reference_logps(self, strategy, batch) -> torch.Tensor | None:
+        """The reference policy's answer log-probs: the same model with its adapters switched off, no gradients."""
+        if not self.needs_reference:
+            return None
+        with torch.no_grad(), strategy.unwrap().disable_adapter(), strategy.forward_context():
+            logps, _ = P.sequence_logps(strategy.model, batch)
+        return logps.detach()
+
+    def losses(self, strategy, batch, ref: torch.Tensor | None) -> tuple[P.PairLosses, torch.Tensor]:
+        """The pairs' losses and rewards, and the policy's answer log-probs ([2P]: chosen rows, then rejected)."""
+        logps, counts = P.sequence_logps(strategy.model, batch)
+        n = counts.to(logps.dtype)
+        k = logps.size(0) // 2
+        pc, pr, nc, nr = logps[:k], logps[k:], n[:k], n[k:]
+        if self.kind == "dpo":
+            out = P.dpo(pc, pr, ref[:k], ref[k:], beta=self.beta, label_smoothing=self.label_smoothing)
+        elif self.kind == "ipo":
+            out = P.ipo(pc, pr, ref[:k], ref[k:], nc, nr, beta=self.beta)
+        elif self.kind == "simpo":
+            out = P.simpo(pc, pr, nc, nr, beta=self.beta, gamma=self.gamma)
+        else:
+            out = P.orpo(pc, pr, nc, nr, beta=self.beta)
+        return out, logps
+
+    @staticmethod
+    def _sums(out: P.PairLosses) -> list[float]:
+        """loss, chosen reward, rejected reward, margin, correctly ranked pairs: summed over the batch's pairs."""
+        margin = out.chosen_rewards - out.rejected_rewards
+        return [float(out.losses.detach().sum()), float(out.chosen_rewards.sum()), float(out.rejected_rewards.sum()),
+                float(margin.sum()), float((margin > 0).sum())]
+
+    # ------------------------------------------------------------------------------------------------ training
+    def step(self, strategy, micro_batches, max_grad_norm, class_weights=None, *, overflow: bool = False):
+        topo = strategy.topo
+        local_pairs = sum(mb["input_ids"].size(0) // 2 for mb in micro_batches)
+        (global_pairs,) = all_reduce_sum([local_pairs], topo.device)
+        # Backends average gradients over ranks: each rank's sum is scaled by world_size / global pairs.
+        scale = topo.world_size / max(global_pairs, 1.0) * (math.inf if overflow else 1.0)
+        sums = [0.0] * 5
+        for i, mb in enumerate(micro_batches):
+            mb = {k: v.to(topo.device, non_blocking=True) for k, v in mb.items()}
+            ref = self.reference_logps(strategy, mb)
+            with strategy.sync_context(sync=i == len(micro_batches) - 1):
+                with strategy.forward_context():
+                    out, _ = self.losses(strategy, mb, ref)
+                strategy.backward(out.losses.sum() * scale)
+            sums = [a + b for a, b in zip(sums, self._sums(out))]
+        result = strategy.step(max_grad_norm)
+        totals = all_reduce_sum(sums, topo.device)
+        n = max(global_pairs, 1.0)
+        return totals[0] / n, int(global_pairs), result, dict(zip(METRICS, (t / n for t in totals[1:])))
+
+    # ------------------------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, strategy, pairs: list, *, micro_batch: int, pad_id: int) -> dict:
+        """Held-out pairs, sharded over ranks as evaluation.evaluate does (every rank the same number of forwards):
+        the objective's loss, the rewards, and the policy's own preference accuracy (log-prob of chosen above
+        rejected)."""
+        topo = strategy.topo
+        mine = pairs[topo.rank::topo.world_size]
+        n_batches = math.ceil(math.ceil(len(pairs) / topo.world_size) / micro_batch) if pairs else 0
+        totals = torch.zeros(7, dtype=torch.float64)  # the 5 sums, policy-preferred pairs, pairs
+        was_training = strategy.model.training
+        strategy.train(False)
+        for b in range(n_batches):
+            chunk = mine[b * micro_batch:(b + 1) * micro_batch]
+            real = len(chunk)
+            batch = {k: v.to(topo.device) for k, v in collate(chunk or [pairs[0]], pad_id).items()}
+            ref = self.reference_logps(strategy, batch)
+            with strategy.forward_context():
+                out, logps = self.losses(strategy, batch, ref)
+            if real:  # (a rank that ran out ran a dummy batch to keep sharded collectives in step)
+                k = logps.size(0) // 2
+                totals[:5] += torch.tensor(self._sums(out), dtype=torch.float64)
+                totals[5] += float((logps[:k] > logps[k:]).sum())
+                totals[6] += real
+        strategy.train(was_training)
+        if dist.is_initialized() and topo.world_size > 1:
+            totals = totals.to(topo.device)
+            dist.all_reduce(totals)
+            totals = totals.cpu()
+        n = max(float(totals[6]), 1.0)
+        out = {"eval_loss": float(totals[0]) / n}
+        out.update({f"eval_{m}": float(t) / n for m, t in zip(METRICS, totals[1:5])})
+        out["eval_preference_accuracy"] = float(totals[5]) / n
+        return out
+
+
+def make_objective(recipe):
+    return SFT() if recipe.objective.kind == "sft" else Preference(recipe.objective)
