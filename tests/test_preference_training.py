@@ -147,3 +147,39 @@ def test_a_preference_run_resumes_exactly(tmp_path, tiny_llama):
     for s in range(1, 7):
         assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-6, abs=1e-9), (s, a[s], b[s])
         assert b[s]["chosen_reward"] == pytest.approx(a[s]["chosen_reward"], rel=1e-5, abs=1e-9)
+
+
+def test_plan_counts_two_sequences_per_pair_and_the_reference_forward():
+    """`dist-ft plan` of a preference recipe: a micro-batch of pairs holds twice the activations of the same SFT
+    micro-batch; DPO's reference adds one forward's FLOPs per token, ORPO (no reference) does not."""
+    from dist_ft import plan as P
+
+    cluster = P.make_cluster(nodes=1, gpus_per_node=8, gpu="H100")
+
+    def plan(kind, fmt, micro):
+        r = recipe_from_dict({"model": {"path": "builtin:llama-3-8b"}, "method": {"kind": "lora"},
+                              "objective": {"kind": kind}, "data": {"format": fmt, "max_length": 512},
+                              "training": {"micro_batch_size": micro},
+                              "distributed": {"strategy": "fsdp", "precision": "bf16-mixed"}})
+        return P.make_plan(r, cluster, find_max=False)
+
+    sft, sft2 = plan("sft", "instruction", 2), plan("sft", "instruction", 4)
+    dpo, orpo = plan("dpo", "preference", 2), plan("orpo", "preference", 2)
+    fwd_bwd = lambda p: sum(r.device for r in p.rows if r.phase == "fwd_bwd")  # noqa: E731
+    assert fwd_bwd(dpo) == pytest.approx(fwd_bwd(sft2)) == pytest.approx(fwd_bwd(orpo))  # 2 pairs = 4 rows
+    assert fwd_bwd(dpo) > 1.5 * fwd_bwd(sft)
+    fwd = dpo.speed["forward_flops_per_token"]
+    assert dpo.speed["train_flops_per_token"] == pytest.approx(orpo.speed["train_flops_per_token"] + fwd)
+    assert orpo.speed["train_flops_per_token"] == pytest.approx(sft.speed["train_flops_per_token"])
+    assert dpo.speed["tokens_per_rank_per_step"] == 2 * sft.speed["tokens_per_rank_per_step"]
+    assert any("reference policy" in n for n in dpo.notes) and any("no reference" in n for n in orpo.notes)
+
+
+def test_the_data_report_shows_pair_lengths(tmp_path, tiny_llama):
+    out, path = _recipe(tmp_path, tiny_llama, "data", "ddp", "lora", {"kind": "dpo"})
+    res = run_cli("data", str(path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.loads((out / "data-report" / "report.json").read_text())
+    pairs = rep["pairs"]
+    assert pairs["pairs"] == rep["sources"][0]["kept"] and pairs["chosen"]["max"] <= 48
+    assert "packing" not in rep and "Preference pairs:" in (out / "data-report" / "report.md").read_text()

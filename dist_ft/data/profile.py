@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Recipe, data_sources
-from .batching import pack
+from .batching import pack, unpair
 from .dataset import _collect, _read_columns, _spec, _used_columns
 from .formats import IGNORE, Example, tokenize_records
 from .quality import QualityReport, exact_duplicates, ignored_fields, ignored_fix, near_duplicates, record_text
@@ -99,12 +99,15 @@ def data_report(recipe: Recipe, tok, out_dir: Path, log=print) -> dict:
             counts = Counter(int(e.labels[0]) for e in examples if e.is_classification)
             rep["labels"] = {label_names[k] if k < len(label_names) else str(k): v
                              for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
+    if examples and examples[0].split:  # preference pairs: each side's length, and packing does not apply
+        rep["pairs"] = _pair_lengths(examples, d.max_length)
+        examples = [side for e in examples for side in unpair([e])]
     lengths = np.asarray([len(e.input_ids) for e in examples])
     if len(lengths):
         rep["tokens"] = {"samples": int(len(lengths)), "mean": float(lengths.mean()),
                          "p50": int(np.percentile(lengths, 50)), "p95": int(np.percentile(lengths, 95)),
                          "max": int(lengths.max()), "at_max_length": int((lengths >= d.max_length).sum())}
-        if not examples[0].is_classification:
+        if not examples[0].is_classification and "pairs" not in rep:
             rows = pack(examples, d.max_length, d.packing_strategy)
             rep["packing"] = {"rows": len(rows), "samples_per_row": round(len(examples) / max(1, len(rows)), 2),
                               "fill": round(float(lengths.sum()) / (len(rows) * d.max_length), 3),
@@ -120,6 +123,16 @@ def data_report(recipe: Recipe, tok, out_dir: Path, log=print) -> dict:
     (out_dir / "report.json").write_text(json.dumps(rep, indent=1))
     (out_dir / "report.md").write_text(_markdown(rep))
     return rep
+
+
+def _pair_lengths(pairs: list[Example], max_length: int) -> dict:
+    """Tokens of chosen and rejected sequences, and how many pairs reach max_length on either side (truncated)."""
+    out: dict = {"pairs": len(pairs)}
+    for side, lens in (("chosen", np.asarray([e.split for e in pairs])),
+                       ("rejected", np.asarray([len(e.input_ids) - e.split for e in pairs]))):
+        out[side] = {"mean": float(lens.mean()), "p95": int(np.percentile(lens, 95)), "max": int(lens.max())}
+    out["at_max_length"] = int(sum(max(e.split, len(e.input_ids) - e.split) >= max_length for e in pairs))
+    return out
 
 
 def _histogram(lengths: np.ndarray, max_length: int, path: Path, log) -> None:
@@ -152,6 +165,12 @@ def _markdown(rep: dict) -> str:
         t = rep["tokens"]
         lines += ["", f"Tokens per sample: mean {t['mean']:.1f}, median {t['p50']}, p95 {t['p95']}, max {t['max']}; "
                       f"{t['at_max_length']} at max_length {rep['max_length']}. ![lengths](lengths.png)"]
+    if "pairs" in rep:
+        p = rep["pairs"]
+        lines.append(f"Preference pairs: {p['pairs']}; chosen sequences {p['chosen']['mean']:.1f} tokens on average "
+                     f"(p95 {p['chosen']['p95']}, max {p['chosen']['max']}), rejected {p['rejected']['mean']:.1f} "
+                     f"(p95 {p['rejected']['p95']}, max {p['rejected']['max']}); {p['at_max_length']} pair(s) reach "
+                     f"max_length on a side (truncated there).")
     if "packing" in rep:
         p = rep["packing"]
         lines.append(f"Packing: {p['rows']} rows, {p['samples_per_row']} samples per row, {p['fill']:.0%} full "

@@ -93,6 +93,27 @@ def _wordnet_definitions() -> list[dict]:
             for r in _wordnet_synsets()]
 
 
+def _wordnet_preference() -> list[dict]:
+    """Preference pairs: the word's own definition chosen; the definition of another word of the same part of
+    speech rejected (a fixed, seeded choice: the next word in a seeded shuffle of that part of speech)."""
+    import random
+
+    records = _wordnet_synsets()
+    by_pos: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_pos.setdefault(r["pos"], []).append(i)
+    other = {}
+    rng = random.Random(0)
+    for idx in by_pos.values():
+        order = idx[:]
+        rng.shuffle(order)
+        other.update({a: b for a, b in zip(order, order[1:] + order[:1])})
+    sentence = lambda d: d[0].upper() + d[1:] + "."  # noqa: E731
+    return [{"prompt": f'What does the {r["pos"]} "{r["word"]}" mean?', "chosen": sentence(r["definition"]),
+             "rejected": sentence(records[other[i]]["definition"])}
+            for i, r in enumerate(records) if records[other[i]]["definition"] != r["definition"]]
+
+
 def _wordnet_categories() -> list[dict]:
     return [{"text": r["definition"], "label": r["category"]} for r in _wordnet_synsets()]
 
@@ -143,6 +164,7 @@ def _wordnet_paths() -> list[Path]:
 BUILTINS: dict[str, tuple[Callable[[], list[dict]], Callable[[], list[Path]], str]] = {
     "wordnet-definitions": (_wordnet_definitions, _wordnet_paths, "wordnet-base"),
     "wordnet-categories": (_wordnet_categories, _wordnet_paths, "wordnet-base"),
+    "wordnet-preference": (_wordnet_preference, _wordnet_paths, "wordnet-base"),
     "fortunes": (_fortunes, lambda: [FORTUNES_DIR], "fortunes"),
     "pydoc": (_pydoc, lambda: [], "python3"),
 }

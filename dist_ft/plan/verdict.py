@@ -79,7 +79,9 @@ def _plan(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, mb: int
     spec = spec_for(d.strategy)
     rules = byte_rules(d.strategy, d.precision, t.optimizer)
     seq = recipe.data.max_length + mc.extra_seq
-    rows, acts = _rows(recipe, cluster, facts, mc, rules, spec, seq, mb)
+    # A preference objective runs both sequences of each pair through the forward: twice the rows of a micro-batch.
+    seq_rows = mb * (1 if recipe.objective.kind == "sft" else 2)
+    rows, acts = _rows(recipe, cluster, facts, mc, rules, spec, seq, seq_rows)
     resident = sum(r.device for r in rows if r.phase == "resident")
     fwd_bwd = sum(r.device for r in rows if r.phase == "fwd_bwd")
     step = sum(r.device for r in rows if r.phase == "step")
@@ -100,7 +102,7 @@ def _plan(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, mb: int
     cpu_fits = None
     if cluster.cpu_memory_gib is not None and not cluster.is_cpu:
         cpu_fits = cpu_per_rank * cluster.gpus_per_node <= cluster.cpu_memory_gib * GIB
-    speed = speed_estimate(recipe, cluster, facts, mc, rules, seq, mb)
+    speed = speed_estimate(recipe, cluster, facts, mc, rules, seq, seq_rows)
     return Plan(recipe, cluster, facts, mc, mb, seq, rows, acts, device_total, fwd_bwd, step, resident,
                 cpu_per_rank, load_peak, fits, cpu_fits, speed, _notes(recipe, cluster, mc, spec))
 
@@ -145,6 +147,12 @@ def _notes(recipe, cluster: Cluster, mc: MethodCounts, spec: BackendSpec) -> lis
         notes.append(mc.note)
     if mc.quant_note:
         notes.append("qlora base: " + mc.quant_note)
+    o = recipe.objective
+    if o.kind != "sft":
+        notes.append(f"objective {o.kind}: each pair's chosen and rejected sequences run in one forward (2 x "
+                     f"micro-batch rows)" + ("; the reference policy (the model with its adapters off) adds one "
+                                            "forward without gradients or stored activations"
+                                            if o.kind in ("dpo", "ipo", "kto") else "; no reference policy"))
     # A backend that shards gradients but reduces them once per step keeps them whole between micro-steps.
     if t.gradient_accumulation_steps > 1 and "grads" in spec.shards and not spec.memory.reduce_every_microstep:
         notes.append(f"{spec.name} with accumulation: unsharded gradients stay between micro-steps (no sync): + one "
