@@ -128,6 +128,9 @@ def test_two_ranks_train_what_one_rank_trains(tmp_path, tiny_llama, strategy, me
     if objective["kind"] == "dpo":
         assert abs(a[0]["loss"] - np.log(2)) < 1e-6  # step 1: the policy is its reference (adapters start at 0)
         assert ea[-1]["eval_reward_accuracy"] > 0.5
+        res = run_cli("report", str(two))  # the report plots the rewards and the accuracies
+        assert res.returncode == 0 and "held-out preference accuracy" in res.stdout, res.stdout + res.stderr
+        assert (two / "plots" / "rewards.png").is_file() and (two / "plots" / "preference_accuracy.png").is_file()
 
 
 def test_a_preference_run_resumes_exactly(tmp_path, tiny_llama):

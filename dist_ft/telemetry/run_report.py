@@ -53,6 +53,25 @@ def _plot(path: Path, title: str, ylabel: str, lines: list[tuple[str, list, list
     plt.close(fig)
 
 
+def _preference_plots(records: list[dict], plots: Path) -> list[tuple[str, str]]:
+    """A preference objective's rewards, margin and accuracies (training steps and evaluations)."""
+    made = []
+    series = {k: _series(records, k) for k in ("chosen_reward", "rejected_reward", "margin", "eval_chosen_reward",
+                                               "eval_rejected_reward", "reward_accuracy", "eval_reward_accuracy",
+                                               "eval_preference_accuracy")}
+    if series["chosen_reward"][0] or series["eval_chosen_reward"][0]:
+        _plot(plots / "rewards.png", "Implicit rewards", "reward",
+              [(k.replace("_", " "), *series[k], "o-" if k.startswith("eval") else "-")
+               for k in ("chosen_reward", "rejected_reward", "margin", "eval_chosen_reward", "eval_rejected_reward")])
+        made.append(("Rewards", "rewards.png"))
+    if series["reward_accuracy"][0] or series["eval_preference_accuracy"][0]:
+        _plot(plots / "preference_accuracy.png", "Pairs ranked right", "share of pairs",
+              [(k.replace("_", " "), *series[k], "o-" if k.startswith("eval") else "-")
+               for k in ("reward_accuracy", "eval_reward_accuracy", "eval_preference_accuracy")])
+        made.append(("Preference accuracy", "preference_accuracy.png"))
+    return made
+
+
 def make_report(run_dir: str | Path) -> tuple[Path, str]:
     """Write report.md and plots into run_dir; return (report path, short summary)."""
     run_dir = Path(run_dir)
@@ -76,6 +95,7 @@ def make_report(run_dir: str | Path) -> tuple[Path, str]:
         if xs:
             _plot(plots / name, title, ylabel, [(key, xs, ys, "-")])
             made.append((title, name))
+    made += _preference_plots(records, plots)
     checkpoints = [r["step"] for r in records if r.get("event") == "checkpoint"]
     rows = [("steps logged", f"{max(s_loss) if s_loss else 0}"),
             ("status", "finished" if end else "running or stopped"),
@@ -85,6 +105,9 @@ def make_report(run_dir: str | Path) -> tuple[Path, str]:
         rows.append(("train loss first -> last", f"{loss[0]:.4f} -> {loss[-1]:.4f}"))
     if ev:
         rows.append(("eval loss first -> best -> last", f"{ev[0]:.4f} -> {min(ev):.4f} -> {ev[-1]:.4f}"))
+    _, acc = _series(records, "eval_preference_accuracy")
+    if acc:
+        rows.append(("held-out preference accuracy first -> last", f"{acc[0]:.1%} -> {acc[-1]:.1%}"))
     timed = [r for r in train if "tokens_per_s" in r][1:] or train
     if timed and "tokens_per_s" in timed[0]:
         rows.append(("median tokens/s", f"{statistics.median(r['tokens_per_s'] for r in timed):,.0f}"))
