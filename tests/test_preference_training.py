@@ -77,7 +77,8 @@ def test_pairs_too_long_are_counted_and_a_pair_with_an_empty_answer_is_dropped(t
 
 @pytest.mark.parametrize("objective, method, data, fix", [
     ({"kind": "dpo"}, "lora", {"format": "instruction"}, "set data.format: preference"),
-    ({"kind": "dpo"}, "full", {"format": "preference"}, "use method.kind: lora"),
+    ({"kind": "dpo", "reference": "adapter_off"}, "full", {"format": "preference"}, "needs an adapter method"),
+    ({"kind": "dpo", "reference": "copy"}, "lora", {"format": "preference"}, "copy .* is not available"),
     ({"kind": "sft"}, "lora", {"format": "preference"}, "set objective.kind: dpo"),
     ({"kind": "orpo", "reference": "adapter_off"}, "lora", {"format": "preference"}, "needs no reference"),
     ({"kind": "ipo", "label_smoothing": 0.1}, "lora", {"format": "preference"}, "only used with objective.kind dpo"),
@@ -96,13 +97,16 @@ def _recipe(tmp_path, model, name, strategy, method, objective, micro=2, **train
     r = tiny_recipe(model, out, data={"train": str(_pairs(tmp_path / "pairs.jsonl")), "format": "preference",
                                       "eval_fraction": 0.2, "max_train_samples": None, "max_eval_samples": None},
                     method={"kind": method, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}, objective=objective,
-                    training={"max_steps": 6, "eval_every": 3, "learning_rate": 5e-3, "micro_batch_size": micro,
+                    training={"max_steps": 6, "eval_every": 3, "learning_rate": 5e-3 if method == "lora" else 1e-3,
+                              "micro_batch_size": micro,
                               **training},
                     distributed={"strategy": strategy})
     return out, write_recipe(tmp_path / f"{name}.yaml", r)
 
 
 CASES = [("ddp", "lora", {"kind": "dpo"}), ("fsdp", "full", {"kind": "orpo"}), ("zero3", "lora", {"kind": "dpo"}),
+         ("fsdp", "full", {"kind": "dpo"}),  # the reference precomputed from the starting weights
+         pytest.param("zero3", "full", {"kind": "ipo"}, marks=pytest.mark.slow),
          pytest.param("fsdp", "lora", {"kind": "ipo"}, marks=pytest.mark.slow),
          pytest.param("ddp", "full", {"kind": "simpo"}, marks=pytest.mark.slow),
          pytest.param("zero3", "full", {"kind": "orpo"}, marks=pytest.mark.slow)]
@@ -133,10 +137,15 @@ def test_two_ranks_train_what_one_rank_trains(tmp_path, tiny_llama, strategy, me
         assert (two / "plots" / "rewards.png").is_file() and (two / "plots" / "preference_accuracy.png").is_file()
 
 
-def test_a_preference_run_resumes_exactly(tmp_path, tiny_llama):
-    ref, path = _recipe(tmp_path, tiny_llama, "straight", "ddp", "lora", {"kind": "dpo"})
-    assert run_cli("launch", str(path), "--nproc-per-node", "2").returncode == 0
-    out, path = _recipe(tmp_path, tiny_llama, "stopped", "ddp", "lora", {"kind": "dpo"}, stop_after_steps=3)
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_preference_run_resumes_exactly(tmp_path, tiny_llama, method):
+    """LoRA (reference: adapters off) and full fine-tuning (reference: precomputed from the starting weights and
+    read back from the cache by the resumed run, never from the resumed weights)."""
+    ref, path = _recipe(tmp_path, tiny_llama, "straight", "ddp", method, {"kind": "dpo"})
+    res = run_cli("launch", str(path), "--nproc-per-node", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert ("computing the reference log-probs" in res.stdout) == (method == "full")
+    out, path = _recipe(tmp_path, tiny_llama, "stopped", "ddp", method, {"kind": "dpo"}, stop_after_steps=3)
     r = json.loads(json.dumps(__import__("yaml").safe_load(path.read_text())))
     r["checkpoint"] = {"every_steps": 3}
     write_recipe(path, r)
@@ -144,6 +153,7 @@ def test_a_preference_run_resumes_exactly(tmp_path, tiny_llama):
     res = run_cli("launch", str(path), "--nproc-per-node", "2", "checkpoint.resume=auto",
                   "training.stop_after_steps=null")
     assert res.returncode == 0, res.stderr[-3000:]
+    assert ("reference log-probs of" in res.stdout and "read from" in res.stdout) == (method == "full")
     a = {r["step"]: r for r in read_metrics(ref)[0]}
     b = {r["step"]: r for r in read_metrics(out)[0]}
     assert sorted(b) == list(range(1, 7))

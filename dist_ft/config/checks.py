@@ -184,15 +184,13 @@ def _objective_checks(r: Recipe) -> list[str]:
     if o.label_smoothing and o.kind != "dpo":
         p.append(f"objective.label_smoothing: only used with objective.kind dpo (kind is {o.kind}); remove it")
     if o.kind in REFERENCE_OBJECTIVES:
-        if o.reference in ("precomputed", "copy"):
-            p.append(f"objective.reference: {o.reference} is not available in dist_ft yet; use an adapter method "
-                     f"({', '.join(ADAPTER_OFF_METHODS)}) with reference: auto (the model with its adapters off), or "
-                     "a reference-free objective: simpo, orpo")
-        elif r.method.kind not in ADAPTER_OFF_METHODS:
-            p.append(f"objective.kind: {o.kind} compares the policy with a reference; with method.kind "
-                     f"{r.method.kind} that would be a precomputed or copied reference, which dist_ft does not "
-                     f"provide yet; use method.kind: lora (the reference is the model with its adapters off), or a "
-                     "reference-free objective: simpo, orpo")
+        if o.reference == "copy":
+            p.append("objective.reference: copy (a second, frozen model) is not available in dist_ft yet; use "
+                     "precomputed (the starting weights' log-probs, computed once: auto picks it for full "
+                     "fine-tuning) or, with an adapter method, adapter_off")
+        elif o.reference == "adapter_off" and r.method.kind not in ADAPTER_OFF_METHODS:
+            p.append(f"objective.reference: adapter_off needs an adapter method ({', '.join(ADAPTER_OFF_METHODS)}); "
+                     f"method.kind is {r.method.kind}: use reference: precomputed (or auto)")
     elif o.reference != "auto":
         p.append(f"objective.reference: {o.kind} needs no reference policy; remove it")
     return p

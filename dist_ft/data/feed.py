@@ -50,7 +50,11 @@ class TrainFeed:
         """The rows at global positions start .. start+count (this rank's share of a micro-batch)."""
         if self.stream is not None:
             return self.stream.take(count)
-        return [self.table[i] for i in self.order.rows(start, count)]
+        return [self.table[i] for i in self.indices(start, count)]
+
+    def indices(self, start: int, count: int) -> list[int]:
+        """Which rows of `table` (in memory) those positions hold."""
+        return self.order.rows(start, count)
 
     @property
     def position(self) -> int | None:
@@ -63,6 +67,13 @@ class TrainFeed:
             return None
         counts = self.mixture.counts(samples)
         return {n: round(c / samples, 4) for n, c in zip(self.names, counts)}
+
+
+def memory_table(data: PreparedData):
+    """The training examples as TrainFeed numbers them without packing: one source's table, or the sources' tables
+    one after the other."""
+    parts = data.train_by_source()
+    return parts[0] if len(parts) == 1 else _Concat(parts)
 
 
 class _Concat:

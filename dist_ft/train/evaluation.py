@@ -156,11 +156,11 @@ class RunEvaluator:
         if data.eval and self.pairs is not None:
             res = self.pairs.evaluate(self.strategy, data.eval, micro_batch=r.training.micro_batch_size,
                                       pad_id=data.pad_token_id)
-            for name, part in data.eval_by_source().items():
+            for i, (name, part) in enumerate(data.eval_by_source().items()):
                 if part:
                     res[f"eval_loss/{name}"] = self.pairs.evaluate(
-                        self.strategy, part, micro_batch=r.training.micro_batch_size, pad_id=data.pad_token_id
-                    )["eval_loss"]
+                        self.strategy, part, micro_batch=r.training.micro_batch_size, pad_id=data.pad_token_id,
+                        indices=np.flatnonzero(data.eval_source == i))["eval_loss"]
         elif data.eval:
             classification = r.data.format == "classification"
             res = evaluate(self.strategy, data.eval, micro_batch=r.training.micro_batch_size,

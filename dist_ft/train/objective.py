@@ -14,6 +14,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from ..config.checks import ADAPTER_OFF_METHODS
 from ..data.batching import collate
 from . import preference as P
 from .step import all_reduce_sum, train_step
@@ -25,7 +26,8 @@ class SFT:
     """Next-token cross-entropy on the target tokens (step.py)."""
     kind = "sft"
 
-    def step(self, strategy, micro_batches, max_grad_norm, class_weights=None, *, overflow: bool = False):
+    def step(self, strategy, micro_batches, max_grad_norm, class_weights=None, *, overflow: bool = False,
+             indices=None):
         loss, n_targets, result = train_step(strategy, micro_batches, max_grad_norm, class_weights,
                                              overflow=overflow)
         return loss, n_targets, result, {}
@@ -34,16 +36,24 @@ class SFT:
 class Preference:
     """dpo, ipo, simpo or orpo on preference pairs (preference.py holds the formulas)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, method_kind: str):
         self.kind, self.beta = cfg.kind, cfg.resolved_beta()
         self.label_smoothing, self.gamma = cfg.label_smoothing, cfg.simpo_gamma
         self.needs_reference = cfg.kind not in P.REFERENCE_FREE
+        # adapter_off: the model with its adapters switched off; precomputed: log-probs of the starting weights
+        # (reference.py), which the Trainer sets before the first step.
+        adapter = cfg.reference == "adapter_off" or (cfg.reference == "auto" and method_kind in ADAPTER_OFF_METHODS)
+        self.mode = None if not self.needs_reference else "adapter_off" if adapter else "precomputed"
+        self.precomputed = None
 
     # ------------------------------------------------------------------------------------------------ one batch
-    def reference_logps(self, strategy, batch) -> torch.Tensor | None:
-        """The reference policy's answer log-probs: the same model with its adapters switched off, no gradients."""
+    def reference_logps(self, strategy, batch, table: str = "train", indices=None) -> torch.Tensor | None:
+        """The reference policy's answer log-probs of `batch` (pairs `indices` of `table`): precomputed, or the same
+        model with its adapters switched off, without gradients."""
         if not self.needs_reference:
             return None
+        if self.mode == "precomputed":
+            return self.precomputed.rows(table, indices, strategy.topo.device)
         with torch.no_grad(), strategy.unwrap().disable_adapter(), strategy.forward_context():
             logps, _ = P.sequence_logps(strategy.model, batch)
         return logps.detach()
@@ -72,7 +82,9 @@ class Preference:
                 float(margin.sum()), float((margin > 0).sum())]
 
     # ------------------------------------------------------------------------------------------------ training
-    def step(self, strategy, micro_batches, max_grad_norm, class_weights=None, *, overflow: bool = False):
+    def step(self, strategy, micro_batches, max_grad_norm, class_weights=None, *, overflow: bool = False,
+             indices=None):
+        """`indices`: per micro-batch, which training pairs it holds (a precomputed reference looks them up)."""
         topo = strategy.topo
         local_pairs = sum(mb["input_ids"].size(0) // 2 for mb in micro_batches)
         (global_pairs,) = all_reduce_sum([local_pairs], topo.device)
@@ -81,7 +93,7 @@ class Preference:
         sums = [0.0] * 5
         for i, mb in enumerate(micro_batches):
             mb = {k: v.to(topo.device, non_blocking=True) for k, v in mb.items()}
-            ref = self.reference_logps(strategy, mb)
+            ref = self.reference_logps(strategy, mb, "train", indices[i] if indices else None)
             with strategy.sync_context(sync=i == len(micro_batches) - 1):
                 with strategy.forward_context():
                     out, _ = self.losses(strategy, mb, ref)
@@ -94,21 +106,22 @@ class Preference:
 
     # ------------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, strategy, pairs: list, *, micro_batch: int, pad_id: int) -> dict:
+    def evaluate(self, strategy, pairs: list, *, micro_batch: int, pad_id: int, indices=None) -> dict:
         """Held-out pairs, sharded over ranks as evaluation.evaluate does (every rank the same number of forwards):
         the objective's loss, the rewards, and the policy's own preference accuracy (log-prob of chosen above
         rejected)."""
         topo = strategy.topo
-        mine = pairs[topo.rank::topo.world_size]
+        indices = list(range(len(pairs))) if indices is None else list(indices)  # of the held-out set
+        mine = list(range(topo.rank, len(pairs), topo.world_size))
         n_batches = math.ceil(math.ceil(len(pairs) / topo.world_size) / micro_batch) if pairs else 0
         totals = torch.zeros(7, dtype=torch.float64)  # the 5 sums, policy-preferred pairs, pairs
         was_training = strategy.model.training
         strategy.train(False)
         for b in range(n_batches):
-            chunk = mine[b * micro_batch:(b + 1) * micro_batch]
-            real = len(chunk)
-            batch = {k: v.to(topo.device) for k, v in collate(chunk or [pairs[0]], pad_id).items()}
-            ref = self.reference_logps(strategy, batch)
+            chunk = mine[b * micro_batch:(b + 1) * micro_batch] or [0]
+            real = len(mine[b * micro_batch:(b + 1) * micro_batch])
+            batch = {k: v.to(topo.device) for k, v in collate([pairs[j] for j in chunk], pad_id).items()}
+            ref = self.reference_logps(strategy, batch, "eval", [indices[j] for j in chunk])
             with strategy.forward_context():
                 out, logps = self.losses(strategy, batch, ref)
             if real:  # (a rank that ran out ran a dummy batch to keep sharded collectives in step)
@@ -129,4 +142,4 @@ class Preference:
 
 
 def make_objective(recipe):
-    return SFT() if recipe.objective.kind == "sft" else Preference(recipe.objective)
+    return SFT() if recipe.objective.kind == "sft" else Preference(recipe.objective, recipe.method.kind)

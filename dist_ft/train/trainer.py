@@ -26,7 +26,7 @@ from ..checkpoint.manager import CheckpointManager
 from ..checkpoint.store import TrainerState
 from ..config import Recipe, dump_recipe, recipe_to_dict
 from ..data.batching import BatchLayout, collate
-from ..data.feed import TrainFeed
+from ..data.feed import TrainFeed, memory_table
 from ..distributed import watchdog
 from ..distributed.precision import precision_plan
 from ..distributed.rendezvous import PatientWait
@@ -41,6 +41,7 @@ from .evaluation import RunEvaluator
 from .hooks import (EarlyStop, Evaluation, KeepBest, NonFiniteGuard, StopSignals, Unfreezing, fmt_metrics,
                     inject_step_faults)
 from .optim import make_optimizer
+from .reference import PrecomputedReference
 from .schedule import make_scheduler
 from .objective import make_objective
 from .step import all_reduce_sum, step_record
@@ -81,9 +82,13 @@ class Trainer:
         dist.barrier()
         seed_everything(recipe.seed)
         self._build_model(model_path)
+        self.objective = make_objective(recipe)
+        if getattr(self.objective, "mode", None) == "precomputed":  # before a checkpoint replaces the weights
+            self.objective.precomputed = self._reference(model_path)
+        fresh = TrainerState(model_build={"num_labels": data.num_labels, "label_names": data.label_names})
+        self.state = self.checkpoints.load(fresh, self.scheduler)
         self._build_data()
         self._build_telemetry()
-        self.objective = make_objective(recipe)
         evaluator = RunEvaluator(recipe, self.strategy, data, tok, forgetting, objective=self.objective)
         self.evaluate = Evaluation(evaluator, self.tracker,
                                    out=self.out, topo=topo, state=self.state, log=self.log)
@@ -133,8 +138,15 @@ class Trainer:
         t = self.t
         self.scheduler = make_scheduler(self.strategy.optimizer, peak_lr=t.learning_rate, warmup=t.warmup_steps,
                                         total=t.max_steps, kind=t.lr_scheduler, min_ratio=t.min_lr_ratio)
-        fresh = TrainerState(model_build={"num_labels": data.num_labels, "label_names": data.label_names})
-        self.state = self.checkpoints.load(fresh, self.scheduler)
+
+    def _reference(self, model_path: Path) -> PrecomputedReference:
+        """A full fine-tune's reference policy: the starting weights' log-probs of every pair (reference.py)."""
+        r = self.recipe
+        key = {"model": str(model_path), "config": self.checkpoints.meta["model_config_sha"], "method": r.method.kind,
+               "precision": r.distributed.precision, "attention": self.attn, "data": str(self.data.cache_dir)}
+        return PrecomputedReference.load_or_compute(
+            self.strategy, train=memory_table(self.data), eval_=self.data.eval, cache_dir=self.data.cache_dir,
+            key=key, micro_batch=self.t.micro_batch_size, pad_id=self.data.pad_token_id, log=self.log)
 
     def _build_data(self) -> None:
         r, topo, s = self.recipe, self.topo, self.state
@@ -229,9 +241,9 @@ class Trainer:
         t, s, topo = self.t, self.state, self.topo
         self.memory.start_step()  # GPU peaks per step, not since the model was loaded
         t0 = time.perf_counter()
-        micro, useful = self._micro_batches(step)
+        micro, useful, indices = self._micro_batches(step)
         loss, n_targets, result, extra = self.objective.step(self.strategy, micro, t.max_grad_norm,
-                                                             self.class_weights,
+                                                             self.class_weights, indices=indices,
                                                              overflow=faults.active("overflow", step, topo.rank))
         s.samples_seen += self.layout.global_batch
         lr = self.scheduler.get_last_lr()[0]
@@ -256,13 +268,14 @@ class Trainer:
         self.progress.update(step=step, loss=loss, tokens_per_s=global_tokens / dt)
         return stops
 
-    def _micro_batches(self, step: int) -> tuple[list, int]:
-        """This rank's micro-batches of `step`, and how many real tokens they hold."""
+    def _micro_batches(self, step: int) -> tuple[list, int, list | None]:
+        """This rank's micro-batches of `step`, how many real tokens they hold, and (for a precomputed reference)
+        which training pairs each holds."""
         def fetch():
             if self.feed.stream is not None and not self._streamed:
                 self._streamed = True
                 faults.inject("slow-data", 0, self.topo.rank)
-            micro, useful = [], 0
+            micro, useful, indices = [], 0, []
             for m in range(self.t.gradient_accumulation_steps):
                 # Positions count from the samples consumed so far, so a resume on another number of ranks reads
                 # on exactly where the run stopped.
@@ -270,7 +283,9 @@ class Trainer:
                 rows = self.feed.rows(self.state.samples_seen + start, count)
                 useful += sum(len(r.input_ids) for r in rows)  # real tokens: padded or packed, never the padding
                 micro.append(collate(rows, self.data.pad_token_id))
-            return micro, useful
+                if self.feed.stream is None:
+                    indices.append(self.feed.indices(self.state.samples_seen + start, count))
+            return micro, useful, indices or None
 
         if self.feed.stream is None or self.waits is None:
             return fetch()

@@ -1,0 +1,84 @@
+"""The reference policy of a full (or partial) fine-tune, precomputed: every training and held-out pair's answer
+log-probs under the starting weights, computed once before the first step and cached beside the token cache.
+
+An adapter method's reference is the model itself with its adapters switched off (objective.py); a full fine-tune
+changes every weight, so its reference would otherwise be a second, frozen copy of the model. These log-probs are
+all DPO and IPO need of it: two numbers per pair. They are computed with the model as the strategy built it (before
+any checkpoint is loaded, so a resumed run reads the same numbers), sharded over ranks (rank r takes pairs r, r+W,
+...; every rank runs the same number of forwards, as sharded backends need) and gathered; rank 0 writes them under
+the data cache, keyed by the model, precision and data, and a later run (or a resume) reads them back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..data.batching import collate
+from ..distributed import watchdog
+from .preference import sequence_logps
+
+
+class PrecomputedReference:
+    def __init__(self, train: np.ndarray, eval_: np.ndarray):
+        self.train, self.eval = train, eval_  # [pairs, 2]: chosen, rejected
+
+    def rows(self, table: str, indices: list[int], device) -> torch.Tensor:
+        """[2k] for pairs `indices` of `table` ("train" or "eval"): every chosen value, then every rejected one, the
+        order of a collated batch of pairs."""
+        values = getattr(self, table)[np.asarray(indices, np.int64)]
+        return torch.as_tensor(np.concatenate([values[:, 0], values[:, 1]]), device=device)
+
+    @classmethod
+    def load_or_compute(cls, strategy, *, train, eval_, cache_dir: Path | None, key: dict, micro_batch: int,
+                        pad_id: int, log) -> "PrecomputedReference":
+        path = None
+        if cache_dir is not None:
+            digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            path = Path(cache_dir) / f"reference-{digest}.npz"
+        if path is not None and path.is_file():
+            with np.load(path, allow_pickle=False) as z:
+                if len(z["train"]) == len(train) and len(z["eval"]) == len(eval_):
+                    log(f"[objective] reference log-probs of {len(train):,} + {len(eval_):,} pairs read from {path}")
+                    return cls(z["train"], z["eval"])
+        log(f"[objective] computing the reference log-probs of {len(train):,} training and {len(eval_):,} held-out "
+            "pairs with the starting weights (once; cached)")
+        ref = cls(_compute(strategy, train, micro_batch, pad_id), _compute(strategy, eval_, micro_batch, pad_id))
+        if path is not None and strategy.topo.is_main:
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
+            np.savez(tmp, train=ref.train, eval=ref.eval)
+            os.replace(tmp, path)
+        return ref
+
+
+@torch.no_grad()
+def _compute(strategy, pairs, micro_batch: int, pad_id: int) -> np.ndarray:
+    topo = strategy.topo
+    n = len(pairs)
+    mine = list(range(topo.rank, n, topo.world_size))
+    rounds = math.ceil(math.ceil(n / topo.world_size) / micro_batch) if n else 0
+    out = np.zeros((n, 2), np.float64)
+    was_training = strategy.model.training
+    strategy.train(False)
+    for b in range(rounds):
+        idx = mine[b * micro_batch:(b + 1) * micro_batch]
+        batch = {k: v.to(topo.device) for k, v in collate([pairs[i] for i in idx] or [pairs[0]], pad_id).items()}
+        with strategy.forward_context():
+            logps, _ = sequence_logps(strategy.model, batch)
+        if idx:  # (a rank that ran out ran a dummy batch to keep sharded collectives in step)
+            values = logps.double().cpu().numpy()
+            out[idx, 0], out[idx, 1] = values[:len(idx)], values[len(idx):]
+        watchdog.beat()
+    strategy.train(was_training)
+    if dist.is_initialized() and topo.world_size > 1:
+        t = torch.as_tensor(out, device=topo.device)
+        dist.all_reduce(t)  # each pair was filled by exactly one rank; the others hold zeros there
+        out = t.cpu().numpy()
+    return out
