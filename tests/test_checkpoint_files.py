@@ -114,3 +114,47 @@ def test_adapter_verification(tmp_path, one_process_group, stored, message):
         ckpt._verify_adapter(tmp_path, _FakeStrategy(stored), Topo())
     good = {"lora_A": torch.ones(2, 3), "lora_B": torch.full((3, 2), 0.5)}
     ckpt._verify_adapter(tmp_path, _FakeStrategy(good), Topo())
+
+
+def test_the_final_save_of_an_adapter_gathers_only_its_trainable_tensors(tmp_path, tiny_llama):
+    """final/ of a LoRA run is written from the trainable tensors alone: the whole model is never gathered on one
+    rank (a 7B base would not fit there), and the folder loads back as the model that trained."""
+    import datetime
+    import types
+
+    import torch.distributed as dist
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dist_ft.checkpoint.manager import CheckpointManager
+    from dist_ft.config import recipe_from_dict
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # an adapter that changes the output
+
+    def whole(*a, **k):
+        raise AssertionError("the whole model was gathered for an adapter's final save")
+
+    strategy = types.SimpleNamespace(name="ddp", state_format="dcp", unwrap=lambda: model, full_state_dict=whole,
+                                     trainable_state=lambda: {n: p.detach().clone() for n, p in
+                                                              model.named_parameters() if p.requires_grad})
+    topo = types.SimpleNamespace(is_main=True, rank=0, world_size=1)
+    recipe = recipe_from_dict({"output_dir": str(tmp_path / "run"), "model": {"path": str(tiny_llama)},
+                               "method": {"kind": "lora"}})
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=datetime.timedelta(seconds=60))
+    try:
+        manager = CheckpointManager(recipe, topo=topo, strategy=strategy, tokenizer=AutoTokenizer.from_pretrained(
+            tiny_llama), model_path=tiny_llama, log=lambda m: None)
+        final = manager.save_final()
+    finally:
+        dist.destroy_process_group()
+    back = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), final).eval()
+    ids = torch.randint(3, 200, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(back(input_ids=ids).logits, model.eval()(input_ids=ids).logits, atol=1e-5)

@@ -226,7 +226,7 @@ def test_export_round_trip(tmp_path, tiny_llama, strategy):
     assert res.returncode == 2 and "not empty" in res.stderr
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
 def test_export_lora_adapter_and_merge(tmp_path, tiny_llama, strategy):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

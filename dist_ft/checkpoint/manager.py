@@ -152,7 +152,10 @@ class CheckpointManager:
         rank 0."""
         final = self.output_dir / "final"
         model = self.strategy.unwrap()
-        state = self.strategy.full_state_dict()  # a collective: every rank calls it
+        is_adapter = hasattr(model, "peft_config")
+        # A collective: every rank calls it. An adapter's folder holds only the trainable tensors, so only those are
+        # gathered: the frozen base stays sharded, never whole on one rank (a 7B base would not fit there).
+        state = self.strategy.trainable_state() if is_adapter else self.strategy.full_state_dict()
         if self.topo.is_main:
             tmp = final.with_name(final.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -160,7 +163,7 @@ class CheckpointManager:
             self.tokenizer.save_pretrained(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            self.log(f"[dist_ft] saved {'adapter' if hasattr(model, 'peft_config') else 'model'} to {final}")
+            self.log(f"[dist_ft] saved {'adapter' if is_adapter else 'model'} to {final}")
         dist.barrier()
         return final
 
