@@ -8,6 +8,7 @@ group started; then the Trainer builds the model through the strategy, evaluates
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -53,11 +54,18 @@ def run_training(recipe: Recipe, *, source: str = "recipe") -> TrainResult:
     # 3. Processes and devices.
     topo = init_distributed(timeout_seconds=timeout, threads_per_process=recipe.distributed.threads_per_process,
                             store=store)
+    trainer = None
     try:
-        return Trainer(recipe, topo, tok, data, model_path, forgetting, t_start, waits=waits).train()
+        trainer = Trainer(recipe, topo, tok, data, model_path, forgetting, t_start, waits=waits)
+        return trainer.train()
     finally:
         # The run is over (a peer may be gone already): tearing down takes seconds, so a stuck teardown ends sooner.
         watchdog.phase("the process group's shutdown", limit=watchdog.TEARDOWN_S, note=sys.exc_info()[1])
+        # Model, optimizer and wrappers go first, while the group still runs: the Trainer's parts refer to each other,
+        # so only the collector frees them, and a wrapper collected after the group was destroyed can take its last
+        # reference with it, whose destructor then joins gloo threads waiting for the GIL this thread holds.
+        trainer = None
+        gc.collect()
         shutdown()
         watchdog.phase("the exit", limit=watchdog.TEARDOWN_S, note=sys.exc_info()[1])
         faults.inject("hang-exit", 0, topo.rank)
