@@ -94,7 +94,10 @@ class SlurmCluster:
                     break
                 time.sleep(0.1)
             else:
-                os.kill(pid, 9)
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:  # it ended between the last check and now
+                    pass
         for ns in self.netns:
             # A job step still running in a node's namespace would keep it: end it first.
             left = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
