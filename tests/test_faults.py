@@ -420,7 +420,8 @@ def test_the_progress_watchdog(how, code):
         assert "done" in res.stdout and "no progress" not in res.stderr
 
 
-@pytest.mark.parametrize("streaming", [False, True], ids=["tokenize-before-start", "streaming"])
+@pytest.mark.parametrize("streaming", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["tokenize-before-start", "streaming"])
 def test_a_slow_tokenizer_on_one_rank_does_not_time_out_a_collective(tmp_path, tiny_llama, streaming):
     """Rank 1 prepares its data 25 s slower than rank 0, with distributed.timeout_seconds 10: before the process
     group starts (the tokenization every run does), or at its first streamed rows (a stream tokenizes as it reads,

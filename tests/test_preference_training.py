@@ -104,7 +104,8 @@ def _recipe(tmp_path, model, name, strategy, method, objective, micro=2, **train
     return out, write_recipe(tmp_path / f"{name}.yaml", r)
 
 
-CASES = [("ddp", "lora", {"kind": "dpo"}), ("fsdp", "full", {"kind": "orpo"}), ("zero3", "lora", {"kind": "dpo"}),
+CASES = [("ddp", "lora", {"kind": "dpo"}), pytest.param("fsdp", "full", {"kind": "orpo"}, marks=pytest.mark.slow),
+         ("zero3", "lora", {"kind": "dpo"}),
          ("fsdp", "full", {"kind": "dpo"}),  # the reference precomputed from the starting weights
          pytest.param("zero3", "full", {"kind": "ipo"}, marks=pytest.mark.slow),
          pytest.param("fsdp", "lora", {"kind": "ipo"}, marks=pytest.mark.slow),
@@ -137,7 +138,7 @@ def test_two_ranks_train_what_one_rank_trains(tmp_path, tiny_llama, strategy, me
         assert (two / "plots" / "rewards.png").is_file() and (two / "plots" / "preference_accuracy.png").is_file()
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", [pytest.param("lora", marks=pytest.mark.slow), "full"])
 def test_a_preference_run_resumes_exactly(tmp_path, tiny_llama, method):
     """LoRA (reference: adapters off) and full fine-tuning (reference: precomputed from the starting weights and
     read back from the cache by the resumed run, never from the resumed weights)."""
