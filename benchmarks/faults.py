@@ -166,14 +166,8 @@ def partition_trial(model: Path, work: Path) -> dict:
             "note": "both nodes ended (timeout_seconds 10)"}
 
 
-def stall_trial(kind: str, model: Path, work: Path) -> dict:
-    """A rank stops making progress where no peer waits on it in a collective: the job must still end, within
-    distributed.timeout_seconds (10) plus a bounded margin, naming where."""
-    out = work / "run"
-    shutil.rmtree(out, ignore_errors=True)
-    path = work / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe(model, out, checkpoint={"every_steps": 3})))
-    proc = launch(path, {"DIST_FT_FAULT": INJECT[kind]})
+def run_out(proc: subprocess.Popen) -> tuple[str, set[int]]:
+    """Wait for a launch to end, noting every process it started; (its output, those pids)."""
     seen = set()
     try:
         while proc.poll() is None:
@@ -183,6 +177,18 @@ def stall_trial(kind: str, model: Path, work: Path) -> dict:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         text, _ = proc.communicate()
+    return text, seen
+
+
+def stall_trial(kind: str, model: Path, work: Path) -> dict:
+    """A rank stops making progress where no peer waits on it in a collective: the job must still end, within
+    distributed.timeout_seconds (10) plus a bounded margin, naming where."""
+    out = work / "run"
+    shutil.rmtree(out, ignore_errors=True)
+    path = work / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe(model, out, checkpoint={"every_steps": 3})))
+    proc = launch(path, {"DIST_FT_FAULT": INJECT[kind]})
+    text, seen = run_out(proc)
     ended = time.time()
     time.sleep(0.5)
     left = sorted(p for p in seen if alive(p))
@@ -207,15 +213,7 @@ def data_trial(kind: str, model: Path, work: Path) -> dict:
     path.write_text(yaml.safe_dump(recipe(model, out, training={"max_steps": 4})))
     t0 = time.perf_counter()
     proc = launch(path, {"DIST_FT_FAULT": INJECT[kind]})
-    seen = set()
-    try:
-        while proc.poll() is None:
-            seen |= descendants(proc.pid)
-            time.sleep(0.1)
-        text, _ = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        text, _ = proc.communicate()
+    text, seen = run_out(proc)
     elapsed = time.perf_counter() - t0
     time.sleep(0.5)
     left = sorted(p for p in seen if alive(p))

@@ -48,13 +48,14 @@ class TrainFeed:
 
     def rows(self, start: int, count: int) -> list:
         """The rows at global positions start .. start+count (this rank's share of a micro-batch)."""
-        if self.stream is not None:
-            return self.stream.take(count)
-        return [self.table[i] for i in self.indices(start, count)]
+        return self.take(start, count)[0]
 
-    def indices(self, start: int, count: int) -> list[int]:
-        """Which rows of `table` (in memory) those positions hold."""
-        return self.order.rows(start, count)
+    def take(self, start: int, count: int) -> tuple[list, list[int] | None]:
+        """Those rows, and which rows of `table` they are (None for a stream)."""
+        if self.stream is not None:
+            return self.stream.take(count), None
+        indices = self.order.rows(start, count)
+        return [self.table[i] for i in indices], indices
 
     @property
     def position(self) -> int | None:

@@ -280,12 +280,11 @@ class Trainer:
                 # Positions count from the samples consumed so far, so a resume on another number of ranks reads
                 # on exactly where the run stopped.
                 start, count = self.layout.micro_positions(0, m, self.topo.rank)
-                rows = self.feed.rows(self.state.samples_seen + start, count)
+                rows, which = self.feed.take(self.state.samples_seen + start, count)
                 useful += sum(len(r.input_ids) for r in rows)  # real tokens: padded or packed, never the padding
                 micro.append(collate(rows, self.data.pad_token_id))
-                if self.feed.stream is None:
-                    indices.append(self.feed.indices(self.state.samples_seen + start, count))
-            return micro, useful, indices or None
+                indices.append(which)
+            return micro, useful, indices if self.feed.stream is None else None
 
         if self.feed.stream is None or self.waits is None:
             return fetch()
