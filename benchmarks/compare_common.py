@@ -107,3 +107,18 @@ def gather(value) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
+
+
+def finish() -> None:
+    """Free what holds gloo threads, then end the process group, before the interpreter exits.
+
+    A process that exits with a live group (or a DDP wrapper the collector frees after the group) can abort in
+    gloo's thread destructors ("terminate called without an active exception", SIGABRT) after all its work is
+    done: seen in CI at the end of a TRL run. The caller drops its own references (trainer, model) first.
+    """
+    import gc
+
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

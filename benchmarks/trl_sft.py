@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_common import gather, heldout_loss, lr_factor, peak_rss_mb, read_examples, read_job  # noqa: E402
+from compare_common import finish, gather, heldout_loss, lr_factor, peak_rss_mb, read_examples, read_job  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "threads": torch.get_num_threads(), "steps": records, "heldout_loss": loss,
                                      "peak_mb": peaks, "tokenisation_matches": same}, indent=1))
         print(f"[trl] held-out loss {loss:.4f}; peak MiB per rank {peaks}; tokenisation {same}", flush=True)
+    del trainer, model
+    finish()
     return 0
 
 
