@@ -172,8 +172,10 @@ def _objective_checks(r: Recipe) -> list[str]:
     if r.model.task != "causal_lm":
         p.append(f"objective.kind: {o.kind} trains a causal LM; set model.task: causal_lm")
     if o.kind == "kto":
-        p.append("objective.kind: kto (data.format: unpaired_preference) is not available in dist_ft yet; use dpo, "
-                 "ipo, simpo or orpo on preference pairs (data.format: preference)")
+        if d.format != "unpaired_preference":
+            p.append("data.format: objective.kind kto trains on answers labelled desirable or not; set data.format: "
+                     "unpaired_preference (records with prompt, completion and label true/false)"
+                     + (", or use dpo for pairs" if d.format == "preference" else ""))
     elif d.format != "preference":
         p.append(f"data.format: objective.kind {o.kind} trains on preference pairs; set data.format: preference "
                  "(records with prompt, chosen and rejected)")
@@ -181,6 +183,9 @@ def _objective_checks(r: Recipe) -> list[str]:
         p.append("data.packing: preference pairs are not packed (a pair must never see another); set it to false")
     if d.streaming:
         p.append(f"data.streaming: objective.kind {o.kind} reads its pairs in memory; set data.streaming: false")
+    if o.kind != "kto" and (o.kto_desirable_weight != 1.0 or o.kto_undesirable_weight != 1.0):
+        p.append(f"objective.kto_desirable_weight, kto_undesirable_weight: only used with objective.kind kto (kind "
+                 f"is {o.kind}); remove them")
     if o.label_smoothing and o.kind != "dpo":
         p.append(f"objective.label_smoothing: only used with objective.kind dpo (kind is {o.kind}); remove it")
     if o.kind in REFERENCE_OBJECTIVES:

@@ -239,7 +239,10 @@ def collate(items: list, pad_id: int) -> dict[str, torch.Tensor]:
             mask[i, : len(e.input_ids)] = 1
         labels = torch.tensor([int(e.labels[0]) for e in items], dtype=torch.long)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    desirable = None
     if isinstance(items[0], Example) and items[0].split:
+        if items[0].desirable >= 0:  # KTO: which rows' completions are desirable (the first half of the rows)
+            desirable = torch.tensor([e.desirable == 1 for e in items], dtype=torch.bool)
         items = unpair(items)
     T = max(len(e.input_ids) for e in items)
     ids = torch.full((len(items), T), pad_id, dtype=torch.long)
@@ -257,12 +260,15 @@ def collate(items: list, pad_id: int) -> dict[str, torch.Tensor]:
             extra[i, :n] = 1
     if packed:
         return {"input_ids": ids, "labels": labels, "position_ids": extra}
-    return {"input_ids": ids, "labels": labels, "attention_mask": extra}
+    out = {"input_ids": ids, "labels": labels, "attention_mask": extra}
+    if desirable is not None:
+        out["desirable"] = desirable
+    return out
 
 
 def unpair(pairs: list) -> list[Example]:
     """Preference pairs as rows: every chosen sequence, then every rejected one (row i and row i + len(pairs) are
-    a pair), so that both go through one forward."""
+    a pair), so that both go through one forward. A KTO example's rows: its own sequence, then the mismatched one."""
     chosen = [Example(e.input_ids[:e.split], e.labels[:e.split]) for e in pairs]
     rejected = [Example(e.input_ids[e.split:], e.labels[e.split:]) for e in pairs]
     return chosen + rejected

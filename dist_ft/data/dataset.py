@@ -26,7 +26,7 @@ from .quality import QualityReport, balance, clean, dedup, ignored_fields, ignor
 from .sources import DataError, resolve_source
 from .table import ExampleTable
 
-CACHE_VERSION = "6"  # 6: a split column (preference pairs); 5: a conversation opening with an assistant turn no longer trains on its header
+CACHE_VERSION = "7"  # 7: a desirable column (KTO); 6: a split column (preference pairs); 5: a conversation opening with an assistant turn no longer trains on its header
 
 
 @dataclass

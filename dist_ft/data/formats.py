@@ -8,6 +8,10 @@
 - chat: a list of {role, content} turns through the chat template; only assistant turns are targets.
 - sharegpt: a list of {from, value} turns, speakers mapped to roles by data.sharegpt, then exactly as chat.
 - classification: the text, and the label as a class index.
+- preference: a prompt and two answers (chosen, rejected), each through the chat template, answers alone targets;
+  stored as one Example (chosen then rejected, `split` between).
+- unpaired_preference (KTO): a prompt, one completion and whether it is desirable; stored like a pair whose second
+  sequence is the prompt with the previous record's completion (the mismatched sample of KTO's KL estimate).
 
 Templates are rendered to text and tokenized once; the split between prompt and answer is found by rendering the
 conversation up to each assistant turn, which only needs the template to render prefixes of a conversation as
@@ -32,8 +36,10 @@ class Example:
     labels: np.ndarray  # int32 [T], IGNORE where no loss; for classification a single class index
     is_classification: bool = False
     # A preference pair: input_ids and labels hold the chosen sequence, then the rejected one; `split` is the
-    # chosen sequence's length (0: not a pair).
+    # chosen sequence's length (0: not a pair). An unpaired preference example (KTO) is stored the same way: its
+    # own sequence, then the mismatched one, with `desirable` 1 or 0 (-1: not such an example).
     split: int = 0
+    desirable: int = -1
 
 
 @dataclass
@@ -311,6 +317,41 @@ def _pair_example(tok, record: dict, spec: FormatSpec, where: str, stats: Format
     return Example(np.asarray(ci + ri, np.int32), np.asarray(cl + rl, np.int32), split=len(ci))
 
 
+def desirable_label(value: object, where: str, column: str) -> int:
+    """1 for a desirable completion, 0 for an undesirable one: true/false, 1/0, or those words as text."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return int(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return int(value.strip().lower() in ("true", "1"))
+    raise DataError(f"{where}: column {column!r} must say whether the completion is desirable (true or false), "
+                    f"got {value!r}")
+
+
+def _unpaired_example(tok, record: dict, previous: dict, spec: FormatSpec, where: str,
+                      stats: FormatStats) -> Example | None:
+    """A KTO example: the record's prompt and completion, then its prompt with `previous`'s completion (KTO's
+    mismatched pair, as TRL builds it: completions rotated by one); None when dropped (counted)."""
+    c = spec.columns
+    prompt = _column(record, c["prompt"], where, spec.format)
+    label = desirable_label(_column(record, c["label"], where, spec.format), where, c["label"])
+    own = _preference_side(tok, prompt, _column(record, c["completion"], where, spec.format), spec, where,
+                           c["completion"])
+    other = _preference_side(tok, prompt, _column(previous, c["completion"], where, spec.format), spec, where,
+                             c["completion"])
+    if own is None or other is None:
+        stats.dropped_empty += 1
+        return None
+    if spec.too_long == "drop" and len(own[0]) > spec.max_length:
+        stats.dropped_too_long += 1
+        return None
+    (oi, ol, cut), (mi, ml, _) = _fit(*own, spec.max_length), _fit(*other, spec.max_length)
+    if not (_has_target(ol) and _has_target(ml)):
+        stats.dropped_no_target += 1
+        return None
+    stats.truncated += cut
+    return Example(np.asarray(oi + mi, np.int32), np.asarray(ol + ml, np.int32), split=len(oi), desirable=label)
+
+
 def int_label(value: object) -> int | None:
     """An integer label written as an integer or as decimal digits ("3", " -1"); None otherwise."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
@@ -370,8 +411,9 @@ def tokenize_records(tok, records: list[dict], spec: FormatSpec, source: str) ->
                 ids = ids[: spec.max_length]
             examples.append(Example(np.asarray(ids, np.int32), np.asarray([label], np.int32), True))
             continue
-        if spec.format == "preference":
-            ex = _pair_example(tok, record, spec, where, stats)
+        if spec.format in ("preference", "unpaired_preference"):
+            ex = (_pair_example(tok, record, spec, where, stats) if spec.format == "preference" else
+                  _unpaired_example(tok, record, records[n - 1], spec, where, stats))
             if ex is not None:
                 examples.append(ex)
             continue

@@ -99,7 +99,10 @@ def data_report(recipe: Recipe, tok, out_dir: Path, log=print) -> dict:
             counts = Counter(int(e.labels[0]) for e in examples if e.is_classification)
             rep["labels"] = {label_names[k] if k < len(label_names) else str(k): v
                              for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
-    if examples and examples[0].split:  # preference pairs: each side's length, and packing does not apply
+    if examples and examples[0].desirable >= 0:  # KTO: each example's own sequence (its mismatched one is KL's)
+        rep["unpaired"] = _unpaired_counts(examples, d.max_length)
+        examples = [unpair([e])[0] for e in examples]
+    elif examples and examples[0].split:  # preference pairs: each side's length, and packing does not apply
         rep["pairs"] = _pair_lengths(examples, d.max_length)
         examples = [side for e in examples for side in unpair([e])]
     lengths = np.asarray([len(e.input_ids) for e in examples])
@@ -107,7 +110,7 @@ def data_report(recipe: Recipe, tok, out_dir: Path, log=print) -> dict:
         rep["tokens"] = {"samples": int(len(lengths)), "mean": float(lengths.mean()),
                          "p50": int(np.percentile(lengths, 50)), "p95": int(np.percentile(lengths, 95)),
                          "max": int(lengths.max()), "at_max_length": int((lengths >= d.max_length).sum())}
-        if not examples[0].is_classification and "pairs" not in rep:
+        if not examples[0].is_classification and "pairs" not in rep and "unpaired" not in rep:
             rows = pack(examples, d.max_length, d.packing_strategy)
             rep["packing"] = {"rows": len(rows), "samples_per_row": round(len(examples) / max(1, len(rows)), 2),
                               "fill": round(float(lengths.sum()) / (len(rows) * d.max_length), 3),
@@ -133,6 +136,13 @@ def _pair_lengths(pairs: list[Example], max_length: int) -> dict:
         out[side] = {"mean": float(lens.mean()), "p95": int(np.percentile(lens, 95)), "max": int(lens.max())}
     out["at_max_length"] = int(sum(max(e.split, len(e.input_ids) - e.split) >= max_length for e in pairs))
     return out
+
+
+def _unpaired_counts(examples: list[Example], max_length: int) -> dict:
+    """How many answers are desirable, and how many sequences reach max_length (truncated)."""
+    good = sum(e.desirable == 1 for e in examples)
+    return {"examples": len(examples), "desirable": good, "undesirable": len(examples) - good,
+            "at_max_length": int(sum(e.split >= max_length for e in examples))}
 
 
 def _histogram(lengths: np.ndarray, max_length: int, path: Path, log) -> None:
@@ -171,6 +181,10 @@ def _markdown(rep: dict) -> str:
                      f"(p95 {p['chosen']['p95']}, max {p['chosen']['max']}), rejected {p['rejected']['mean']:.1f} "
                      f"(p95 {p['rejected']['p95']}, max {p['rejected']['max']}); {p['at_max_length']} pair(s) reach "
                      f"max_length on a side (truncated there).")
+    if "unpaired" in rep:
+        u = rep["unpaired"]
+        lines.append(f"Unpaired preference examples: {u['examples']}, {u['desirable']} desirable and "
+                     f"{u['undesirable']} not; {u['at_max_length']} reach max_length (truncated there).")
     if "packing" in rep:
         p = rep["packing"]
         lines.append(f"Packing: {p['rows']} rows, {p['samples_per_row']} samples per row, {p['fill']:.0%} full "

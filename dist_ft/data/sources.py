@@ -114,6 +114,19 @@ def _wordnet_preference() -> list[dict]:
             for i, r in enumerate(records) if records[other[i]]["definition"] != r["definition"]]
 
 
+def _wordnet_unpaired() -> list[dict]:
+    """KTO's unpaired data from the same pairs: each prompt once, with its own definition (desirable) or the other
+    word's (undesirable), chosen by a seeded coin, so that no prompt has both answers."""
+    import random
+
+    rng = random.Random(1)
+    out = []
+    for r in _wordnet_preference():
+        good = rng.random() < 0.5
+        out.append({"prompt": r["prompt"], "completion": r["chosen"] if good else r["rejected"], "label": good})
+    return out
+
+
 def _wordnet_categories() -> list[dict]:
     return [{"text": r["definition"], "label": r["category"]} for r in _wordnet_synsets()]
 
@@ -165,6 +178,7 @@ BUILTINS: dict[str, tuple[Callable[[], list[dict]], Callable[[], list[Path]], st
     "wordnet-definitions": (_wordnet_definitions, _wordnet_paths, "wordnet-base"),
     "wordnet-categories": (_wordnet_categories, _wordnet_paths, "wordnet-base"),
     "wordnet-preference": (_wordnet_preference, _wordnet_paths, "wordnet-base"),
+    "wordnet-unpaired": (_wordnet_unpaired, _wordnet_paths, "wordnet-base"),
     "fortunes": (_fortunes, lambda: [FORTUNES_DIR], "fortunes"),
     "pydoc": (_pydoc, lambda: [], "python3"),
 }

@@ -18,14 +18,15 @@ import numpy as np
 
 from .formats import Example
 
-COLUMNS = ("ids", "labels", "starts", "label_starts", "cls", "split")
+COLUMNS = ("ids", "labels", "starts", "label_starts", "cls", "split", "desirable")
 
 
 class ExampleTable(Sequence):
     def __init__(self, ids: np.ndarray, labels: np.ndarray, starts: np.ndarray, label_starts: np.ndarray,
-                 cls: np.ndarray, split: np.ndarray, rows: np.ndarray | None = None):
+                 cls: np.ndarray, split: np.ndarray, desirable: np.ndarray, rows: np.ndarray | None = None):
         self.ids, self.labels, self.starts, self.label_starts, self.cls = ids, labels, starts, label_starts, cls
         self.split = split  # a preference pair's chosen length (Example.split), 0 for everything else
+        self.desirable = desirable  # int8: Example.desirable (KTO), -1 for everything else
         self.rows = rows  # a selection (subset, reorder) of the stored examples; None: all, in order
 
     @classmethod
@@ -39,7 +40,8 @@ class ExampleTable(Sequence):
         ids, labels = [e.input_ids for e in examples], [e.labels for e in examples]
         return cls(flat(ids), flat(labels), starts(ids), starts(labels),
                    np.asarray([e.is_classification for e in examples], np.bool_),
-                   np.asarray([e.split for e in examples], np.int32))
+                   np.asarray([e.split for e in examples], np.int32),
+                   np.asarray([e.desirable for e in examples], np.int8))
 
     @classmethod
     def load(cls, folder: Path, stem: str, *, in_memory: bool = False) -> ExampleTable:
@@ -53,7 +55,8 @@ class ExampleTable(Sequence):
         table = cls(*[column(c) for c in COLUMNS])
         n = len(table.cls)
         if len(table.starts) != n + 1 or len(table.label_starts) != n + 1 or table.starts[-1] != len(table.ids) \
-                or table.label_starts[-1] != len(table.labels) or len(table.split) != n:
+                or table.label_starts[-1] != len(table.labels) or len(table.split) != n \
+                or len(table.desirable) != n:
             raise ValueError(f"{folder}: the {stem} columns disagree on their lengths; delete the folder "
                              "(the data is tokenized again on the next run)")
         return table
@@ -82,13 +85,14 @@ class ExampleTable(Sequence):
         k = i if self.rows is None else int(self.rows[i])
         a, b = int(self.starts[k]), int(self.starts[k + 1])
         c, d = int(self.label_starts[k]), int(self.label_starts[k + 1])
-        return Example(self.ids[a:b], self.labels[c:d], bool(self.cls[k]), int(self.split[k]))
+        return Example(self.ids[a:b], self.labels[c:d], bool(self.cls[k]), int(self.split[k]),
+                       int(self.desirable[k]))
 
     def select(self, indices) -> ExampleTable:
         """The examples at `indices` (of this table), sharing its columns."""
         indices = np.asarray(indices, np.int64)
         return ExampleTable(self.ids, self.labels, self.starts, self.label_starts, self.cls, self.split,
-                            indices if self.rows is None else self.rows[indices])
+                            self.desirable, indices if self.rows is None else self.rows[indices])
 
     def lengths(self) -> np.ndarray:
         """Tokens per example, read from the offsets alone (no token page is touched)."""

@@ -105,8 +105,10 @@ def speed_estimate(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts
                    mb: int) -> dict:
     d, t = recipe.distributed, recipe.training
     fwd, train = training_flops_per_token(facts, mc, seq, d.activation_checkpointing)
-    if recipe.objective.kind in ("dpo", "ipo", "kto"):
+    if recipe.objective.kind in ("dpo", "ipo"):
         train += fwd  # the reference policy's forward (adapters off, no gradients) over the same rows
+    elif recipe.objective.kind == "kto":  # per example: the policy on its mismatched sequence (KL estimate, no
+        train += 3 * fwd  # gradients), and the reference on both sequences
     peak, peak_source = _peak(cluster, d.precision)
     tokens_rank = mb * seq * t.gradient_accumulation_steps
     comm, comm_what = comm_bytes(recipe, facts, mc, rules, cluster.world)

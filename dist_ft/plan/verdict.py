@@ -80,7 +80,8 @@ def _plan(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, mb: int
     rules = byte_rules(d.strategy, d.precision, t.optimizer)
     seq = recipe.data.max_length + mc.extra_seq
     # A preference objective runs both sequences of each pair through the forward: twice the rows of a micro-batch.
-    seq_rows = mb * (1 if recipe.objective.kind == "sft" else 2)
+    # KTO's second sequence (the mismatched one) runs without gradients: no stored activations.
+    seq_rows = mb * (1 if recipe.objective.kind in ("sft", "kto") else 2)
     rows, acts = _rows(recipe, cluster, facts, mc, rules, spec, seq, seq_rows)
     resident = sum(r.device for r in rows if r.phase == "resident")
     fwd_bwd = sum(r.device for r in rows if r.phase == "fwd_bwd")
@@ -148,7 +149,11 @@ def _notes(recipe, cluster: Cluster, mc: MethodCounts, spec: BackendSpec) -> lis
     if mc.quant_note:
         notes.append("qlora base: " + mc.quant_note)
     o = recipe.objective
-    if o.kind != "sft":
+    if o.kind == "kto":
+        notes.append("objective kto: each example's own sequence trains (micro-batch rows); its mismatched sequence "
+                     "(the KL estimate) runs once without gradients, and the reference policy on both: 3 more "
+                     "forwards per example, no stored activations")
+    elif o.kind != "sft":
         notes.append(f"objective {o.kind}: each pair's chosen and rejected sequences run in one forward (2 x "
                      f"micro-batch rows)" + ("; the reference policy (the model with its adapters off) adds one "
                                             "forward without gradients or stored activations"

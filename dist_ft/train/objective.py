@@ -1,6 +1,7 @@
 """What a step optimises: next-token loss on the answers (SFT), or a preference objective on pairs.
 
-`make_objective` picks one from `objective.kind`; the Trainer calls its `step` and the evaluation its `evaluate`.
+`make_objective` picks one from `objective.kind` (kto: kto.py); the Trainer calls its `step` and the evaluation its
+`evaluate`.
 A preference step runs each micro-batch's chosen and rejected sequences through one forward (rows i and i + P of
 the batch are a pair: batching.unpair), the head only at answer positions, and the reference (dpo, ipo) through
 the same model with its adapters switched off, without gradients. The loss is the mean over the pairs of the whole
@@ -14,9 +15,10 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..config.checks import ADAPTER_OFF_METHODS
 from ..data.batching import collate
 from . import preference as P
+from .kto import KTO
+from .reference import ReferencePolicy
 from .step import all_reduce_sum, train_step
 
 METRICS = ("chosen_reward", "rejected_reward", "margin", "reward_accuracy")
@@ -39,24 +41,7 @@ class Preference:
     def __init__(self, cfg, method_kind: str):
         self.kind, self.beta = cfg.kind, cfg.resolved_beta()
         self.label_smoothing, self.gamma = cfg.label_smoothing, cfg.simpo_gamma
-        self.needs_reference = cfg.kind not in P.REFERENCE_FREE
-        # adapter_off: the model with its adapters switched off; precomputed: log-probs of the starting weights
-        # (reference.py), which the Trainer sets before the first step.
-        adapter = cfg.reference == "adapter_off" or (cfg.reference == "auto" and method_kind in ADAPTER_OFF_METHODS)
-        self.mode = None if not self.needs_reference else "adapter_off" if adapter else "precomputed"
-        self.precomputed = None
-
-    # ------------------------------------------------------------------------------------------------ one batch
-    def reference_logps(self, strategy, batch, table: str = "train", indices=None) -> torch.Tensor | None:
-        """The reference policy's answer log-probs of `batch` (pairs `indices` of `table`): precomputed, or the same
-        model with its adapters switched off, without gradients."""
-        if not self.needs_reference:
-            return None
-        if self.mode == "precomputed":
-            return self.precomputed.rows(table, indices, strategy.topo.device)
-        with torch.no_grad(), strategy.unwrap().disable_adapter(), strategy.forward_context():
-            logps, _ = P.sequence_logps(strategy.model, batch)
-        return logps.detach()
+        self.reference = ReferencePolicy(cfg, method_kind)
 
     def losses(self, strategy, batch, ref: torch.Tensor | None) -> tuple[P.PairLosses, torch.Tensor]:
         """The pairs' losses and rewards, and the policy's answer log-probs ([2P]: chosen rows, then rejected)."""
@@ -93,7 +78,7 @@ class Preference:
         sums = [0.0] * 5
         for i, mb in enumerate(micro_batches):
             mb = {k: v.to(topo.device, non_blocking=True) for k, v in mb.items()}
-            ref = self.reference_logps(strategy, mb, "train", indices[i] if indices else None)
+            ref = self.reference.logps(strategy, mb, "train", indices[i] if indices else None)
             with strategy.sync_context(sync=i == len(micro_batches) - 1):
                 with strategy.forward_context():
                     out, _ = self.losses(strategy, mb, ref)
@@ -121,7 +106,7 @@ class Preference:
             chunk = mine[b * micro_batch:(b + 1) * micro_batch] or [0]
             real = len(mine[b * micro_batch:(b + 1) * micro_batch])
             batch = {k: v.to(topo.device) for k, v in collate([pairs[j] for j in chunk], pad_id).items()}
-            ref = self.reference_logps(strategy, batch, "eval", [indices[j] for j in chunk])
+            ref = self.reference.logps(strategy, batch, "eval", [indices[j] for j in chunk])
             with strategy.forward_context():
                 out, logps = self.losses(strategy, batch, ref)
             if real:  # (a rank that ran out ran a dummy batch to keep sharded collectives in step)
@@ -142,4 +127,6 @@ class Preference:
 
 
 def make_objective(recipe):
-    return SFT() if recipe.objective.kind == "sft" else Preference(recipe.objective, recipe.method.kind)
+    kind = recipe.objective.kind
+    return SFT() if kind == "sft" else KTO(recipe.objective, recipe.method.kind) if kind == "kto" else \
+        Preference(recipe.objective, recipe.method.kind)

@@ -1,7 +1,8 @@
-"""The reference policy of a full (or partial) fine-tune, precomputed: every training and held-out pair's answer
-log-probs under the starting weights, computed once before the first step and cached beside the token cache.
+"""The reference policy of dpo, ipo and kto: the model with its adapters switched off, or precomputed.
 
-An adapter method's reference is the model itself with its adapters switched off (objective.py); a full fine-tune
+ReferencePolicy gives a batch's reference log-probs either way. An adapter method's reference is the model itself
+with its adapters switched off. The precomputed reference holds every training and held-out pair's answer log-probs
+under the starting weights, computed once before the first step and cached beside the token cache. A full fine-tune
 changes every weight, so its reference would otherwise be a second, frozen copy of the model. These log-probs are
 all DPO and IPO need of it: two numbers per pair. They are computed with the model as the strategy built it (before
 any checkpoint is loaded, so a resumed run reads the same numbers), sharded over ranks (rank r takes pairs r, r+W,
@@ -21,9 +22,30 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..config.checks import ADAPTER_OFF_METHODS
 from ..data.batching import collate
 from ..distributed import watchdog
-from .preference import sequence_logps
+from .preference import REFERENCE_FREE, sequence_logps
+
+
+class ReferencePolicy:
+    """objective.reference resolved: None (simpo, orpo need none), "adapter_off" or "precomputed" (whose numbers the
+    Trainer sets before the first step, before a checkpoint replaces the starting weights)."""
+
+    def __init__(self, cfg, method_kind: str):
+        adapter = cfg.reference == "adapter_off" or (cfg.reference == "auto" and method_kind in ADAPTER_OFF_METHODS)
+        self.mode = None if cfg.kind in REFERENCE_FREE else "adapter_off" if adapter else "precomputed"
+        self.precomputed: PrecomputedReference | None = None
+
+    def logps(self, strategy, batch, table: str = "train", indices=None) -> torch.Tensor | None:
+        """The reference's answer log-probs of `batch` (rows of examples `indices` of `table`), without gradients."""
+        if self.mode is None:
+            return None
+        if self.mode == "precomputed":
+            return self.precomputed.rows(table, indices, strategy.topo.device)
+        with torch.no_grad(), strategy.unwrap().disable_adapter(), strategy.forward_context():
+            logps, _ = sequence_logps(strategy.model, batch)
+        return logps.detach()
 
 
 class PrecomputedReference:
@@ -69,7 +91,9 @@ def _compute(strategy, pairs, micro_batch: int, pad_id: int) -> np.ndarray:
     strategy.train(False)
     for b in range(rounds):
         idx = mine[b * micro_batch:(b + 1) * micro_batch]
-        batch = {k: v.to(topo.device) for k, v in collate([pairs[i] for i in idx] or [pairs[0]], pad_id).items()}
+        batch = collate([pairs[i] for i in idx] or [pairs[0]], pad_id)
+        batch.pop("desirable", None)  # (KTO's labels: not a model input)
+        batch = {k: v.to(topo.device) for k, v in batch.items()}
         with strategy.forward_context():
             logps, _ = sequence_logps(strategy.model, batch)
         if idx:  # (a rank that ran out ran a dummy batch to keep sharded collectives in step)

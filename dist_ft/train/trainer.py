@@ -83,8 +83,9 @@ class Trainer:
         seed_everything(recipe.seed)
         self._build_model(model_path)
         self.objective = make_objective(recipe)
-        if getattr(self.objective, "mode", None) == "precomputed":  # before a checkpoint replaces the weights
-            self.objective.precomputed = self._reference(model_path)
+        reference = getattr(self.objective, "reference", None)
+        if reference is not None and reference.mode == "precomputed":  # before a checkpoint replaces the weights
+            reference.precomputed = self._reference(model_path)
         fresh = TrainerState(model_build={"num_labels": data.num_labels, "label_names": data.label_names})
         self.state = self.checkpoints.load(fresh, self.scheduler)
         self._build_data()
