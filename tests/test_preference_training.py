@@ -78,7 +78,7 @@ def test_pairs_too_long_are_counted_and_a_pair_with_an_empty_answer_is_dropped(t
 @pytest.mark.parametrize("objective, method, data, fix", [
     ({"kind": "dpo"}, "lora", {"format": "instruction"}, "set data.format: preference"),
     ({"kind": "dpo", "reference": "adapter_off"}, "full", {"format": "preference"}, "needs an adapter method"),
-    ({"kind": "dpo", "reference": "copy"}, "lora", {"format": "preference"}, "copy .* is not available"),
+    ({"kind": "orpo", "reference": "copy"}, "full", {"format": "preference"}, "needs no reference"),
     ({"kind": "sft"}, "lora", {"format": "preference"}, "set objective.kind: dpo"),
     ({"kind": "orpo", "reference": "adapter_off"}, "lora", {"format": "preference"}, "needs no reference"),
     ({"kind": "ipo", "label_smoothing": 0.1}, "lora", {"format": "preference"}, "only used with objective.kind dpo"),
@@ -197,3 +197,44 @@ def test_the_data_report_shows_pair_lengths(tmp_path, tiny_llama):
     pairs = rep["pairs"]
     assert pairs["pairs"] == rep["sources"][0]["kept"] and pairs["chosen"]["max"] <= 48
     assert "packing" not in rep and "Preference pairs:" in (out / "data-report" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("strategy, method", [pytest.param("ddp", "full", marks=pytest.mark.slow),
+                                              pytest.param("fsdp", "full", marks=pytest.mark.slow),
+                                              ("zero3", "full"), ("ddp", "lora")])
+def test_a_frozen_copy_as_reference_trains_what_the_other_references_train(tmp_path, tiny_llama, strategy, method):
+    """reference: copy (a second, frozen model held as the backend holds the policy: replicated, sharded, or a
+    ZeRO-3 inference engine) gives the numbers of the precomputed reference (full) or of the adapters switched off
+    (LoRA), step by step on 2 ranks."""
+    other = "precomputed" if method == "full" else "adapter_off"
+    a_out, a = _recipe(tmp_path, tiny_llama, "other", strategy, method, {"kind": "dpo", "reference": other})
+    b_out, b = _recipe(tmp_path, tiny_llama, "copy", strategy, method, {"kind": "dpo", "reference": "copy"})
+    for path in (a, b):
+        res = run_cli("launch", str(path), "--nproc-per-node", "2")
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert "frozen copy of the starting weights" in res.stdout
+    (x, ex), (y, ey) = read_metrics(a_out), read_metrics(b_out)
+    assert len(x) == len(y) == 6
+    for r, s in zip(x, y):
+        assert r["loss"] == pytest.approx(s["loss"], rel=1e-5, abs=1e-7), (x, y)
+        assert r["chosen_reward"] == pytest.approx(s["chosen_reward"], rel=1e-4, abs=1e-7)
+    for r, s in zip(ex, ey):
+        assert r["eval_loss"] == pytest.approx(s["eval_loss"], rel=1e-5)
+    assert x[-1]["margin"] > 0.01  # the policy really moved from its reference
+
+
+def test_plan_counts_a_frozen_copy_as_a_second_set_of_weights():
+    from dist_ft import plan as P
+
+    cluster = P.make_cluster(nodes=1, gpus_per_node=8, gpu="H100")
+
+    def plan(reference):
+        r = recipe_from_dict({"model": {"path": "builtin:llama-3-8b"}, "method": {"kind": "full"},
+                              "objective": {"kind": "dpo", "reference": reference},
+                              "data": {"format": "preference", "max_length": 512},
+                              "distributed": {"strategy": "fsdp", "precision": "bf16-mixed"}})
+        return {row.key: row for row in P.make_plan(r, cluster, find_max=False).rows}
+
+    pre, cop = plan("precomputed"), plan("copy")
+    assert "reference" not in pre and cop["parameters"].device > 0
+    assert cop["reference"].device == pytest.approx(cop["parameters"].device)

@@ -189,11 +189,7 @@ def _objective_checks(r: Recipe) -> list[str]:
     if o.label_smoothing and o.kind != "dpo":
         p.append(f"objective.label_smoothing: only used with objective.kind dpo (kind is {o.kind}); remove it")
     if o.kind in REFERENCE_OBJECTIVES:
-        if o.reference == "copy":
-            p.append("objective.reference: copy (a second, frozen model) is not available in dist_ft yet; use "
-                     "precomputed (the starting weights' log-probs, computed once: auto picks it for full "
-                     "fine-tuning) or, with an adapter method, adapter_off")
-        elif o.reference == "adapter_off" and r.method.kind not in ADAPTER_OFF_METHODS:
+        if o.reference == "adapter_off" and r.method.kind not in ADAPTER_OFF_METHODS:
             p.append(f"objective.reference: adapter_off needs an adapter method ({', '.join(ADAPTER_OFF_METHODS)}); "
                      f"method.kind is {r.method.kind}: use reference: precomputed (or auto)")
     elif o.reference != "auto":

@@ -308,7 +308,9 @@ class ObjectiveConfig:
     simpo_gamma: float = _f(1.0, "simpo: the target margin between the length-normalised rewards.", ge=0.0)
     reference: Literal["auto", "adapter_off", "precomputed", "copy"] = _f(
         "auto", "dpo, ipo, kto: the reference policy. adapter_off: the model with its adapters switched off (no "
-        "second copy; adapter methods); auto picks it. simpo and orpo need none.")
+        "second copy; adapter methods). precomputed: the starting weights' log-probs of every pair, computed once "
+        "and cached (full, partial). auto picks one of those two. copy: a frozen second model from the starting "
+        "weights, sharded like the policy (twice the weights' memory). simpo and orpo need none.")
     kto_desirable_weight: float = _f(1.0, "kto: weight of desirable answers' losses.", gt=0.0)
     kto_undesirable_weight: float = _f(1.0, "kto: weight of undesirable answers' losses.", gt=0.0)
 

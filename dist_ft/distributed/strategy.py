@@ -55,6 +55,16 @@ class Strategy(ABC):
         """Build the model through `builder` (model.ModelBuilder: `build()` whole, or `build_meta()` plus
         `weights()` for shard-wise loading), shard it, and create the optimizer over its trainable parameters."""
 
+    def frozen_copy(self, builder) -> torch.nn.Module:
+        """A second model from the starting weights, frozen (objective.reference: copy), held as this backend holds
+        the policy's weights: here whole on every rank (DDP). Forward is called on what this returns, under
+        forward_context(), without gradients."""
+        from ..model import is_quantized
+        model = builder.build()
+        if not is_quantized(model):  # a bitsandbytes base is placed by from_pretrained and refuses .to()
+            model = model.to(self.topo.device)
+        return model.requires_grad_(False).eval()
+
     def config_record(self) -> dict:
         """The backend's own resolved configuration, if it has one, for the run's config record (W&B, TensorBoard):
         {name: JSON-able dict}."""

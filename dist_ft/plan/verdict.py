@@ -113,6 +113,10 @@ def _rows(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, rules: 
     """Every row of the memory table, and the activations with and without checkpointing."""
     d, t = recipe.distributed, recipe.training
     rows = state_bytes(mc, rules, d.strategy, d.offload, cluster.world, t.optimizer)
+    o = recipe.objective
+    if o.reference == "copy" and o.kind in ("dpo", "ipo", "kto"):  # a second set of weights, held like the first
+        rows.append(Row("reference", "reference copy", "frozen copy of the weights, held as the policy's",
+                        rows[0].device, rows[0].cpu))
     # Gradients that exist only from the backward to the step grow as the backward frees activations, so they are
     # counted with the step rather than on top of the activations (MemoryRules.grads_with_step).
     if spec.memory.grads_with_step == "always" or (spec.memory.grads_with_step == "cpu" and cluster.is_cpu):

@@ -29,13 +29,16 @@ from .preference import REFERENCE_FREE, sequence_logps
 
 
 class ReferencePolicy:
-    """objective.reference resolved: None (simpo, orpo need none), "adapter_off" or "precomputed" (whose numbers the
-    Trainer sets before the first step, before a checkpoint replaces the starting weights)."""
+    """objective.reference resolved: None (simpo, orpo need none), "adapter_off", "precomputed" or "copy". The
+    Trainer sets the precomputed numbers or the frozen copy (Strategy.frozen_copy) before the first step, before a
+    checkpoint replaces the starting weights."""
 
     def __init__(self, cfg, method_kind: str):
         adapter = cfg.reference == "adapter_off" or (cfg.reference == "auto" and method_kind in ADAPTER_OFF_METHODS)
-        self.mode = None if cfg.kind in REFERENCE_FREE else "adapter_off" if adapter else "precomputed"
+        self.mode = (None if cfg.kind in REFERENCE_FREE else "copy" if cfg.reference == "copy" else
+                     "adapter_off" if adapter else "precomputed")
         self.precomputed: PrecomputedReference | None = None
+        self.copy: torch.nn.Module | None = None
 
     def logps(self, strategy, batch, table: str = "train", indices=None) -> torch.Tensor | None:
         """The reference's answer log-probs of `batch` (rows of examples `indices` of `table`), without gradients."""
@@ -43,6 +46,10 @@ class ReferencePolicy:
             return None
         if self.mode == "precomputed":
             return self.precomputed.rows(table, indices, strategy.topo.device)
+        if self.mode == "copy":
+            with torch.no_grad(), strategy.forward_context():
+                logps, _ = sequence_logps(self.copy, batch)
+            return logps.detach()
         with torch.no_grad(), strategy.unwrap().disable_adapter(), strategy.forward_context():
             logps, _ = sequence_logps(strategy.model, batch)
         return logps.detach()

@@ -86,6 +86,10 @@ class Trainer:
         reference = getattr(self.objective, "reference", None)
         if reference is not None and reference.mode == "precomputed":  # before a checkpoint replaces the weights
             reference.precomputed = self._reference(model_path)
+        elif reference is not None and reference.mode == "copy":
+            reference.copy = self.strategy.frozen_copy(self.builder)
+            self.log("[objective] the reference policy is a frozen copy of the starting weights, held as the "
+                     f"{recipe.distributed.strategy} strategy holds the policy's")
         fresh = TrainerState(model_build={"num_labels": data.num_labels, "label_names": data.label_names})
         self.state = self.checkpoints.load(fresh, self.scheduler)
         self._build_data()

@@ -231,6 +231,25 @@ class DeepSpeedStrategy(Strategy):
         self.optimizer = getattr(optimizer, "optimizer", optimizer)
         self._check_engine()
 
+    def frozen_copy(self, builder) -> torch.nn.Module:
+        """An engine without an optimizer, as TRL builds its reference: ZeRO-3 partitions the copy like the policy
+        (gathered block by block for its forward); under ZeRO-1/2, whose weights are whole on every rank, stage 0.
+        The engine casts the copy to the policy's precision (bf16, fp16) as it casts the policy."""
+        deepspeed = _import_deepspeed()
+        cfg = {k: v for k, v in self._resolved.items() if k not in ("optimizer", "scheduler")}
+        zero = cfg.get("zero_optimization", {})
+        cfg["zero_optimization"] = ({k: v for k, v in zero.items() if k != "offload_optimizer"}
+                                    if self.stage == 3 else {"stage": 0})
+        if self.stage == 3:  # built under zero.Init (the HfDeepSpeedConfig of setup is alive), filled partition-wise
+            model = builder.build_meta(context=contextlib.nullcontext())
+            self._load_partitioned(model, builder.weights(model), deepspeed)
+        else:
+            model = builder.build()
+        model.requires_grad_(False)
+        engine, *_ = deepspeed.initialize(model=model, config=cfg, dist_init_required=False)
+        engine.eval()  # (the engine's eval() returns None, not the module)
+        return engine
+
     def _check_engine(self) -> None:
         """Read back from the engine what it will do and compare with the recipe: a JSON that resolved right but
         was read otherwise by DeepSpeed must not train silently in another precision or with other clipping."""

@@ -65,9 +65,19 @@ class FSDP2Strategy(Strategy):
     name = "fsdp"
 
     def setup(self, builder, make_optimizer: OptimizerFactory) -> None:
+        self.model = self._sharded(builder, frozen=False)
+        self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad])
+
+    def frozen_copy(self, builder) -> torch.nn.Module:
+        """Sharded exactly as the policy: each block gathered for its forward and freed after it."""
+        return self._sharded(builder, frozen=True).eval()
+
+    def _sharded(self, builder, *, frozen: bool) -> torch.nn.Module:
         offload = self.recipe.distributed.offload if self.recipe is not None else "none"
         model = builder.build_meta()
-        if self.activation_checkpointing:
+        if frozen:
+            model.requires_grad_(False)
+        elif self.activation_checkpointing:
             enable_activation_checkpointing(model)
         kwargs = {}
         if self.precision.autocast:
@@ -91,8 +101,7 @@ class FSDP2Strategy(Strategy):
         move_buffers(model, where.buffers)
         weights = builder.weights(model)
         self._load_shards(model, weights, buffers)
-        self.model = model
-        self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+        return model
 
     def _load_shards(self, model: torch.nn.Module, weights, buffers: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
