@@ -12,6 +12,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import read_metrics, run_cli, tiny_recipe, write_recipe
 from dist_ft.config import RecipeError, recipe_from_dict
@@ -82,20 +83,45 @@ def test_pairs_too_long_are_counted_and_a_pair_with_an_empty_answer_is_dropped(t
     ({"kind": "sft"}, "lora", {"format": "preference"}, "set objective.kind: dpo"),
     ({"kind": "orpo", "reference": "adapter_off"}, "lora", {"format": "preference"}, "needs no reference"),
     ({"kind": "ipo", "label_smoothing": 0.1}, "lora", {"format": "preference"}, "only used with objective.kind dpo"),
-    ({"kind": "dpo"}, "lora", {"format": "preference", "packing": True}, "preference pairs are not packed"),
 ])
 def test_a_recipe_that_cannot_train_its_objective_is_refused(objective, method, data, fix):
     with pytest.raises(RecipeError, match=fix):
         recipe_from_dict({"objective": objective, "method": {"kind": method}, "data": data})
 
 
+def test_packed_pairs_give_each_sequence_the_log_prob_it_has_alone(tokenizer, tiny_llama, tmp_path):
+    """Pairs packed into rows (each chosen and rejected sequence a sample of its own: positions restart) give every
+    sequence the log-prob and target count it has in an unpacked batch: no sequence sees another."""
+    from transformers import AutoModelForCausalLM
+
+    from dist_ft.data.batching import pack
+    from dist_ft.train.preference import sequence_logps
+
+    records = [json.loads(line) for line in _pairs(tmp_path / "p.jsonl", n=12).read_text().splitlines()]
+    examples, _ = tokenize_records(tokenizer, records, _spec(), "t")
+    rows = pack(examples, 256)
+    assert len(rows) < len(examples) / 2  # several pairs share a row
+    order = [int(i) for r in range(len(rows)) for i in rows.examples_of(r)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        packed, n_packed = sequence_logps(model, collate(list(rows), pad_id=0))
+        alone, n_alone = sequence_logps(model, collate([examples[i] for i in order], pad_id=0))
+    assert n_packed.tolist() == n_alone.tolist() and int(n_alone.min()) > 0
+    assert torch.allclose(packed, alone, atol=1e-5, rtol=1e-5), (packed - alone).abs().max()
+    with torch.no_grad():  # the same rows with one position sequence per row: the sequences would see each other
+        crossed = collate(list(rows), pad_id=0)
+        crossed["position_ids"] = torch.arange(crossed["input_ids"].size(1)).repeat(crossed["input_ids"].size(0), 1)
+        assert not torch.allclose(sequence_logps(model, crossed)[0], alone, atol=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------- training
 
-def _recipe(tmp_path, model, name, strategy, method, objective, micro=2, offload="none", **training):
-    """micro 2 on 2 ranks, or 4 on 1 rank: the same global batch of 4 pairs."""
+def _recipe(tmp_path, model, name, strategy, method, objective, micro=2, offload="none", packing=False, **training):
+    """micro 2 on 2 ranks, or 4 on 1 rank: the same global batch of 4 pairs (of 4 packed rows)."""
     out = tmp_path / name
     r = tiny_recipe(model, out, data={"train": str(_pairs(tmp_path / "pairs.jsonl")), "format": "preference",
-                                      "eval_fraction": 0.2, "max_train_samples": None, "max_eval_samples": None},
+                                      "eval_fraction": 0.2, "max_train_samples": None, "max_eval_samples": None,
+                                      "packing": packing, "max_length": 96 if packing else 48},
                     method={"kind": method, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}, objective=objective,
                     training={"max_steps": 6, "eval_every": 3,
                               "learning_rate": 1e-3 if method == "full" else 5e-3, "micro_batch_size": micro,
@@ -122,10 +148,18 @@ MORE = [("zero1", "full", {"kind": "dpo"}, "none"), ("zero2", "lora", {"kind": "
         pytest.param("zero2", "full", {"kind": "dpo"}, "optimizer", marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("strategy, method, objective, offload", CASES + MORE)
+# Packed pairs: LoRA (reference: adapters off, over the packed rows) and full (precomputed: looked up by the pairs
+# each packed row holds).
+PACKED = [("ddp", "lora", {"kind": "dpo"}, "packed"), ("fsdp", "full", {"kind": "dpo"}, "packed"),
+          pytest.param("zero3", "full", {"kind": "simpo"}, "packed", marks=SLOW)]
+
+
+@pytest.mark.parametrize("strategy, method, objective, offload", CASES + MORE + PACKED)
 def test_two_ranks_train_what_one_rank_trains(tmp_path, tiny_llama, strategy, method, objective, offload):
-    one, path1 = _recipe(tmp_path, tiny_llama, "one", strategy, method, objective, micro=4, offload=offload)
-    two, path2 = _recipe(tmp_path, tiny_llama, "two", strategy, method, objective, offload=offload)
+    packing, offload = offload == "packed", "none" if offload == "packed" else offload
+    one, path1 = _recipe(tmp_path, tiny_llama, "one", strategy, method, objective, micro=4, offload=offload,
+                         packing=packing)
+    two, path2 = _recipe(tmp_path, tiny_llama, "two", strategy, method, objective, offload=offload, packing=packing)
     res = run_cli("train", str(path1))
     assert res.returncode == 0, res.stderr[-3000:]
     res = run_cli("launch", str(path2), "--nproc-per-node", "2")
@@ -138,7 +172,8 @@ def test_two_ranks_train_what_one_rank_trains(tmp_path, tiny_llama, strategy, me
     for x, y in zip(ea, eb):
         assert x["eval_loss"] == pytest.approx(y["eval_loss"], rel=1e-4)
         assert x["eval_preference_accuracy"] == y["eval_preference_accuracy"]
-    assert a[-1]["loss"] < a[0]["loss"] and ea[-1]["eval_loss"] < ea[0]["eval_loss"]  # it learns to prefer
+    assert ea[-1]["eval_loss"] < ea[0]["eval_loss"]  # it learns to prefer
+    assert packing or a[-1]["loss"] < a[0]["loss"]  # (packed: steps hold 8 or 9 pairs, the last batch's loss is noisy)
     if objective["kind"] == "dpo" and method != "qlora":
         assert abs(a[0]["loss"] - np.log(2)) < 1e-6  # step 1: the policy is its reference (adapters start at 0)
         assert ea[-1]["eval_reward_accuracy"] > 0.5

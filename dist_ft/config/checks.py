@@ -179,8 +179,8 @@ def _objective_checks(r: Recipe) -> list[str]:
     elif d.format != "preference":
         p.append(f"data.format: objective.kind {o.kind} trains on preference pairs; set data.format: preference "
                  "(records with prompt, chosen and rejected)")
-    if d.packing:
-        p.append("data.packing: preference pairs are not packed (a pair must never see another); set it to false")
+    if d.packing and o.kind == "kto":
+        p.append("data.packing: kto examples are not packed (their KL sequences are batch-wise); set it to false")
     if d.streaming:
         p.append(f"data.streaming: objective.kind {o.kind} reads its pairs in memory; set data.streaming: false")
     if o.kind != "kto" and (o.kto_desirable_weight != 1.0 or o.kto_undesirable_weight != 1.0):

@@ -24,6 +24,9 @@ class PackedRow:
     input_ids: np.ndarray
     labels: np.ndarray
     position_ids: np.ndarray
+    # Packed preference pairs: each pair's chosen and rejected lengths, in the row's order (chosen, rejected, next
+    # pair's chosen, ...); each side is a sample of its own (positions restart), so no sequence sees another.
+    pairs: list[tuple[int, int]] | None = None
 
 
 def pack(examples: Sequence[Example], max_length: int, strategy: str = "bfd") -> PackedRows:
@@ -74,11 +77,19 @@ class PackedRows(Sequence):
         if not 0 <= r < len(self):
             raise IndexError(r)
         samples = [self.examples[int(i)] for i in self.members[self.starts[r]:self.starts[r + 1]]]
+        pairs = None
+        if samples and samples[0].split:  # a pair packs as two samples, its chosen and its rejected sequence
+            pairs = [(e.split, len(e.input_ids) - e.split) for e in samples]
+            samples = unpair_sides(samples)
         labels = [e.labels.copy() for e in samples]
         for lab in labels:
             lab[0] = IGNORE
         return PackedRow(np.concatenate([e.input_ids for e in samples]), np.concatenate(labels),
-                         np.concatenate([np.arange(len(e.input_ids), dtype=np.int32) for e in samples]))
+                         np.concatenate([np.arange(len(e.input_ids), dtype=np.int32) for e in samples]), pairs)
+
+    def examples_of(self, r: int) -> np.ndarray:
+        """Which examples row `r` holds, in its order."""
+        return self.members[self.starts[r]:self.starts[r + 1]]
 
 
 def _best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -248,6 +259,8 @@ def collate(items: list, pad_id: int) -> dict[str, torch.Tensor]:
     ids = torch.full((len(items), T), pad_id, dtype=torch.long)
     labels = torch.full((len(items), T), IGNORE, dtype=torch.long)
     packed = isinstance(items[0], PackedRow)
+    if packed and items[0].pairs is not None:
+        return _collate_packed_pairs(items, ids, labels)
     extra = torch.zeros((len(items), T), dtype=torch.long)
     for i, e in enumerate(items):
         n = len(e.input_ids)
@@ -264,6 +277,33 @@ def collate(items: list, pad_id: int) -> dict[str, torch.Tensor]:
     if desirable is not None:
         out["desirable"] = desirable
     return out
+
+
+def _collate_packed_pairs(rows: list[PackedRow], ids: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Packed pair rows, with `segments` [B, T]: the sequence each token belongs to in the order of an unpacked
+    batch of the same P pairs (chosen sides 0..P-1, rejected sides P..2P-1), -1 on padding, so that per-sequence
+    sums come out as from `unpair`."""
+    P = sum(len(r.pairs) for r in rows)
+    B, T = ids.shape
+    positions = torch.arange(T).repeat(B, 1)
+    segments = torch.full((B, T), -1, dtype=torch.long)
+    p = 0
+    for i, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids[i, :n] = torch.from_numpy(r.input_ids.astype(np.int64))
+        labels[i, :n] = torch.from_numpy(r.labels.astype(np.int64))
+        positions[i, :n] = torch.from_numpy(r.position_ids.astype(np.int64))
+        positions[i, n:] = torch.arange(T - n)  # the padding: one more sample of its own
+        at = 0
+        for c, rej in r.pairs:
+            segments[i, at:at + c], segments[i, at + c:at + c + rej] = p, P + p
+            at, p = at + c + rej, p + 1
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, "segments": segments}
+
+
+def unpair_sides(pairs: list) -> list[Example]:
+    """Each pair's chosen then rejected sequence, pair after pair (the order of a packed row)."""
+    return [side for e in pairs for side in unpair([e])]
 
 
 def unpair(pairs: list) -> list[Example]:

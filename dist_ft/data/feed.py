@@ -28,12 +28,18 @@ class TrainFeed:
                 + (f", from record {stream_position:,}" if stream_position else ""))
             return
         parts = data.train_by_source()
+        self.packed = None
         if d.packing:
-            packed = [pack(p, d.max_length, d.packing_strategy) for p in parts]
+            # A preference pair packs whole (its chosen and rejected sequences side by side, each a sample of its
+            # own): rows of twice max_length, as an unpacked pair is two rows of up to max_length.
+            pairs = len(data.train) > 0 and data.train[0].split > 0
+            capacity = d.max_length * (2 if pairs else 1)
+            packed = [pack(p, capacity, d.packing_strategy) for p in parts]
             n_rows = sum(map(len, packed))
-            fill = int(data.train.lengths().sum()) / max(1, n_rows * d.max_length)
-            log(f"[data] packed {len(data.train)} samples into {n_rows} rows of <= {d.max_length} "
-                f"({d.packing_strategy}; {fill:.0%} of each row holds tokens)")
+            fill = int(data.train.lengths().sum()) / max(1, n_rows * capacity)
+            log(f"[data] packed {len(data.train)} {'pairs' if pairs else 'samples'} into {n_rows} rows of <= "
+                f"{capacity} ({d.packing_strategy}; {fill:.0%} of each row holds tokens)")
+            self.packed, self.example_offsets = packed, np.cumsum([0] + [len(p) for p in parts])
             parts = packed
         self.table = parts[0] if len(parts) == 1 else _Concat(parts)
         self.num_rows = len(self.table)
@@ -51,11 +57,20 @@ class TrainFeed:
         return self.take(start, count)[0]
 
     def take(self, start: int, count: int) -> tuple[list, list[int] | None]:
-        """Those rows, and which rows of `table` they are (None for a stream)."""
+        """Those rows, and which examples they hold, numbered as in `memory_table` (None for a stream): a packed
+        row's examples in its order."""
         if self.stream is not None:
             return self.stream.take(count), None
         indices = self.order.rows(start, count)
-        return [self.table[i] for i in indices], indices
+        rows = [self.table[i] for i in indices]
+        if self.packed is None:
+            return rows, indices
+        row_offsets = np.cumsum([0] + [len(p) for p in self.packed])
+        examples = []
+        for i in indices:
+            s = int(np.searchsorted(row_offsets, i, side="right")) - 1
+            examples += (self.packed[s].examples_of(i - int(row_offsets[s])) + int(self.example_offsets[s])).tolist()
+        return rows, examples
 
     @property
     def position(self) -> int | None:

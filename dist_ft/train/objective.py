@@ -24,6 +24,13 @@ from .step import all_reduce_sum, train_step
 METRICS = ("chosen_reward", "rejected_reward", "margin", "reward_accuracy")
 
 
+def pairs_in(batch: dict) -> int:
+    """Pairs in a collated batch: half its rows, or in packed pair rows half its segments."""
+    if "segments" in batch:
+        return (int(batch["segments"].max()) + 1) // 2
+    return batch["input_ids"].size(0) // 2
+
+
 class SFT:
     """Next-token cross-entropy on the target tokens (step.py)."""
     kind = "sft"
@@ -71,7 +78,7 @@ class Preference:
              indices=None):
         """`indices`: per micro-batch, which training pairs it holds (a precomputed reference looks them up)."""
         topo = strategy.topo
-        local_pairs = sum(mb["input_ids"].size(0) // 2 for mb in micro_batches)
+        local_pairs = sum(pairs_in(mb) for mb in micro_batches)
         (global_pairs,) = all_reduce_sum([local_pairs], topo.device)
         # Backends average gradients over ranks: each rank's sum is scaled by world_size / global pairs.
         scale = topo.world_size / max(global_pairs, 1.0) * (math.inf if overflow else 1.0)

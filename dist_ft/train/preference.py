@@ -77,19 +77,27 @@ def kto(pi, ref, desirable, kl, *, beta: float, desirable_weight: float = 1.0,
 
 
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the target tokens' log-probabilities, number of target tokens) per row of `batch`, from one forward
-    whose head runs at target positions only (as the SFT loss does)."""
+    """(sum of the target tokens' log-probabilities, number of target tokens) per sequence of `batch`, from one
+    forward whose head runs at target positions only (as the SFT loss does). A sequence is a row, or in packed pair
+    rows a segment (`segments`: batching._collate_packed_pairs), numbered as the rows of the unpacked batch."""
+    segments = batch.get("segments")
+    batch = {k: v for k, v in batch.items() if k != "segments"}
     logits, targets = forward_logits(model, batch)
     labels = batch["labels"]
     shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
-    if targets.numel() == shifted.numel():  # every position was projected: rows in order, IGNORE masked below
-        rows = torch.arange(labels.size(0), device=labels.device).repeat_interleave(labels.size(1))
+    if segments is None:
+        B = labels.size(0)
+        seq = torch.arange(B, device=labels.device).unsqueeze(1).expand_as(labels)
+    else:  # the target at t is token t+1, in t+1's segment (a segment's first token is never a target)
+        B = int(segments.max()) + 1
+        seq = F.pad(segments[:, 1:], (0, 1), value=-1).to(labels.device)
+    if targets.numel() == shifted.numel():  # every position was projected: in order, IGNORE masked below
+        rows = seq.reshape(-1).clamp(min=0)
     else:
-        rows = (shifted != IGNORE).nonzero()[:, 0]
+        rows = seq[shifted != IGNORE]
     keep = targets != IGNORE
     token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1))[:, 0]
     token_logps = torch.where(keep, token_logps, torch.zeros_like(token_logps))
-    B = labels.size(0)
     sums = torch.zeros(B, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
     counts = torch.zeros(B, dtype=torch.long, device=labels.device).index_add(0, rows, keep.long())
     return sums, counts
