@@ -155,7 +155,9 @@ def _recipe(tmp_path, model, name, strategy, method, micro=2, **training):
 def test_two_ranks_train_what_one_rank_trains(tmp_path, tiny_llama, strategy, method):
     """The KL reference point is estimated over the whole global batch, so 2 ranks x 2 examples equal 1 rank x 4."""
     one, path1 = _recipe(tmp_path, tiny_llama, "one", strategy, method, micro=4)
-    two, path2 = _recipe(tmp_path, tiny_llama, "two", strategy, method)
+    # DDP's 2-rank run accumulates (2 micro-steps of 1): z0 is still over the whole global batch.
+    accum = {"micro": 1, "gradient_accumulation_steps": 2} if strategy == "ddp" else {}
+    two, path2 = _recipe(tmp_path, tiny_llama, "two", strategy, method, **accum)
     res = run_cli("train", str(path1))
     assert res.returncode == 0, res.stderr[-3000:]
     res = run_cli("launch", str(path2), "--nproc-per-node", "2")

@@ -159,7 +159,10 @@ def test_two_ranks_train_what_one_rank_trains(tmp_path, tiny_llama, strategy, me
     packing, offload = offload == "packed", "none" if offload == "packed" else offload
     one, path1 = _recipe(tmp_path, tiny_llama, "one", strategy, method, objective, micro=4, offload=offload,
                          packing=packing)
-    two, path2 = _recipe(tmp_path, tiny_llama, "two", strategy, method, objective, offload=offload, packing=packing)
+    # DDP's 2-rank run accumulates (2 micro-steps of 1): the global batch is the same.
+    accum = {"micro": 1, "gradient_accumulation_steps": 2} if strategy == "ddp" else {}
+    two, path2 = _recipe(tmp_path, tiny_llama, "two", strategy, method, objective, offload=offload, packing=packing,
+                         **accum)
     res = run_cli("train", str(path1))
     assert res.returncode == 0, res.stderr[-3000:]
     res = run_cli("launch", str(path2), "--nproc-per-node", "2")
