@@ -156,3 +156,44 @@ def test_report_of_a_finished_and_of_a_running_run(tmp_path, tiny_llama):
     (out / "metrics.jsonl").write_text("\n".join(l for l in lines if '"end"' not in l) + '\n{"step": 7, "lo')
     res = run_cli("report", str(out))
     assert res.returncode == 0 and "running or stopped" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("kind, checkpointing", [("full", False), ("lora", False), ("partial", False),
+                                                 ("full", True), ("lora", True)])
+def test_step_flops_per_method_match_a_flop_counter(kind, checkpointing):
+    """The FLOPs MFU charges per token for full, LoRA and partial fine-tuning (and HFU, with activation
+    checkpointing's recompute) against torch's FlopCounterMode on a real forward and backward of a tiny Llama:
+    frozen weights get no weight gradients, blocks below the lowest trainable one pass no input gradients."""
+    import peft
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from dist_ft.distributed.activation_checkpointing import enable_activation_checkpointing
+    from dist_ft.telemetry.flops import flops_per_token, method_flops, step_flops_per_token
+
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")  # eager: attention as counted matmuls
+    if kind == "lora":
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"],
+                                                           task_type="CAUSAL_LM"))
+    elif kind == "partial":  # the last block and the head
+        model.requires_grad_(False)
+        for p in [*model.model.layers[-1].parameters(), *model.lm_head.parameters()]:
+            p.requires_grad_(True)
+    if checkpointing:
+        enable_activation_checkpointing(model)
+    model.train()
+    B, T = 2, 64
+    ids = torch.randint(0, cfg.vocab_size, (B, T))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    counted = counter.get_total_flops() / (B * T)
+    model_flops, hardware_flops = step_flops_per_token(cfg, T, method_flops(model, cfg, recompute=checkpointing))
+    assert (hardware_flops if checkpointing else model_flops) == pytest.approx(counted, rel=0.05)
+    if kind == "full":
+        assert model_flops == pytest.approx(flops_per_token(cfg, T))  # PaLM's 6 N + 12 L d T
+    else:
+        assert model_flops < 0.75 * flops_per_token(cfg, T)  # no weight gradients for the frozen matrices

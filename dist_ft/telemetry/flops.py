@@ -2,8 +2,11 @@
 
 Model FLOPs per token follow the PaLM paper (appendix B): 6 N for the matrix multiplies of forward and backward
 over the N non-embedding parameters, plus 12 L d T for attention scores and values (L layers, d model width, T
-tokens in the sequence). Recomputation (activation checkpointing) and frozen weights are not subtracted or added:
-MFU measures useful model work, whatever the method spends.
+tokens in the sequence): forward 2 N + 4 L d T, the backward's input gradients as much again (the attention's
+twice: both operands of its matmuls are activations), the weight gradients 2 N. That is full fine-tuning. A method
+that freezes weights computes less, and `step_flops_per_token` counts what it computes (`MethodFlops`): no weight
+gradients for frozen matrices, no input gradients below the lowest trainable block, the adapters' own matmuls.
+MFU counts that model work; HFU adds what activation checkpointing recomputes.
 """
 
 from __future__ import annotations
@@ -71,7 +74,66 @@ def gpu_peaks(device_name: str) -> GpuPeaks | None:
 
 
 def flops_per_token(config, seq_len: int) -> float:
-    """PaLM model FLOPs per trained token for a Hugging Face decoder config."""
+    """PaLM model FLOPs per trained token for a Hugging Face decoder config (full fine-tuning)."""
+    blocks, head, attention, _ = _matmul_counts(config, seq_len)
+    return 6.0 * (blocks + head) + 3.0 * attention
+
+
+@dataclass(frozen=True)
+class MethodFlops:
+    """What a method's step computes, read off the model (`method_flops`): the share of transformer blocks that pass
+    input gradients back (every block from the lowest one with a trainable parameter up), the share of the base
+    matmul weights that get weight gradients, the adapters' own matmul parameters (trained), and whether the
+    blocks' forward is recomputed (activation checkpointing)."""
+    grad_blocks: float = 1.0
+    weight_grads: float = 1.0
+    adapter_params: int = 0
+    recompute: bool = False
+
+
+def step_flops_per_token(config, seq_len: int, m: MethodFlops = MethodFlops()) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) per trained token of one training step under method `m`. With the defaults
+    (full fine-tuning) the model FLOPs are PaLM's 6 N + 12 L d T."""
+    blocks, head, attention, last = _matmul_counts(config, seq_len)
+    A, g = m.adapter_params, m.grad_blocks
+    forward = 2.0 * (blocks + head + A) + attention
+    input_grads = 2.0 * (head + g * (blocks + A)) + 2.0 * g * attention  # the head's always: it feeds the loss
+    weight_grads = 2.0 * m.weight_grads * (blocks + head) + 2.0 * A
+    model = forward + input_grads + weight_grads
+    # Non-reentrant checkpointing recomputes a block's forward only as far as backward needs saved tensors: not
+    # its last matmul (the MLP's down projection), whose output nothing saves.
+    recompute = g * (2.0 * (blocks - last + A) + attention) if m.recompute else 0.0
+    return model, model + recompute
+
+
+def method_flops(model: torch.nn.Module, config, *, recompute: bool) -> MethodFlops:
+    """MethodFlops of `model` as built (a Hugging Face or PEFT causal LM, unwrapped): from which parameters train."""
+    from ..distributed.fsdp.strategy import transformer_blocks
+
+    blocks = transformer_blocks(model)
+    trains = [any(p.requires_grad for p in b.parameters()) for b in blocks]
+    embeddings = model.get_input_embeddings()
+    if embeddings is not None and any(p.requires_grad for p in embeddings.parameters()):
+        lowest = 0  # a trained embedding needs input gradients all the way down
+    else:
+        lowest = trains.index(True) if True in trains else len(blocks)
+    g = (len(blocks) - lowest) / max(len(blocks), 1)
+    adapters = trained = 0
+    tied = getattr(model.get_output_embeddings(), "weight", None) is getattr(embeddings, "weight", None)
+    for name, p in model.named_parameters():
+        if not p.requires_grad or p.dim() < 2:
+            continue
+        if "lora_" in name:
+            adapters += p.numel()
+        elif p is not getattr(embeddings, "weight", None) or tied:
+            trained += p.numel()
+    blocks_n, head_n, _, _ = _matmul_counts(config, 1)
+    return MethodFlops(g, min(trained / max(blocks_n + head_n, 1), 1.0), adapters, recompute)
+
+
+def _matmul_counts(config, seq_len: int) -> tuple[float, float, float, float]:
+    """(matmul weights of the transformer blocks, of the output head, attention forward FLOPs per token, weights of
+    the blocks' last matmuls: the MLP down projections)."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     d = cfg.hidden_size
     layers = cfg.num_hidden_layers
@@ -84,8 +146,7 @@ def flops_per_token(config, seq_len: int) -> float:
     attn = d * heads * head_dim + 2 * d * kv * head_dim + heads * head_dim * d
     mlp = (3 if gated else 2) * d * inter
     # The output projection to the vocabulary is a matrix multiply too (PaLM counts it with N).
-    n = layers * (attn + mlp) + d * cfg.vocab_size
-    return 6.0 * n + 12.0 * layers * d * seq_len
+    return float(layers * (attn + mlp)), float(d * cfg.vocab_size), 4.0 * layers * d * seq_len, float(layers * d * inter)
 
 
 def gpu_peak(name: str, dtype: str) -> float | None:

@@ -34,7 +34,7 @@ from ..distributed.spec import make_strategy
 from ..distributed.topology import Topology
 from ..model import ModelBuilder, count_parameters, resolve_attention
 from ..preflight import LAUNCHER_FILES
-from ..telemetry.flops import device_peak, flops_per_token, mfu
+from ..telemetry.flops import device_peak, method_flops, mfu, step_flops_per_token
 from ..telemetry.progress import MemoryMeter, Progress
 from ..telemetry.tracker import Tracker
 from .evaluation import RunEvaluator
@@ -265,10 +265,14 @@ class Trainer:
                                  global_batch=self.layout.global_batch, skipped_steps=s.skipped_steps,
                                  memory=self.memory.step())
             record.update(extra)  # a preference objective's rewards, margin and reward accuracy
-            if self.peak:
+            if self.peak:  # what this method computes (frozen weights get no weight gradients); HFU adds recompute
                 seq = tokens / max(1, sum(int(mb["input_ids"].shape[0]) for mb in micro))
-                record["mfu"] = mfu(flops_per_token(self.model_cfg, seq), global_tokens / dt, self.peak,
-                                    topo.world_size)
+                method = method_flops(self.strategy.unwrap(), self.model_cfg,
+                                      recompute=self.recipe.distributed.activation_checkpointing)
+                model_flops, hardware_flops = step_flops_per_token(self.model_cfg, seq, method)
+                record["mfu"] = mfu(model_flops, global_tokens / dt, self.peak, topo.world_size)
+                if hardware_flops != model_flops:
+                    record["hfu"] = mfu(hardware_flops, global_tokens / dt, self.peak, topo.world_size)
             self.tracker.write(record)
         self.progress.update(step=step, loss=loss, tokens_per_s=global_tokens / dt)
         return stops
