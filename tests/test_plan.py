@@ -234,7 +234,8 @@ def test_activation_checkpointing_lowers_activations():
     assert rows(on)["activations"].device < rows(off)["activations"].device / 5
     assert on.device_total < off.device_total
     assert on.activations == off.activations  # both are computed; the recipe picks one
-    assert on.speed["flops_multiple"] == pytest.approx(4.0) and off.speed["flops_multiple"] == pytest.approx(3.0)
+    # recompute: each block's forward up to its last matmul (the MLP's down projection): a little under 1 forward
+    assert 3.7 < on.speed["flops_multiple"] < 4.0 and off.speed["flops_multiple"] == pytest.approx(3.0)
 
 
 def test_activation_formula_by_hand():
@@ -284,7 +285,8 @@ def test_speed_from_flops():
     lora = P.make_plan(load_recipe(None, base + ["method.kind=lora"]), cluster(8), find_max=False)
     fwd = flops_per_token(full.facts.config, 2048) / 3
     assert full.speed["train_flops_per_token"] == pytest.approx(3 * fwd)
-    assert lora.speed["train_flops_per_token"] == pytest.approx(2 * fwd)  # ~2/3 of full
+    # LoRA: no weight gradients for the frozen base, attention's input gradients as for full, the adapters' matmuls
+    assert 0.64 * 3 * fwd < lora.speed["train_flops_per_token"] < 0.72 * 3 * fwd
     compute = 2 * 2048 * 3 * fwd / (989e12 * 0.4)
     assert full.speed["compute_s"] == pytest.approx(compute)
     n, f = 8_030_261_248, 7 / 8

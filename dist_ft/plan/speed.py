@@ -3,11 +3,11 @@ communicates and offloads is read from its spec (`shards`, MemoryRules.reduce_ev
 cpu_optimizer).
 
 Speed (`speed_estimate`): forward FLOPs per token = flops.flops_per_token / 3 (PaLM's 6 N + 12 L d T counts
-forward + backward). Training FLOPs per token = forward x (1 + recompute + g + f): the backward's gradient with
-respect to the inputs costs one forward over the g fraction of blocks that need gradients, the weight gradients one
-forward over the f fraction of trainable parameters, activation checkpointing recomputes the forward of those
-blocks. Full: 3x forward (4x with checkpointing); LoRA: ~2x (no weight-gradient GEMMs for frozen weights: ~2/3 of
-full). Compute time = tokens x FLOPs / (peak x MFU). Communication per rank per step (ring, (n-1)/n of the bytes):
+forward + backward). Training FLOPs per token = telemetry.flops.step_flops_per_token (what MFU counts at run time):
+the backward's gradient with respect to the inputs costs one forward over the g fraction of blocks that need
+gradients (attention twice), the weight gradients one forward over the f fraction of trainable parameters, the
+adapters their own matmuls, activation checkpointing recomputes the forward of those blocks. Full: 3x forward (~4x
+with checkpointing); LoRA: ~2x (no weight-gradient GEMMs for frozen weights: ~2/3 of full). Compute time = tokens x FLOPs / (peak x MFU). Communication per rank per step (ring, (n-1)/n of the bytes):
 DDP all-reduce 2 G; ZeRO-1/2 reduce-scatter of gradients + all-gather of the updated parameters; ZeRO-3 and FSDP
 all-gather the parameters in forward and again in backward and reduce-scatter the gradients (FSDP here reduces in
 fp32: 2+2+4 B per parameter in bf16-mixed), at --intra-gbps within a node and --inter-gbps across nodes. Offload
@@ -28,8 +28,10 @@ from .model import ModelFacts
 
 
 def training_flops_per_token(facts: ModelFacts, mc: MethodCounts, seq: int, checkpointing: bool) -> tuple[float, float]:
-    """(forward FLOPs per token, training FLOPs per token): forward x (1 + recompute + g + f), see the docstring."""
-    from ..telemetry.flops import flops_per_token
+    """(forward FLOPs per token, training FLOPs per token the hardware runs): the count MFU uses at run time
+    (telemetry.flops.step_flops_per_token) for the g fraction of blocks that need input gradients, the f fraction of
+    trainable base weights and the adapters' parameters, plus activation checkpointing's recompute."""
+    from ..telemetry.flops import MethodFlops, flops_per_token, step_flops_per_token
 
     fwd = flops_per_token(facts.config, seq) / 3.0
     L = max(facts.layers, 1)
@@ -37,8 +39,9 @@ def training_flops_per_token(facts: ModelFacts, mc: MethodCounts, seq: int, chec
     f = mc.n_trainable / max(mc.n_total, 1) if mc.kind in ("full", "partial") else 0.0
     if mc.kind == "full":
         g, f = 1.0, 1.0
-    recompute = g if checkpointing else 0.0
-    return fwd, fwd * (1.0 + recompute + g + f)
+    adapters = mc.n_trainable if mc.kind not in ("full", "partial") else 0
+    _, hardware = step_flops_per_token(facts.config, seq, MethodFlops(g, f, adapters, checkpointing))
+    return fwd, hardware
 
 
 def comm_bytes(recipe, facts: ModelFacts, mc: MethodCounts, rules: ByteRules, world: int) -> tuple[float, str]:
