@@ -426,3 +426,13 @@ def test_prediction_within_15_percent_of_a_measured_run(tmp_path, spec):
     measured = res["peak_mb_per_rank"] / 1024
     print(f"\n[plan] {spec}: predicted {predicted:.2f} GiB, measured {measured:.2f} GiB")
     assert abs(predicted / measured - 1) <= 0.15, (predicted, measured)
+
+
+def test_small_speeds_print_significant_figures_not_zero():
+    """A slow machine's plan (here a made-up peak of 5 GFLOP/s for Llama-3-8B LoRA on a CPU 'cluster') prints its
+    tokens/s with significant figures, not as 0."""
+    plan = P.make_plan(load_recipe(None, ["model.path=builtin:llama-3-8b", "method.kind=lora"]),
+                       P.make_cluster(nodes=1, gpus_per_node=2, gpu="cpu", peak_tflops=0.005), find_max=False)
+    line = next(x for x in P.render(plan).splitlines() if x.startswith("speed"))
+    assert plan.speed["tokens_per_s"] < 1 and " 0 tokens/s" not in line, line
+    assert f"{plan.speed['tokens_per_s']:.3g} tokens/s" in line

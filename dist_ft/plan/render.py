@@ -77,8 +77,8 @@ def _verdict_lines(plan: Plan) -> list[str]:
         lines.append(f"offload   {s['offload_s']:.3f} s per step ({s['offload_what']})")
     if s["step_s"]:
         lines.append(f"speed     compute {s['compute_s']:.3f} s at {c.mfu:.0%} MFU of {s['peak_flops'] / 1e12:.3g} "
-                     f"TFLOP/s ({s['peak_source']}); step {s['step_s']:.3f} s; {s['tokens_per_s']:,.0f} tokens/s "
-                     f"({s['tokens_per_s_per_rank']:,.0f} per rank)")
+                     f"TFLOP/s ({s['peak_source']}); step {_sig(s['step_s'])} s; {_sig(s['tokens_per_s'])} tokens/s "
+                     f"({_sig(s['tokens_per_s_per_rank'])} per rank)")
     else:
         lines.append("speed     no peak FLOP/s known for this device (pass --peak-tflops)")
     for n in plan.notes:
@@ -133,3 +133,10 @@ def plan_to_dict(plan: Plan) -> dict:
         "cpu_fits": plan.cpu_fits, "verdict": plan.verdict, "max_micro_batch": plan.max_micro_batch,
         "speed": plan.speed, "notes": plan.notes,
     }
+
+
+def _sig(x: float) -> str:
+    """Three significant figures, with thousands separators for large values: 5,043 / 12.3 / 0.0417 (never 0)."""
+    if x >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.3g}"

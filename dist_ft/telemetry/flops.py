@@ -155,18 +155,23 @@ def gpu_peak(name: str, dtype: str) -> float | None:
     return peaks.for_dtype(dtype) if peaks else None
 
 
-def measured_cpu_peak(threads: int | None = None, size: int = 512, seconds: float = 0.3) -> float:
-    """FLOP/s of this process's fp32 matrix multiply, measured briefly (the CPU's practical peak)."""
+def measured_cpu_peak(threads: int | None = None, size: int = 512, seconds: float = 0.3, windows: int = 5) -> float:
+    """FLOP/s of this process's fp32 matrix multiply (the CPU's practical peak): warmed up, then the median of
+    `windows` short timings, so that one window lost to another process does not set the figure."""
     if threads:
         torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)  # its own stream: the training RNG must not move (exact resume)
     a, b = torch.randn(size, size, generator=g), torch.randn(size, size, generator=g)
-    a @ b  # warm-up
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        n += 1
-    return 2 * size**3 * n / (time.perf_counter() - t0)
+    for _ in range(3):
+        a @ b  # warm-up: first calls allocate and pick kernels
+    rates = []
+    for _ in range(windows):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / windows or n == 0:
+            a @ b
+            n += 1
+        rates.append(2 * size**3 * n / (time.perf_counter() - t0))
+    return sorted(rates)[len(rates) // 2]
 
 
 def device_peak(device: torch.device, dtype: str) -> tuple[float | None, str]:
