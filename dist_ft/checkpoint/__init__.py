@@ -4,6 +4,7 @@ manager.py  CheckpointManager: what to resume from (chosen, verified, loaded), s
 store.py    the files: manifest, atomic writes, listing, hashing, keep-last (knows no backend)
 rng.py      every rank's random streams as JSON
 export.py   `dist-ft export`: a Hugging Face folder from any checkpoint
+gguf_export.py  `dist-ft export --format gguf`: one GGUF file (LoRA merged) for llama.cpp and Ollama
 """
 
 from .rng import restore_rng, rng_state, set_rng_state  # noqa: F401
