@@ -57,6 +57,10 @@ class MemoryRules:
     optimizer_step: str = "per_tensor"
     # The optimizer that steps offloaded state on the host: "torch" or "deepspeed" (DeepSpeedCPUAdam).
     cpu_optimizer: str = "torch"
+    # How a sharded tensor is divided over N ranks: "flat" (numel / N of a flattened partition: DeepSpeed) or
+    # "rows" (each parameter's dim 0 split like torch.chunk, so rank 0 holds ceil(rows / N) rows of every one:
+    # FSDP2; a LoRA A of r < N rows then sits whole on r ranks, not 1/N of it on each).
+    split: str = "flat"
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,10 @@ class BackendSpec:
     launch_config: str = ""      # its accelerate config under launch/accelerate/
     memory: MemoryRules = field(default_factory=MemoryRules)
     kwargs: Mapping[str, Any] = field(default_factory=dict)  # passed to the Strategy class
+    # "module:function" that shards a meta-device model exactly as setup does, called as f(model, precision=,
+    # offload=, pin_memory=) under any process group (a fake one for `dist-ft plan --simulate`); "" when sharding
+    # needs a real group (DeepSpeed) or there is nothing to shard (DDP).
+    meta_shard: str = ""
 
     def refusal(self, key: str) -> str | None:
         return self.refuses.get(key)

@@ -18,6 +18,7 @@ compares strategy names. The modules, each importing only from those above it:
     speed.py        FLOPs, communication, offload time, step time
     verdict.py      the plan: rows, totals, fits or not, the largest micro-batch that fits
     compare.py      --all-strategies: every backend x offload x method its spec accepts, the fastest that fits
+    simulate.py     --simulate: the real model sharded on meta under a fake process group, rank 0's bytes vs the plan
     render.py       text tables and the JSON dict
     command.py      the command line (`main`, `add_parser`, `cmd_plan`)
 """

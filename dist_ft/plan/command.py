@@ -2,6 +2,7 @@
 
     dist-ft plan RECIPE.yaml --nodes N --gpus-per-node G [--gpu H100] [--gpu-memory-gib M] [--cpu-memory-gib C]
                  [--all-strategies] [--mfu 0.4] [--intra-gbps 300] [--inter-gbps 25] [--json] [overrides]
+    dist-ft plan RECIPE.yaml --simulate [--world-size 8,64,1024] [--json] [overrides]   (simulate.py)
     python -m dist_ft.plan RECIPE.yaml ...               (the same)
 
 The recipe is loaded and checked as `dist-ft train` would (dist_ft.config), so a recipe its backend's spec refuses
@@ -38,6 +39,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--intra-gbps", type=float, default=INTRA_NODE_GBPS, help="GB/s per rank within a node")
     p.add_argument("--inter-gbps", type=float, default=INTER_NODE_GBPS, help="GB/s per rank across nodes")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--simulate", action="store_true", help="build the real model on the meta device, shard it with "
+                   "the backend's real code under a fake process group of --world-size ranks, and set rank 0's bytes "
+                   "beside the plan's (fsdp, ddp; DeepSpeed is not simulated)")
+    p.add_argument("--world-size", default="8,64,1024", help="ranks for --simulate, one size or a list: 8,64,1024")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -53,6 +58,8 @@ def cmd_plan(args) -> int:
 
     try:
         recipe = load_recipe(args.recipe, list(args.overrides or []))
+        if args.simulate:
+            return _cmd_simulate(args, recipe)
         cluster = make_cluster(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu=args.gpu,
                                gpu_memory_gib=args.gpu_memory_gib, cpu_memory_gib=args.cpu_memory_gib, mfu=args.mfu,
                                intra_gbps=args.intra_gbps, inter_gbps=args.inter_gbps, peak_tflops=args.peak_tflops)
@@ -76,6 +83,19 @@ def cmd_plan(args) -> int:
     if plans:
         print()
         print(render_comparison(plans, recipe))
+    return 0
+
+
+def _cmd_simulate(args, recipe) -> int:
+    """`--simulate`: the sharded model's bytes per rank beside the plan's formulas (simulate.py)."""
+    from .simulate import parse_worlds, render_simulation, simulate, simulation_to_dict
+
+    sim = simulate(recipe, parse_worlds(args.world_size))
+    if args.json:
+        print(json.dumps(simulation_to_dict(sim)))
+    else:
+        print(f"dist-ft plan --simulate: {args.recipe}")
+        print(render_simulation(sim))
     return 0
 
 

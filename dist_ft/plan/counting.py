@@ -139,10 +139,10 @@ def _adapters(facts: ModelFacts, m, saved_modules: list[str]) -> tuple[list[Para
             i, o, _ = facts.linears[name]
             blk = _block_of_module(facts, name)
             unit = f"block:{blk}" if blk is not None else "root"
-            adapters.append(ParamInfo(f"{name}.lora_A", lo.r * i, 2, blk, unit, None))
-            adapters.append(ParamInfo(f"{name}.lora_B", lo.r * o, 2, blk, unit, None))
+            adapters.append(ParamInfo(f"{name}.lora_A", lo.r * i, 2, blk, unit, None, rows=lo.r))  # r x in
+            adapters.append(ParamInfo(f"{name}.lora_B", lo.r * o, 2, blk, unit, None, rows=o))     # out x r
             if lo.use_dora:
-                adapters.append(ParamInfo(f"{name}.lora_magnitude", o, 1, blk, unit, None))
+                adapters.append(ParamInfo(f"{name}.lora_magnitude", o, 1, blk, unit, None, rows=o))
         # Activation elements per token per block, averaged over the blocks: the input copy LoRA's dropout makes
         # for each targeted Linear (none with dropout 0: peft uses Identity) and the rank-r intermediate.
         in_blocks = [t for t in targets if _block_of_module(facts, t) is not None]
@@ -151,11 +151,12 @@ def _adapters(facts: ModelFacts, m, saved_modules: list[str]) -> tuple[list[Para
     elif kind == "ia3":
         adapters = _ia3_vectors(facts, m.ia3)
     elif kind == "prompt_tuning":
-        adapters = [ParamInfo("prompt_embeddings", m.prompt.num_virtual_tokens * facts.hidden, 2, None, "root", None)]
+        adapters = [ParamInfo("prompt_embeddings", m.prompt.num_virtual_tokens * facts.hidden, 2, None, "root", None,
+                              rows=m.prompt.num_virtual_tokens)]
         extra_seq = m.prompt.num_virtual_tokens
     elif kind == "prefix_tuning":
         adapters = [ParamInfo("prefix_embeddings", m.prompt.num_virtual_tokens * L * 2 * facts.kv_dim, 2, None,
-                              "root", None)]
+                              "root", None, rows=m.prompt.num_virtual_tokens)]
         extra_seq = m.prompt.num_virtual_tokens
     return adapters, targets, dropped, rank, extra_seq
 
@@ -202,5 +203,5 @@ def _ia3_vectors(facts: ModelFacts, ia3) -> list[ParamInfo]:
         is_ff = any(name == f or name.endswith("." + f) for f in ff)
         blk = _block_of_module(facts, name)
         out.append(ParamInfo(f"{name}.ia3_l", i if is_ff else o, 1, blk, f"block:{blk}" if blk is not None else "root",
-                             None))
+                             None, rows=1 if is_ff else o))  # peft: (1, in) or (out, 1)
     return out

@@ -22,8 +22,10 @@ backends' strategy.py), with AdamW (two moments m, v in the dtype of the weights
   adamw_8bit (bitsandbytes): m, v in 8 bits plus one fp32 absmax per 256 values each: 2 + 8/256 B; tensors under
   4096 elements keep 32-bit states (8 B) on ddp; DeepSpeed's flat partition is one tensor (always 8-bit).
   Sharding over world size N (the spec's `shards`): ZeRO-1 divides master and m,v by N; ZeRO-2 also gradients;
-  ZeRO-3 and FSDP also weights; DDP divides nothing. Frozen parameters (LoRA's base, partial's frozen blocks) cost
-  their weights only. QLoRA's base: see counting.py.
+  ZeRO-3 and FSDP also weights; DDP divides nothing. DeepSpeed's partitions are flat (numel / N); FSDP2 splits
+  each tensor's dim 0 (`per_rank`, MemoryRules.split): rank 0 holds ceil(rows / N) rows of each, so a LoRA A of
+  r rows costs it a whole row (in_features) once N > r, not r x in / N (checked by `plan --simulate`). Frozen
+  parameters (LoRA's base, partial's frozen blocks) cost their weights only. QLoRA's base: see counting.py.
   Offload (`distributed.offload`, the spec's MemoryRules.offload_moves) moves: fsdp params/all -> weights, grads
   and m,v shards to CPU (the step runs there); zero1/zero2/zero3 optimizer -> master, m,v and an fp32 gradient
   partition to CPU; zero3 params -> the weight partitions; zero3 all -> both. Reported in the CPU column.
@@ -121,6 +123,15 @@ class Row:
     phase: str = "resident"   # resident | fwd_bwd | step | runtime | info
 
 
+def per_rank(params, world: int, split: str) -> float:
+    """Elements of `params` on the most loaded of `world` ranks, each tensor split as the backend splits it
+    (MemoryRules.split): "flat" numel / N; "rows" ceil(rows / N) rows of every tensor, rank 0's chunk (the largest,
+    and the size FSDP2 pads every rank's storage to). `dist-ft plan --simulate` checks this against the shards."""
+    if world == 1 or split == "flat":
+        return sum(p.numel for p in params) / world
+    return sum(-(-p.rows // world) * (p.numel // p.rows) if p.rows else p.numel / world for p in params)
+
+
 def state_bytes(mc: MethodCounts, rules: ByteRules, strategy: str, offload: str, world: int,
                 optimizer: str) -> list[Row]:
     """Parameters, gradients, optimizer state and master weights per rank: (device bytes, CPU bytes)."""
@@ -130,15 +141,21 @@ def state_bytes(mc: MethodCounts, rules: ByteRules, strategy: str, offload: str,
     shard_g = 1 / n if "grads" in spec.shards else 1.0
     shard_o = 1 / n if "optimizer" in spec.shards else 1.0
     T, F, Q = mc.n_trainable, mc.n_frozen, mc.n_quantized
-    weights = (T + F) * rules.weights + Q * mc.quant_bytes
-    grads = T * rules.grads
+
+    def local(params, what: str) -> float:  # elements of `params` on the most loaded rank
+        return per_rank(params, n if what in spec.shards else 1, spec.memory.split)
+
+    T_o = local(mc.trainable, "optimizer")
+    w_dev = (local(mc.trainable, "params") + local(mc.frozen, "params")) * rules.weights \
+        + local(mc.quantized, "params") * mc.quant_bytes
+    g_dev = local(mc.trainable, "grads") * rules.grads
     master = T * rules.master
+    m_dev = T_o * rules.master
     if optimizer == "adamw_8bit" and spec.memory.optimizer_step == "per_tensor":
         small = sum(p.numel for p in mc.trainable if p.numel < ADAM_8BIT_MIN_SIZE)
-        opt = (T - small) * ADAM_8BIT_BYTES + small * 2 * rules.weights
+        o_dev = ((T - small) * ADAM_8BIT_BYTES + small * 2 * rules.weights) * (T_o / T if T else 0.0)
     else:
-        opt = T * rules.optimizer
-    w_dev, g_dev, m_dev, o_dev = weights * shard_w, grads * shard_g, master * shard_o, opt * shard_o
+        o_dev = T_o * rules.optimizer
     w_cpu = g_cpu = m_cpu = o_cpu = 0.0
     moves = spec.memory.offload_moves.get(offload, frozenset())
     if "params" in moves:

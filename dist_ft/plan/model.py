@@ -24,6 +24,12 @@ BUILTIN_MODELS: dict[str, dict] = {
                         vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
                         hidden_act="silu", attention_bias=False, tie_word_embeddings=False, bos_token_id=128000,
                         eos_token_id=128001),
+    # Llama-3.1-405B's shape (its rope_scaling left out: it changes no parameter)
+    "llama-3.1-405b": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=16384,
+                           intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128,
+                           num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+                           rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu", attention_bias=False,
+                           tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001),
     "qwen2.5-7b": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=3584,
                        intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                        vocab_size=152064, max_position_embeddings=131072, rope_theta=1000000.0, rms_norm_eps=1e-6,
@@ -45,7 +51,8 @@ BUILTIN_MODELS: dict[str, dict] = {
                          type_vocab_size=2, hidden_act="gelu", hidden_dropout_prob=0.1,
                          attention_probs_dropout_prob=0.1, layer_norm_eps=1e-12, pad_token_id=0),
 }
-BUILTIN_ALIASES = {"meta-llama-3-8b": "llama-3-8b", "meta-llama-3-70b": "llama-3-70b", "qwen2.5-7b": "qwen2.5-7b",
+BUILTIN_ALIASES = {"meta-llama-3-8b": "llama-3-8b", "meta-llama-3-70b": "llama-3-70b", "llama-3-405b": "llama-3.1-405b",
+                   "meta-llama-3.1-405b": "llama-3.1-405b", "qwen2.5-7b": "qwen2.5-7b",
                    "mistral-7b": "mistral-7b-v0.1", "smollm2-135m-instruct": "smollm2-135m"}
 LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3", "olmo2", "granite")
 
@@ -62,6 +69,7 @@ class ParamInfo:
     out_features: int = 0
     head: bool = False
     embed: bool = False
+    rows: int = 0               # size of dim 0, which FSDP2 splits over ranks (0: a scalar, or not known)
 
 
 @dataclass
@@ -248,7 +256,8 @@ def _param_infos(model, ends: _Ends, task: str) -> tuple[list[ParamInfo], dict[s
         lin = linear_of.get(id(p))
         params.append(ParamInfo(name=name, numel=p.numel(), ndim=p.dim(), block=blk, unit=unit,
                                 linear=lin[0] if lin else None, in_features=lin[1] if lin else 0,
-                                out_features=lin[2] if lin else 0, head=is_head, embed=is_embed))
+                                out_features=lin[2] if lin else 0, head=is_head, embed=is_embed,
+                                rows=p.shape[0] if p.dim() else 0))
     return params, linears
 
 

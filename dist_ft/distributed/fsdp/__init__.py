@@ -12,6 +12,7 @@ SPECS = (
                  "offload:optimizer": "FSDP2 offloads parameters together with their optimizer state; use offload: "
                                       "all (or params), or zero1/zero2 for optimizer-only offload"},
         offloads=("none", "all"), accelerate_type="FSDP", launch_config="fsdp.yaml",
+        meta_shard=f"{__name__}.strategy:shard_model",
         memory=MemoryRules(buffers="fsdp_units", offload_moves={"params": _ALL, "all": _ALL},
-                           grads_with_step="always", cpu_optimizer="torch")),
+                           grads_with_step="always", cpu_optimizer="torch", split="rows")),
 )

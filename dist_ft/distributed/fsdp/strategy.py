@@ -1,8 +1,8 @@
 """FSDP2: parameters, gradients and optimizer state sharded across ranks with `fully_shard`.
 
 Wrap order (fixed, as in torchtitan and torchtune): build on the meta device with the method applied ->
-activation checkpointing -> `fully_shard` every transformer block, then the root -> allocate only the local
-shards -> fill them row-range by row-range from the safetensors files (no rank ever holds a whole copy) ->
+activation checkpointing -> `fully_shard` every transformer block, then the root (`shard_model`) -> allocate only
+the local shards -> fill them row-range by row-range from the safetensors files (no rank ever holds a whole copy) ->
 check nothing is left on meta.
 
 Transformer blocks are found from the model itself: the classes named in `_no_split_modules` (every Hugging Face
@@ -19,6 +19,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from torch.distributed.tensor import DTensor, Shard
 
 from ..activation_checkpointing import enable_activation_checkpointing
+from ..precision import PrecisionPlan
 from ..strategy import OptimizerFactory, Strategy
 
 
@@ -34,6 +35,29 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
             return list(m)
     raise ValueError(f"{type(model).__name__}: no transformer blocks found to shard (no _no_split_modules and no "
                      "ModuleList of identical blocks); use distributed.strategy: ddp or zero3")
+
+
+def shard_model(model: torch.nn.Module, *, precision: PrecisionPlan, offload: str, pin_memory: bool) -> None:
+    """`fully_shard` every transformer block, then the untied embeddings, then the root: the wrap order of `setup`.
+
+    Allocates nothing on a meta-device model (the shards stay on meta), so `dist-ft plan --simulate` runs this same
+    function under a fake process group of any size (plan/simulate.py).
+    """
+    kwargs = {}
+    if precision.autocast:
+        # FSDP casts the gathered parameters itself; gradients are reduced in fp32.
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=precision.compute_dtype, reduce_dtype=torch.float32)
+    if offload in ("params", "all", "optimizer"):
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=pin_memory)
+    for block in transformer_blocks(model):
+        fully_shard(block, **kwargs)
+    # Untied input and output embeddings get units of their own (as in torchtitan): with a large vocabulary
+    # they are the biggest tensors, and in the root unit they would stay gathered for the whole step.
+    inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is not None and outp is not None and inp.weight is not outp.weight:
+        fully_shard(inp, **kwargs)
+        fully_shard(outp, **kwargs)
+    fully_shard(model, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -79,22 +103,7 @@ class FSDP2Strategy(Strategy):
             model.requires_grad_(False)
         elif self.activation_checkpointing:
             enable_activation_checkpointing(model)
-        kwargs = {}
-        if self.precision.autocast:
-            # FSDP casts the gathered parameters itself; gradients are reduced in fp32.
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.precision.compute_dtype,
-                                                       reduce_dtype=torch.float32)
-        if offload in ("params", "all", "optimizer"):
-            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.topo.device.type == "cuda")
-        for block in transformer_blocks(model):
-            fully_shard(block, **kwargs)
-        # Untied input and output embeddings get units of their own (as in torchtitan): with a large vocabulary
-        # they are the biggest tensors, and in the root unit they would stay gathered for the whole step.
-        inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
-        if inp is not None and outp is not None and inp.weight is not outp.weight:
-            fully_shard(inp, **kwargs)
-            fully_shard(outp, **kwargs)
-        fully_shard(model, **kwargs)
+        shard_model(model, precision=self.precision, offload=offload, pin_memory=self.topo.device.type == "cuda")
         buffers = {n: b.clone() for n, b in model.named_buffers() if b.device.type != "meta"}
         where = placement(offload=offload, device=self.topo.device)
         model.to_empty(device=where.params)
