@@ -105,7 +105,8 @@ def test_an_optimizer_of_another_kind_is_refused(tmp_path, tiny_llama):
     assert any("optimizer type 'Lamb'" in p for p in problems), problems
 
 
-@pytest.mark.parametrize("json_kind,precision", [("transformers", "fp32"), ("minimal", "bf16-mixed")])
+@pytest.mark.parametrize("json_kind,precision", [pytest.param("transformers", "fp32", marks=pytest.mark.slow),
+                                                 ("minimal", "bf16-mixed")])
 def test_user_json_trains_with_the_recipe_lr_precision_and_clipping(tmp_path, tiny_llama, json_kind, precision):
     """transformers' ZeRO-2 JSON without its scheduler (as check asks), with its own optimizer section; and a
     minimal JSON with no precision, clipping or optimizer at all. The run's lr per step is the recipe's schedule

@@ -212,9 +212,15 @@ def test_bitfit_on_a_model_without_biases_is_refused(tiny_llama, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- processes
 
-PARITY = [("qlora", "ddp"), ("qlora", "zero2"), ("ia3", "ddp"), ("ia3", "fsdp"), ("ia3", "zero3"),
-          ("prompt_tuning", "ddp"), ("prompt_tuning", "zero2"), ("prefix_tuning", "ddp"), ("partial", "ddp"),
-          ("partial", "fsdp"), ("partial", "zero3"), ("gradual", "ddp"), ("gradual", "fsdp"), ("full", "ddp")]
+_SLOW = pytest.mark.slow
+# CI time: each method on one or two backends in the non-slow run, the rest in the slow suite (full under DDP is
+# test_strategies' parity; QLoRA under DDP also tests_preference_training's).
+PARITY = [pytest.param("qlora", "ddp", marks=_SLOW), ("qlora", "zero2"), ("ia3", "ddp"),
+          pytest.param("ia3", "fsdp", marks=_SLOW), pytest.param("ia3", "zero3", marks=_SLOW),
+          ("prompt_tuning", "ddp"), pytest.param("prompt_tuning", "zero2", marks=_SLOW),
+          pytest.param("prefix_tuning", "ddp", marks=_SLOW), ("partial", "ddp"), ("partial", "fsdp"),
+          pytest.param("partial", "zero3", marks=_SLOW), ("gradual", "ddp"), pytest.param("gradual", "fsdp", marks=_SLOW),
+          pytest.param("full", "ddp", marks=_SLOW)]
 
 
 def _losses(tmp_path, name, model, method, nproc, micro, strategy="ddp"):
@@ -250,7 +256,7 @@ def test_two_processes_match_one(tmp_path, tiny_llama, one_process, method, stra
         assert abs(a - b) <= 1e-4 * abs(a), (method, strategy, ref, two)
 
 
-@pytest.mark.parametrize("method", ["qlora", "dora"])
+@pytest.mark.parametrize("method", ["qlora", pytest.param("dora", marks=pytest.mark.slow)])
 def test_merge_lora_export(tmp_path, tiny_llama, method):
     """--merge-lora gives the adapter model's logits: DoRA, and QLoRA (merged into a dequantised, full-precision
     base, compared with the adapter on that same base)."""

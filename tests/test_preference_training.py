@@ -142,7 +142,7 @@ CASES = [("ddp", "lora", {"kind": "dpo"}, "none"), pytest.param("fsdp", "full", 
 
 # The other backends and methods: ZeRO-1, ZeRO-2 with the optimizer offloaded, QLoRA (4-bit base; the reference is
 # the quantised base with the adapters off) under DDP and ZeRO-2.
-MORE = [("zero1", "full", {"kind": "dpo"}, "none"), ("zero2", "lora", {"kind": "dpo"}, "optimizer"),
+MORE = [pytest.param("zero1", "full", {"kind": "dpo"}, "none", marks=SLOW), ("zero2", "lora", {"kind": "dpo"}, "optimizer"),
         ("ddp", "qlora", {"kind": "dpo"}, "none"),
         pytest.param("zero2", "qlora", {"kind": "ipo"}, "none", marks=pytest.mark.slow),
         pytest.param("zero2", "full", {"kind": "dpo"}, "optimizer", marks=pytest.mark.slow)]
@@ -248,7 +248,7 @@ def test_the_data_report_shows_pair_lengths(tmp_path, tiny_llama):
 
 @pytest.mark.parametrize("strategy, method", [pytest.param("ddp", "full", marks=pytest.mark.slow),
                                               pytest.param("fsdp", "full", marks=pytest.mark.slow),
-                                              ("zero3", "full"), ("ddp", "lora")])
+                                              ("zero3", "full"), pytest.param("ddp", "lora", marks=pytest.mark.slow)])
 def test_a_frozen_copy_as_reference_trains_what_the_other_references_train(tmp_path, tiny_llama, strategy, method):
     """reference: copy (a second, frozen model held as the backend holds the policy: replicated, sharded, or a
     ZeRO-3 inference engine) gives the numbers of the precomputed reference (full) or of the adapters switched off

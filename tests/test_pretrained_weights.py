@@ -183,7 +183,7 @@ def test_every_build_path_equals_from_pretrained(tmp_path, strategy, tiny_qwen2,
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", pytest.param("zero3", marks=pytest.mark.slow)])
 def test_bundled_models_equal_from_pretrained(tmp_path, strategy):
     from dist_ft.assets import resolve_model_path
 
