@@ -3,10 +3,13 @@
     .venv/bin/python benchmarks/compare.py                    # job a, 30 steps, 2 rounds (~15 min on 2 cores)
     .venv/bin/python benchmarks/compare.py --job b --steps 10 # job b: full fine-tuning, FSDP2 and ZeRO-3
     .venv/bin/python benchmarks/compare.py --job a --steps 8 --profile   # where the time goes (py-spy)
+    .venv/bin/python benchmarks/compare.py --job dpo --steps 20 --rounds 1  # DPO against TRL's DPOTrainer
 
 Jobs, each on 2 processes x 1 thread, fp32, micro-batch 4, examples of <= 128 tokens:
   a  LoRA r16 (all linear layers) on the bundled SmolLM2-135M-Instruct, WordNet definitions, DDP
   b  full fine-tuning of a random ~130M Llama-shaped model on the same data, FSDP2 and DeepSpeed ZeRO-3
+  dpo  DPO with LoRA on the bundled SmolLM2-135M-Instruct, WordNet preference pairs, DDP, against TRL's
+       DPOTrainer and benchmarks/raw_dpo.py, in pairs/s (benchmarks/compare_dpo.py says how)
 
 Runners, alternated within each round (the machine is noisy, so every ratio is taken within a round and the
 median over rounds is reported):
@@ -76,14 +79,11 @@ def job_recipe(job: dict, *, model: str, strategy: str, steps: int, out: Path, p
 
 def export_job(recipe: dict, job_dir: Path, *, positions: int) -> Path:
     """Run dist_ft's data pipeline once and write what the raw loop and TRL read (see compare_common.py)."""
-    import torch
-    from safetensors.torch import save_file
-
     from dist_ft.assets import resolve_model_path
     from dist_ft.config import recipe_from_dict
     from dist_ft.data.batching import SampleOrder
     from dist_ft.data.dataset import _collect, prepare_data
-    from dist_ft.model import LazyTokenizer, ModelBuilder
+    from dist_ft.model import LazyTokenizer
 
     rec = recipe_from_dict(recipe)
     path = resolve_model_path(rec.model.path)
@@ -105,22 +105,34 @@ def export_job(recipe: dict, job_dir: Path, *, positions: int) -> Path:
     order = SampleOrder(len(data.train), rec.seed, d.shuffle).rows(0, positions)
     (job_dir / "train.jsonl").write_text("".join(line(data.train[i], records[i]) for i in order))
     (job_dir / "eval.jsonl").write_text("".join(line(e, r) for e, r in zip(data.eval, held)))
-    t = rec.training
-    job = {"model_path": str(path), "pad_id": data.pad_token_id, "micro_batch": t.micro_batch_size,
+    write_job(rec, path, job_dir, pad_id=data.pad_token_id, positions=positions)
+    return job_dir
+
+
+def write_job(rec, path: Path, job_dir: Path, *, pad_id: int, positions: int, **extra) -> dict:
+    """job.json (model, batch, optimiser and schedule settings, and `extra`) and, for LoRA, the adapter's initial
+    values as dist_ft sets them (init_adapter.safetensors)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dist_ft.model import ModelBuilder
+
+    t, d = rec.training, rec.data
+    job = {"model_path": str(path), "pad_id": pad_id, "micro_batch": t.micro_batch_size,
            "steps": t.max_steps, "learning_rate": t.learning_rate, "warmup_steps": t.warmup_steps,
            "weight_decay": t.weight_decay, "betas": [t.adam_beta1, t.adam_beta2], "eps": t.adam_eps,
            "max_grad_norm": t.max_grad_norm, "seed": rec.seed, "max_length": d.max_length,
-           "method": rec.method.kind, "positions": positions}
+           "method": rec.method.kind, "positions": positions, **extra}
     if rec.method.kind == "lora":
         lo = rec.method.lora
         job["lora"] = {"r": lo.r, "alpha": lo.alpha, "dropout": lo.dropout, "target_modules": lo.target_modules}
-        model = ModelBuilder(rec, path, num_labels=None, label_names=[], pad_token_id=data.pad_token_id,
+        model = ModelBuilder(rec, path, num_labels=None, label_names=[], pad_token_id=pad_id,
                              dtype=torch.float32, attn_implementation="sdpa").build()
         save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
                   job_dir / "init_adapter.safetensors")
         del model
     (job_dir / "job.json").write_text(json.dumps(job, indent=1))
-    return job_dir
+    return job
 
 
 def matmul_peak(nproc: int, seconds: float = 3.0) -> float:
@@ -326,15 +338,16 @@ NOT_STEP = ("run_eval", "evaluate (", "heldout_loss", "_save_final", "save_final
             "init_process_group", "fully_shard (", "_find_and_load (", "measured_cpu_peak")
 
 
-def where_time_goes(raw_file: Path, kind: str) -> dict[str, float]:
+def where_time_goes(raw_file: Path, kind: str, *, in_loop: dict = IN_LOOP, categories: list = CATEGORIES,
+                    not_step: tuple = NOT_STEP) -> dict[str, float]:
     """Share of the training ranks' samples (steps only: no set-up, evaluation or saving) by category."""
     counts = collections.Counter()
     for line in raw_file.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
-        if not n.isdigit() or not any(k in stack for k in IN_LOOP[kind]) or any(k in stack for k in NOT_STEP):
+        if not n.isdigit() or not any(k in stack for k in in_loop[kind]) or any(k in stack for k in not_step):
             continue
         frames = stack.split(";")
-        cat = next((c for c, keys in CATEGORIES if any(k in f for f in frames for k in keys)), None)
+        cat = next((c for c, keys in categories if any(k in f for f in frames for k in keys)), None)
         if cat is None:  # the framework's own code: the innermost frame says where
             cat = "other: " + frames[-1].split(" (")[0] + " (" + frames[-1].split(" (")[-1].split(":")[0].split("/")[-1]
         counts[cat] += int(n)
@@ -370,7 +383,7 @@ def profile(job: dict, job_dir: Path, work: Path, steps: int, nproc: int) -> str
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--job", default="a", choices=["a", "b", "all"])
+    p.add_argument("--job", default="a", choices=["a", "b", "dpo", "all"])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--nproc", type=int, default=2)
@@ -382,7 +395,13 @@ def main(argv: list[str] | None = None) -> int:
     QUIET_WAIT[0] = a.quiet_wait
     argv_text = " ".join(argv if argv is not None else sys.argv[1:])
     work_root = Path(os.environ.get("TMPDIR", "/tmp")) / "dist_ft_compare"
-    for key in (["a", "b"] if a.job == "all" else [a.job]):
+    for key in (["a", "b", "dpo"] if a.job == "all" else [a.job]):
+        if key == "dpo":
+            import compare_dpo
+            compare_dpo.run_job(steps=a.steps, rounds=a.rounds, nproc=a.nproc, work=work_root / key, argv=argv,
+                                only=set(a.only.split(",")) if a.only else None, argv_text=argv_text,
+                                profile=a.profile)
+            continue
         job = dict(JOBS[key])
         if job["model"] == "llama-130m":
             sys.path.insert(0, str(REPO / "benchmarks"))
@@ -455,4 +474,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("compare", sys.modules[__name__])  # compare_dpo imports it by name: one copy, one QUIET_WAIT
     raise SystemExit(main())

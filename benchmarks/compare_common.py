@@ -1,6 +1,6 @@
-"""What the raw loop (raw_loop.py) and the TRL runner (trl_sft.py) of benchmarks/compare.py share, without dist_ft:
-reading the exported job, the learning-rate schedule, padding a micro-batch, the held-out loss, and each
-rank's peak memory.
+"""What the raw loops (raw_loop.py, raw_dpo.py) and the TRL runners (trl_sft.py, trl_dpo.py) of
+benchmarks/compare.py share, without dist_ft: reading the exported job, the learning-rate schedule, padding a
+micro-batch, the held-out loss (SFT) or DPO loss and preference accuracy (pairs), and each rank's peak memory.
 
 The job folder is written once per invocation by compare.py from dist_ft's own data pipeline:
 
@@ -8,6 +8,8 @@ The job folder is written once per invocation by compare.py from dist_ft's own d
     train.jsonl       one line per global sample position, in dist_ft's order: input_ids, labels (-100 where no
                       loss), and the record as prompt/completion messages (what TRL is given)
     eval.jsonl        the held-out examples, the same fields
+                      (the DPO job: one line per pair, chosen_ids/chosen_labels and rejected_ids/rejected_labels as
+                      dist_ft tokenised them, and the record as prompt/chosen/rejected messages, what TRL is given)
     init_adapter.safetensors   (LoRA jobs) the adapter's initial values as dist_ft sets them (name-seeded)
 
 Rank r of step s reads positions s*G + r*B .. s*G + (r+1)*B (G = B x world size), as dist_ft does.
@@ -93,6 +95,71 @@ def heldout_loss(model: torch.nn.Module, examples: list[dict], *, pad_id: int, m
     if world > 1:
         dist.all_reduce(total)
     return float(total[0] / max(total[1], 1))
+
+
+# ------------------------------------------------------------------------------------------------ pairs (DPO)
+
+def collate_pairs(pairs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """A micro-batch of pairs as rows, every chosen sequence then every rejected one (rows i and i + P are a pair),
+    padded to the longest of all, as dist_ft's collate and TRL's DataCollatorForPreference do."""
+    rows = [{"input_ids": p["chosen_ids"], "labels": p["chosen_labels"]} for p in pairs]
+    rows += [{"input_ids": p["rejected_ids"], "labels": p["rejected_labels"]} for p in pairs]
+    return collate(rows, pad_id)
+
+
+def pair_tokens(pairs: list[dict]) -> int:
+    """Real (non-padding) tokens of both sides of the pairs."""
+    return sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
+
+
+def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per row, the sum of the answer tokens' log-probabilities, from one forward whose head runs at answer
+    positions only (train_loss_sum's forward)."""
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
+    keep = targets != IGNORE
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    token = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[keep].unsqueeze(-1))[:, 0]
+    rows = keep.nonzero()[:, 0]  # row-major, the order of the kept positions
+    return torch.zeros(keep.size(0), dtype=token.dtype).index_add(0, rows, token)
+
+
+def dpo_losses(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair, the DPO loss -log sigmoid(h) and h = beta ((pi_c - ref_c) - (pi_r - ref_r)); rows as collate_pairs."""
+    k = policy.size(0) // 2
+    h = beta * ((policy[:k] - reference[:k]) - (policy[k:] - reference[k:]))
+    return -F.logsigmoid(h), h.detach()
+
+
+@torch.no_grad()
+def heldout_preference(model: torch.nn.Module, pairs: list[dict], *, adapter_off, pad_id: int, micro_batch: int,
+                       beta: float) -> dict:
+    """The DPO loss of held-out pairs (mean over pairs) with the policy `model` and the reference `model` under
+    `adapter_off()` (peft's disable_adapter), the policy's preference accuracy (chosen more likely than rejected) and
+    the reward accuracy (h > 0). Split over ranks as dist_ft's evaluation (r, r+W, ...; every rank the same number of
+    forwards, a rank that ran out repeating pair 0 uncounted)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = pairs[rank::world]
+    n_batches = math.ceil(math.ceil(len(pairs) / world) / micro_batch)
+    was = model.training
+    model.eval()
+    total = torch.zeros(4, dtype=torch.float64)  # loss, policy-preferred, reward-ranked, pairs
+    for b in range(n_batches):
+        chunk = mine[b * micro_batch:(b + 1) * micro_batch]
+        batch = collate_pairs(chunk or pairs[:1], pad_id)
+        with adapter_off():
+            ref = sequence_logps(model, batch)
+        policy = sequence_logps(model, batch)
+        losses, h = dpo_losses(policy, ref, beta)
+        if chunk:
+            k = len(chunk)
+            total += torch.tensor([float(losses.sum()), float((policy[:k] > policy[k:]).sum()), float((h > 0).sum()),
+                                   k], dtype=torch.float64)
+    model.train(was)
+    if world > 1:
+        dist.all_reduce(total)
+    n = max(float(total[3]), 1.0)
+    return {"loss": float(total[0]) / n, "accuracy": float(total[1]) / n, "reward_accuracy": float(total[2]) / n,
+            "pairs": int(total[3])}
 
 
 def peak_rss_mb() -> float:
