@@ -189,3 +189,26 @@ def finish() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def step_clock():
+    """A transformers TrainerCallback that records each optimizer step's wall time (`.times`), as the raw loop and
+    dist_ft time theirs: from the end of one step to the end of the next."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+            self.last = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.perf_counter()
+            self.times.append(now - self.last)
+            self.last = now
+
+    return StepClock()

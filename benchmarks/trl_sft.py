@@ -36,14 +36,14 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_common import finish, gather, heldout_loss, lr_factor, peak_rss_mb, read_examples, read_job  # noqa: E402
+from compare_common import (finish, gather, heldout_loss, lr_factor, peak_rss_mb, read_examples,  # noqa: E402
+                            read_job, step_clock)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     import peft
     from datasets import Dataset
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     job = read_job(a.job_dir)
@@ -111,20 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                     optimizer or self.optimizer, lambda s: lr_factor(s, job["warmup_steps"], job["steps"]))
             return super().create_scheduler(num_training_steps, optimizer)
 
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.times: list[float] = []
-            self.last = None
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.last = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            now = time.perf_counter()
-            self.times.append(now - self.last)
-            self.last = now
-
-    clock = StepClock()
+    clock = step_clock()
     trainer = Timed(model=model, args=args, train_dataset=dataset, processing_class=tok, callbacks=[clock])
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world != int(os.environ.get("WORLD_SIZE", "1")) or trainer.args.world_size != world:

@@ -180,6 +180,9 @@ class Trainer:
             self.peak, source = device_peak(topo.device, dtype) if topo.is_main else (None, "")
             if self.peak:
                 self.log(f"[telemetry] MFU against {self.peak / 1e12:.2f} TFLOP/s per device ({source})")
+                # What the method computes, read once: gradual unfreezing masks gradients, not requires_grad.
+                self.method_flops = method_flops(self.strategy.unwrap(), self.model_cfg,
+                                                 recompute=r.distributed.activation_checkpointing)
         hosts = [socket.gethostname()] * topo.world_size  # which machines ran this (a Slurm log rarely says)
         if topo.world_size > 1:
             dist.all_gather_object(hosts, socket.gethostname())
@@ -267,9 +270,7 @@ class Trainer:
             record.update(extra)  # a preference objective's rewards, margin and reward accuracy
             if self.peak:  # what this method computes (frozen weights get no weight gradients); HFU adds recompute
                 seq = tokens / max(1, sum(int(mb["input_ids"].shape[0]) for mb in micro))
-                method = method_flops(self.strategy.unwrap(), self.model_cfg,
-                                      recompute=self.recipe.distributed.activation_checkpointing)
-                model_flops, hardware_flops = step_flops_per_token(self.model_cfg, seq, method)
+                model_flops, hardware_flops = step_flops_per_token(self.model_cfg, seq, self.method_flops)
                 record["mfu"] = mfu(model_flops, global_tokens / dt, self.peak, topo.world_size)
                 if hardware_flops != model_flops:
                     record["hfu"] = mfu(hardware_flops, global_tokens / dt, self.peak, topo.world_size)
