@@ -6,6 +6,8 @@
     partial         chosen parts: the last N blocks, the head, the embeddings, bias terms only (BitFit), and
                     optionally gradual unfreezing (one more block from the top every K steps or epochs)
 
+and, with any of them, NEFTune (training.neftune_alpha): noise on the input embeddings in training forwards.
+
 Single-device code like model.py: strategies see only `requires_grad` flags (and, for gradual unfreezing, a
 gradient mask, below).
 """
@@ -76,6 +78,22 @@ def apply_method(model: torch.nn.Module, recipe: Recipe, *, model_path: str | No
     else:
         raise ValueError(f"method.kind: {m.kind!r} is not supported")
     return peft.get_peft_model(model, cfg)
+
+
+def add_neftune(model: torch.nn.Module, alpha: float):
+    """NEFTune (Jain et al. 2023) through transformers' own hook, on the input embedding module (the base model's,
+    under a peft wrapper): uniform noise in +-alpha/sqrt(L*d) on the embeddings of every forward made in training
+    mode. Evaluation and generation switch the model to eval mode, so they see none. Registered on the module
+    itself, before any strategy wraps the model: the hook stays on it inside DDP, FSDP2 and DeepSpeed engines.
+    Returns the hook's handle."""
+    from transformers.integrations.neftune import activate_neftune
+
+    try:
+        return activate_neftune(model, alpha)
+    except (NotImplementedError, AttributeError) as e:
+        from .config import RecipeError
+        raise RecipeError([f"training.neftune_alpha: {type(model).__name__} has no input embedding module to add "
+                           f"NEFTune's noise to ({e}); remove training.neftune_alpha"]) from e
 
 
 # ------------------------------------------------------------------------------------------------ partial

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import Recipe
-from .methods import apply_method, quantization_config
+from .methods import add_neftune, apply_method, quantization_config
 
 
 @dataclass
@@ -189,8 +189,9 @@ class ModelBuilder:
         return weights
 
     def _apply_method(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Apply the recipe's method and record what the recipe creates: every parameter the method adds, and for
-        classification the head outside the base model (canonical names, as weights.py compares them)."""
+        """Apply the recipe's method (and NEFTune's hook) and record what the recipe creates: every parameter the
+        method adds, and for classification the head outside the base model (canonical names, as weights.py compares
+        them)."""
         from .weights import canonical_name
         base_names = {canonical_name(n) for n, _ in model.named_parameters()}
         created = set()
@@ -199,6 +200,8 @@ class ModelBuilder:
             created = {n for n in base_names if not n.startswith(prefix + ".")}
         model = apply_method(model, self.recipe, model_path=self.path)
         self.created = created | {canonical_name(n) for n, _ in model.named_parameters()} - base_names
+        if self.recipe.training.neftune_alpha is not None:
+            add_neftune(model, self.recipe.training.neftune_alpha)
         return model
 
     def build(self, *, quantize: bool = True) -> torch.nn.Module:

@@ -215,6 +215,10 @@ class TrainingConfig:
                                                   "in 8 bits: ~75% less optimizer memory).")
     stop_after_steps: Optional[int] = _f(None, "End this invocation after N steps, with a checkpoint, while the "
                                          "schedule still runs to max_steps: for time-boxed jobs that resume.", ge=1)
+    neftune_alpha: Optional[float] = _f(None, "NEFTune: add uniform noise in [-1, 1] x alpha/sqrt(L*d) (L the padded "
+                                        "row length, d the hidden size) to the input embeddings in training "
+                                        "forwards only, never in evaluation or generation; the paper uses 5, 10, "
+                                        "15 (None: off).", gt=0.0)
 
 
 @dataclass

@@ -138,6 +138,9 @@ class Trainer:
         self.counts = count_parameters(self.strategy.unwrap())
         self.log(f"[weights] {self.builder.load_report.describe()}")
         self.log(f"[dist_ft] {self.counts.describe()}")
+        if r.training.neftune_alpha is not None:  # (the hook itself is added as the model is built: model.py)
+            self.log(f"[method] NEFTune: noise alpha {r.training.neftune_alpha:g} on the input embeddings, training "
+                     "forwards only")
         if self.strategy.describe():
             self.log(f"[strategy] {self.strategy.describe()}")
         t = self.t
