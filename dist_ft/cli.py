@@ -6,6 +6,7 @@
     dist-ft launch RECIPE.yaml --nproc-per-node N [...]   start the ranks (torchrun's machinery) and train
     dist-ft slurm RECIPE.yaml --nodes N --gpus-per-node G  write (--submit: and submit) a Slurm batch script
     dist-ft plan RECIPE.yaml --nodes N --gpus-per-node G  memory per rank, verdict, speed, for any model and cluster
+    dist-ft doctor RECIPE.yaml [--nproc-per-node N ...]   check the allocation before a long job (dist_ft/doctor/)
     dist-ft data RECIPE.yaml                              the data report: sizes, lengths, labels, duplicates
     dist-ft sweep RECIPE.yaml SWEEP.yaml [--trials N]      hyperparameter search, each trial a real run
     dist-ft export SOURCE OUT [--merge-lora] [--dtype D]  a Hugging Face folder from a checkpoint or a run
@@ -107,6 +108,29 @@ def cmd_launch(args) -> int:
                                            else None))
 
 
+def cmd_doctor(args) -> int:
+    """Inside a launcher (RANK set): one rank of the doctor. Otherwise with --nproc-per-node / --nnodes: start the
+    ranks as `dist-ft launch` does, telling them the world they should form. Otherwise one process."""
+    from .doctor import run_doctor
+    from .doctor.world import EXPECT_ENV
+    from .preflight import preflight
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        if "RANK" in os.environ or (args.nproc_per_node is None and args.nnodes == 1):
+            return run_doctor(recipe, source=args.recipe, expect_world_size=args.expect_world_size)
+        preflight(recipe, source=args.recipe, check_output=False)
+    except (RecipeError, DataError) as exc:
+        return _fail(exc)
+    nproc = args.nproc_per_node or 1
+    os.environ[EXPECT_ENV] = str(args.expect_world_size or nproc * args.nnodes)
+    return launch(args.recipe, args.overrides, nproc_per_node=nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                  rdzv_endpoint=args.rdzv_endpoint, local_addr=args.local_addr, output_dir=None, command="doctor",
+                  read_timeout=recipe.distributed.timeout_seconds,
+                  rdzv_id=args.rdzv_id or (f"dist-ft-doctor-{os.environ['SLURM_JOB_ID']}"
+                                           if "SLURM_JOB_ID" in os.environ else None))
+
+
 def cmd_slurm(args) -> int:
     from .preflight import preflight
     from .slurm import SlurmJob, submit, write_job
@@ -114,7 +138,7 @@ def cmd_slurm(args) -> int:
     job = SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node,
                    cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
                    account=args.account, job_name=args.job_name, signal_grace_seconds=args.signal_grace_seconds,
-                   launcher=args.launcher)
+                   launcher=args.launcher, doctor=args.doctor)
     problems = job.problems()
     try:
         recipe = load_recipe(args.recipe, args.overrides)
@@ -220,6 +244,16 @@ def cmd_demo(args) -> int:
     return run_demo(nproc=args.nproc_per_node, output_dir=args.output_dir, overrides=args.overrides)
 
 
+def _doctor_parser(dr: argparse.ArgumentParser) -> None:
+    for flag, kw in (("--nproc-per-node", {"type": int, "default": None}), ("--nnodes", {"type": int, "default": 1}),
+                     ("--node-rank", {"type": int, "default": 0}), ("--rdzv-endpoint", {"default": None}),
+                     ("--rdzv-id", {"default": None}), ("--local-addr", {"default": None})):
+        dr.add_argument(flag, **kw, help="as for dist-ft launch")
+    dr.add_argument("--expect-world-size", type=int, default=None, help="the world size the job asked for (default: "
+                    "--nproc-per-node x --nnodes, or the Slurm allocation); a world that formed otherwise fails")
+    dr.set_defaults(fn=cmd_doctor)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dist-ft", description="Distributed fine-tuning from one YAML recipe.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -248,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--local-addr", default=None, help="the address other nodes reach this one at (multi-node; "
                     "default: this machine's address on the route to the rendezvous host)")
     la.set_defaults(fn=cmd_launch)
+    _doctor_parser(with_recipe("doctor", "check the allocation before a long job (about a minute)"))
     sl = with_recipe("slurm", "write a Slurm batch script for the recipe into its run directory (and submit it)")
     sl.add_argument("--nodes", type=int, default=1)
     sl.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; 0: CPU processes")
@@ -261,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "ranks are told to checkpoint (Slurm may send it up to 60 s earlier)")
     sl.add_argument("--launcher", default="torchrun", help="torchrun (dist-ft launch) or accelerate")
     sl.add_argument("--submit", action="store_true", help="run sbatch on the written file")
+    sl.add_argument("--doctor", action="store_true", help="the job runs `dist-ft doctor` on its allocation first "
+                    "and trains only if it passes")
     sl.set_defaults(fn=cmd_slurm)
     with_recipe("data", "report on the recipe's data before training (sizes, lengths, labels, duplicates)"
                 ).set_defaults(fn=cmd_data)

@@ -43,7 +43,10 @@ def _torchrun_sees_host(host: str) -> bool:
         from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname
     except ImportError:
         return False
-    return _matches_machine_hostname(host)
+    try:
+        return _matches_machine_hostname(host)
+    except OSError:  # this machine's own hostname does not resolve (a container, a namespace): it cannot match
+        return False
 
 
 def _route_address(host: str, port: int) -> str | None:
@@ -62,8 +65,9 @@ def _route_address(host: str, port: int) -> str | None:
 def launch(recipe_path: str, overrides: list[str], *, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
            rdzv_endpoint: str | None = None, max_restarts: int = 0, shutdown_timeout: int = 120,
            local_addr: str | None = None, read_timeout: int = 60, rdzv_id: str | None = None,
-           output_dir: str | None = None) -> int:
-    """Start `nproc_per_node` ranks of `dist-ft train` through torchrun's elastic agent; return the exit status."""
+           output_dir: str | None = None, command: str = "train") -> int:
+    """Start `nproc_per_node` ranks of `dist-ft train` (or `command`: doctor) through torchrun's elastic agent;
+    return the exit status."""
     from torch.distributed.run import get_args_parser, run
 
     from .distributed.topology import free_port
@@ -98,7 +102,7 @@ def launch(recipe_path: str, overrides: list[str], *, nproc_per_node: int, nnode
         argv += ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
     if "--shutdown-timeout" in options:  # room for that checkpoint before the agent sends SIGKILL
         argv += [f"--shutdown-timeout={shutdown_timeout}"]
-    argv += ["--module", "dist_ft", "train", recipe_path, *overrides]
+    argv += ["--module", "dist_ft", command, recipe_path, *overrides]
     import torch
     if not torch.cuda.is_available():
         # Share the cores between the ranks (torchrun would set 1 thread each and warn about it).

@@ -180,8 +180,9 @@ def strategy_problems(recipe: Recipe, *, world_size: int | None = None) -> list[
 
 
 # What tools keep in the run directory before training starts (`dist-ft slurm` writes its batch script and the
-# job's log there, `dist-ft data` its report): neither makes the folder "already used", and overwrite_output_dir leaves them alone.
-LAUNCHER_FILES = frozenset({"slurm", "data-report"})
+# job's log there, `dist-ft data` its report, `dist-ft doctor` its findings): none makes the folder "already used",
+# and overwrite_output_dir leaves them alone.
+LAUNCHER_FILES = frozenset({"slurm", "data-report", "doctor"})
 
 
 def output_problems(recipe: Recipe) -> list[str]:

@@ -35,6 +35,7 @@ class SlurmJob:
     job_name: str | None = None
     signal_grace_seconds: int = 120
     launcher: str = "torchrun"
+    doctor: bool = False  # run `dist-ft doctor` on the allocation before training
 
     def problems(self) -> list[str]:
         p = []
@@ -88,7 +89,9 @@ def render(job: SlurmJob, recipe_path: Path, overrides: list[str], run_dir: Path
             out += [f"if [ $# -eq 0 ]; then set -- {argv}; fi",
                     f"export DIST_FT_PYTHON=${{DIST_FT_PYTHON:-{shlex.quote(python)}}}",
                     f"export DIST_FT_LAUNCHER=${{DIST_FT_LAUNCHER:-{job.launcher}}}",
-                    f"export DIST_FT_PROCS_PER_NODE=${{DIST_FT_PROCS_PER_NODE:-{procs}}}"]
+                    f"export DIST_FT_PROCS_PER_NODE=${{DIST_FT_PROCS_PER_NODE:-{procs}}}",
+                    f"export DIST_FT_SIGNAL_GRACE_SECONDS={job.signal_grace_seconds}",
+                    f"export DIST_FT_DOCTOR=${{DIST_FT_DOCTOR:-{int(job.doctor)}}}"]
     return "\n".join(out) + "\n"
 
 

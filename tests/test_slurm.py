@@ -104,7 +104,7 @@ def _job_env(work: Path) -> dict:
             "HOME": str(home), **FAKE_SECRETS}
 
 
-def _write_job(tmp_path, model, name, launcher="torchrun", strategy="ddp") -> tuple[Path, Path]:
+def _write_job(tmp_path, model, name, launcher="torchrun", strategy="ddp", doctor=False) -> tuple[Path, Path]:
     out = tmp_path / name
     recipe = tiny_recipe(model, out, method={"kind": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.1}},
                          training={"max_steps": STEPS},
@@ -112,7 +112,7 @@ def _write_job(tmp_path, model, name, launcher="torchrun", strategy="ddp") -> tu
                          checkpoint={"every_steps": 0})
     path = write_recipe(tmp_path / f"{name}.yaml", recipe)
     res = run_cli("slurm", str(path), "--nodes", "2", "--gpus-per-node", "0", "--procs-per-node", "1",
-                  "--launcher", launcher, "--signal-grace-seconds", "60")
+                  "--launcher", launcher, "--signal-grace-seconds", "60", *(["--doctor"] if doctor else []))
     assert res.returncode == 0, res.stderr
     return out, out / "slurm" / "job.sbatch"
 
@@ -129,7 +129,7 @@ def _records(out: Path) -> list[dict]:
 def reference(cluster, tmp_path_factory, tiny_llama):
     """An uninterrupted 2-node job through torchrun: both the launch-path test and the pre-emption reference."""
     tmp = tmp_path_factory.mktemp("slurm-ref")
-    out, script = _write_job(tmp, tiny_llama, "straight")
+    out, script = _write_job(tmp, tiny_llama, "straight", doctor=True)
     job = cluster.sbatch(script, env=_job_env(tmp), cwd=tmp)
     info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 400)
     assert not secret_leaks(tmp), secret_leaks(tmp)
@@ -144,15 +144,30 @@ def _assert_two_nodes(out: Path, info: dict) -> None:
     assert len(read_metrics(out)[0]) == STEPS
 
 
+def _assert_doctor_passed(out: Path) -> None:
+    """`dist-ft slurm --doctor`: the job checked its allocation (2 nodes, one link between them) before training."""
+    doc = json.loads((out / "doctor" / "doctor.json").read_text())
+    assert doc["verdict"] == "pass" and doc["world_size"] == 2, doc
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert checks["rendezvous"]["details"]["expected"] == 2 and checks["rendezvous"]["details"]["nodes"] == 2
+    links = checks["links"]["details"]["links"]
+    assert [r["kind"] for r in links] == ["inter-node"] and {"n1", "n2"} <= set(links[0]["between"].replace(
+        "(", " ").split()), links
+    assert checks["stop signal"]["details"]["grace_seconds"] == 60
+    assert "[doctor] PASS" in _log(out) and _log(out).index("[doctor] PASS") < _log(out).index("[eval] before")
+
+
 def test_two_node_job_through_torchrun(reference):
     _assert_two_nodes(*reference)
+    _assert_doctor_passed(reference[0])
 
 
 def test_two_node_job_through_accelerate(cluster, tmp_path, tiny_llama, reference):
-    out, script = _write_job(tmp_path, tiny_llama, "accel", launcher="accelerate")
+    out, script = _write_job(tmp_path, tiny_llama, "accel", launcher="accelerate", doctor=True)
     job = cluster.sbatch(script, env=_job_env(tmp_path), cwd=tmp_path)
     info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 400)
     _assert_two_nodes(out, info)
+    _assert_doctor_passed(out)
     assert "launcher accelerate" in _log(out)
     assert not secret_leaks(tmp_path), secret_leaks(tmp_path)
     # Same recipe, same world size, other launcher: the same training.
