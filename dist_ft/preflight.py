@@ -207,6 +207,10 @@ def preflight(recipe: Recipe, *, source: str = "recipe", check_output: bool = Tr
     """`world_size`: where the launcher knows it (`dist-ft launch`), batch sizes are checked for it exactly."""
     problems = (model_problems(recipe) + data_problems(recipe) + hardware_problems(recipe)
                 + strategy_problems(recipe, world_size=world_size) + package_problems(recipe))
+    group = recipe.distributed.shard_group_size
+    if group is not None and world_size is not None and world_size % group:
+        problems.append(f"distributed.shard_group_size: {group} does not divide the world size {world_size}; give "
+                        "the ranks per node (or another divisor)")
     if check_output:
         problems += output_problems(recipe)
     if problems:

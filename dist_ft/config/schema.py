@@ -235,6 +235,11 @@ class DistributedConfig:
                               "collective, a step, a checkpoint, the final save, the exit), ends the job after this "
                               "long.", ge=10)
     threads_per_process: Optional[int] = _f(None, "CPU threads per process (None: cores / local processes).", ge=1)
+    shard_group_size: Optional[int] = _f(
+        None, "Hybrid sharding: ranks per shard group, usually the GPUs of one node. Parameters, gradients and "
+        "optimizer state are sharded within each group and replicated across groups, so the per-block gathers stay "
+        "on the fast links inside a node and only a gradient all-reduce crosses nodes (fsdp: a 2-D device mesh; "
+        "zero3: ZeRO++ hierarchical partitioning). Must divide the world size. None: shard over every rank.", ge=1)
 
 
 @dataclass

@@ -7,7 +7,7 @@ these; none of them compares strategy names. Adding a backend means one new pack
 Strategy, listed in `BACKEND_PACKAGES`.
 
 Refusals are keyed by what the recipe asks for (see `requested`): `method:<kind>`, `optimizer:<name>`,
-`offload:<value>`, `dora`, `gradual_unfreeze`, `engine_config`. The value is the reason and the fix, written to
+`offload:<value>`, `dora`, `gradual_unfreeze`, `engine_config`, `shard_group`. The value is the reason and the fix, written to
 follow the recipe field that asked, e.g. "method.kind: qlora keeps the base ...".
 """
 
@@ -167,4 +167,6 @@ def make_strategy(name: str, **kwargs):
     """The Strategy of backend `name`, its module imported now (a DDP user needs no DeepSpeed)."""
     spec = spec_for(name)
     module, cls = spec.strategy.split(":")
+    if d.shard_group_size is not None:
+        keys.append(("shard_group", "distributed.shard_group_size"))
     return getattr(importlib.import_module(module), cls)(**{**spec.kwargs, **kwargs})

@@ -17,7 +17,9 @@ def _zero(stage: int, shards: set, summary: str, refuses: dict, offloads: tuple,
 def _whole_params(name: str) -> dict:
     reason = (f"{name} does not shard parameters, so it cannot offload them; use offload: optimizer, or strategy: "
               "zero3")
-    return {"offload:params": reason, "offload:all": reason}
+    hybrid = (f"{name} keeps whole parameters on every rank: there are no per-block gathers to keep inside a node; "
+              "use fsdp (or zero3) for hybrid sharding, or remove it")
+    return {"offload:params": reason, "offload:all": reason, "shard_group": hybrid}
 
 
 _OPT = frozenset({"optimizer"})

@@ -106,6 +106,11 @@ def resolve_deepspeed_config(template: dict, recipe: Recipe, *, world_size: int,
         # copy (bf16_master_weights_and_grads) and no fp32 moments (bf16_optimizer_states).
         owned |= {"bf16.bf16_master_weights_and_grads": True, "bf16.bf16_optimizer_states": True}
         created |= {"bf16.bf16_master_weights_and_grads", "bf16.bf16_optimizer_states"}
+    if d.shard_group_size is not None:
+        # ZeRO++ hierarchical partitioning (hpZ): a second copy of the weights partitioned within each group of
+        # this many ranks, so the all-gathers of forward and backward stay inside a node.
+        owned["zero_optimization.zero_hpz_partition_size"] = d.shard_group_size
+        created.add("zero_optimization.zero_hpz_partition_size")
     if "optimizer" in cfg:
         problems += _optimizer_problems(cfg["optimizer"], recipe, source)
         created |= {k for k in owned if k.startswith("optimizer.params.")}

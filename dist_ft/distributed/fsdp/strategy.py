@@ -37,13 +37,30 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
                      "ModuleList of identical blocks); use distributed.strategy: ddp or zero3")
 
 
-def shard_model(model: torch.nn.Module, *, precision: PrecisionPlan, offload: str, pin_memory: bool) -> None:
+def shard_mesh(world: int, group: int | None, device_type: str):
+    """The device mesh for `distributed.shard_group_size`: None (FSDP2's default, one shard group of every rank),
+    or a 2-D (replicate, shard) mesh. Ranks r*G .. r*G+G-1 form shard group r: every launcher numbers a node's
+    ranks consecutively, so a group of the GPUs of one node keeps the per-block all-gathers and reduce-scatters
+    inside it, and only the all-reduce of each rank's gradient shard across groups crosses nodes (HSDP)."""
+    if group is None or group == world:
+        return None
+    if world % group:
+        raise ValueError(f"distributed.shard_group_size {group} does not divide the world size {world}: give the "
+                         "ranks per node, or another divisor of the world size")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (world // group, group), mesh_dim_names=("replicate", "shard"))
+
+
+def shard_model(model: torch.nn.Module, *, precision: PrecisionPlan, offload: str, pin_memory: bool,
+                mesh=None) -> None:
     """`fully_shard` every transformer block, then the untied embeddings, then the root: the wrap order of `setup`.
+    `mesh`: a 2-D mesh for hybrid sharding (`shard_mesh`), else every rank is one shard group.
 
     Allocates nothing on a meta-device model (the shards stay on meta), so `dist-ft plan --simulate` runs this same
     function under a fake process group of any size (plan/simulate.py).
     """
-    kwargs = {}
+    kwargs = {} if mesh is None else {"mesh": mesh}
     if precision.autocast:
         # FSDP casts the gathered parameters itself; gradients are reduced in fp32.
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=precision.compute_dtype, reduce_dtype=torch.float32)
@@ -103,7 +120,9 @@ class FSDP2Strategy(Strategy):
             model.requires_grad_(False)
         elif self.activation_checkpointing:
             enable_activation_checkpointing(model)
-        shard_model(model, precision=self.precision, offload=offload, pin_memory=self.topo.device.type == "cuda")
+        group = self.recipe.distributed.shard_group_size if self.recipe is not None else None
+        shard_model(model, precision=self.precision, offload=offload, pin_memory=self.topo.device.type == "cuda",
+                    mesh=shard_mesh(self.topo.world_size, group, self.topo.device.type))
         buffers = {n: b.clone() for n, b in model.named_buffers() if b.device.type != "meta"}
         where = placement(offload=offload, device=self.topo.device)
         model.to_empty(device=where.params)
@@ -117,11 +136,12 @@ class FSDP2Strategy(Strategy):
             for name, p in model.named_parameters():
                 if isinstance(p, DTensor):
                     local = p.to_local()
-                    placement = p.placements[0]
-                    assert isinstance(placement, Shard) and placement.dim == 0, placement
-                    # fully_shard splits dim 0 like torch.chunk: ceil(n / world) rows per rank, the last ones short.
-                    rows_per_rank = -(-p.shape[0] // p.device_mesh.size()) if p.dim() else 0
-                    start = p.device_mesh.get_local_rank() * rows_per_rank
+                    # One mesh dimension shards dim 0 (the other, under hybrid sharding, replicates).
+                    (axis, placement), = [(i, q) for i, q in enumerate(p.placements) if isinstance(q, Shard)]
+                    assert placement.dim == 0, placement
+                    # fully_shard splits dim 0 like torch.chunk: ceil(n / group) rows per rank, the last ones short.
+                    rows_per_rank = -(-p.shape[0] // p.device_mesh.size(axis)) if p.dim() else 0
+                    start = p.device_mesh.get_local_rank(axis) * rows_per_rank
                     stop = start + (local.shape[0] if p.dim() else 0)
                     if local.numel():
                         local.copy_(weights.rows(name, p.shape, start, stop, local.dtype))
