@@ -7,8 +7,8 @@ these; none of them compares strategy names. Adding a backend means one new pack
 Strategy, listed in `BACKEND_PACKAGES`.
 
 Refusals are keyed by what the recipe asks for (see `requested`): `method:<kind>`, `optimizer:<name>`,
-`offload:<value>`, `dora`, `gradual_unfreeze`, `engine_config`, `shard_group`. The value is the reason and the fix, written to
-follow the recipe field that asked, e.g. "method.kind: qlora keeps the base ...".
+`offload:<value>`, `dora`, `gradual_unfreeze`, `engine_config`, `shard_group`. The value is the reason and the fix,
+written to follow the recipe field that asked, e.g. "method.kind: qlora keeps the base ...".
 """
 
 from __future__ import annotations
