@@ -42,7 +42,8 @@ def _checks(doc: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ healthy
 
-@pytest.mark.parametrize("launcher", ["dist-ft", "torchrun"])
+# CI time: bare torchrun in the slow suite (its ranks run the doctor as accelerate's do in the Slurm test).
+@pytest.mark.parametrize("launcher", ["dist-ft", pytest.param("torchrun", marks=pytest.mark.slow)])
 def test_a_healthy_two_process_run_passes(tmp_path, tiny_llama, launcher):
     path, out = _recipe(tmp_path, tiny_llama)
     if launcher == "dist-ft":
