@@ -72,3 +72,18 @@ def test_device_peak_names_an_unknown_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10G")
     peak, source = flops.device_peak(torch.device("cuda", 0), "bf16")
     assert peak is None and "not in the table" in source
+
+
+def test_the_cpu_probe_times_the_compute_dtype():
+    """A bf16 run's MFU is against the bf16 matmul's rate. On a CPU with bf16 matrix instructions that rate is above
+    the fp32 one, which the probe measured for every run before, over-stating a bf16 run's MFU."""
+    import torch
+
+    from dist_ft.telemetry import flops
+    if "avx512_bf16" not in open("/proc/cpuinfo").read() and "amx_bf16" not in open("/proc/cpuinfo").read():
+        pytest.skip("this CPU has no bf16 matrix instructions")
+    fp32 = flops.measured_cpu_peak(threads=1, size=768, dtype="fp32")
+    bf16 = flops.measured_cpu_peak(threads=1, size=768, dtype="bf16")
+    assert bf16 > 1.2 * fp32, (bf16 / 1e9, fp32 / 1e9)
+    peak, source = flops.device_peak(torch.device("cpu"), "bf16")
+    assert source == "measured bf16 matmul on this CPU process" and peak > 0

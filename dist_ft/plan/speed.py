@@ -98,8 +98,8 @@ def _peak(cluster: Cluster, precision: str) -> tuple[Optional[float], str]:
     dtype = {"fp32": "fp32", "fp16-mixed": "fp16"}.get(precision, "bf16")
     if cluster.is_cpu:
         from ..telemetry.flops import measured_cpu_peak
-        measured = measured_cpu_peak()
-        return measured / cluster.gpus_per_node, "measured fp32 matmul on this machine, shared by the processes"
+        measured = measured_cpu_peak(dtype=dtype)
+        return measured / cluster.gpus_per_node, f"measured {dtype} matmul on this machine, shared by the processes"
     peak = gpu_peak(cluster.gpu, dtype)
     return peak, f"{cluster.gpu} {dtype} datasheet"
 

@@ -155,13 +155,19 @@ def gpu_peak(name: str, dtype: str) -> float | None:
     return peaks.for_dtype(dtype) if peaks else None
 
 
-def measured_cpu_peak(threads: int | None = None, size: int = 512, seconds: float = 0.3, windows: int = 5) -> float:
-    """FLOP/s of this process's fp32 matrix multiply (the CPU's practical peak): warmed up, then the median of
-    `windows` short timings, so that one window lost to another process does not set the figure."""
+_CPU_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def measured_cpu_peak(threads: int | None = None, size: int = 512, seconds: float = 0.3, windows: int = 5,
+                      dtype: str = "fp32") -> float:
+    """FLOP/s of this process's matrix multiply in `dtype` (the CPU's practical peak for it: a CPU with bf16
+    matrix instructions runs bf16 several times faster than fp32, so a bf16 run's MFU is against the bf16 figure):
+    warmed up, then the median of `windows` short timings, so that one window lost to another process does not set
+    the figure."""
     if threads:
         torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)  # its own stream: the training RNG must not move (exact resume)
-    a, b = torch.randn(size, size, generator=g), torch.randn(size, size, generator=g)
+    a, b = (torch.randn(size, size, generator=g).to(_CPU_DTYPES[dtype]) for _ in range(2))
     for _ in range(3):
         a @ b  # warm-up: first calls allocate and pick kernels
     rates = []
@@ -175,12 +181,12 @@ def measured_cpu_peak(threads: int | None = None, size: int = 512, seconds: floa
 
 
 def device_peak(device: torch.device, dtype: str) -> tuple[float | None, str]:
-    """(peak FLOP/s of one device, where the figure comes from)."""
+    """(peak FLOP/s of one device, where the figure comes from); `dtype`: fp32, bf16 or fp16, the compute dtype."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = gpu_peak(name, dtype)
         return peak, f"{name} datasheet" if peak else f"{name}: not in the table (no MFU)"
-    return measured_cpu_peak(), "measured fp32 matmul on this CPU process"
+    return measured_cpu_peak(dtype=dtype), f"measured {dtype} matmul on this CPU process"
 
 
 def mfu(flops_per_tok: float, tokens_per_s: float, peak_per_device: float, devices: int) -> float:
