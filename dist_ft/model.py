@@ -28,13 +28,16 @@ class ParamCounts:
 
 def count_parameters(model: torch.nn.Module) -> ParamCounts:
     seen, trainable, total = set(), 0, 0
+    # 4-bit weights sharded by FSDP2 are DTensors of their packed storage (quantized.py): known by their module.
+    packed = {id(m.weight) for m in model.modules() if hasattr(m, "packed_4bit")}
     for p in model.parameters():
         if id(p) in seen:  # tied weights count once
             continue
         seen.add(id(p))
         # ZeRO-3 partitions leave an empty tensor and record the real size in ds_numel; 4-bit weights pack
         # two values per stored byte.
-        n = getattr(p, "ds_numel", p.numel()) * (2 if p.__class__.__name__ == "Params4bit" else 1)
+        four_bit = p.__class__.__name__ == "Params4bit" or id(p) in packed
+        n = getattr(p, "ds_numel", p.numel()) * (2 * p.element_size() if four_bit else 1)
         total += n
         trainable += n if p.requires_grad else 0
     return ParamCounts(trainable, total)
@@ -186,6 +189,9 @@ class ModelBuilder:
         weights = ModelWeights(self.path, seed=self.recipe.seed,
                                init_std=getattr(self.config(), "initializer_range", 0.02)).bind(model)
         self.load_report = weights.audit(model, self.created)
+        from .quantized import QuantizingWeights, is_packed_4bit
+        if is_packed_4bit(model):
+            return QuantizingWeights(weights, model, dtype=self.dtype)
         return weights
 
     def _apply_method(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -235,6 +241,11 @@ class ModelBuilder:
         if getattr(model.config, "tie_word_embeddings", False) or getattr(
                 model.config.get_text_config(), "tie_word_embeddings", False):
             model.tie_weights()  # from_config under init_empty_weights leaves the output embedding untied
+        if quantization_config(self.recipe) is not None:
+            # QLoRA's base as packed, empty 4-bit layers; `weights()` quantises each tensor as a shard reads it.
+            from .quantized import replace_with_packed_4bit
+            replace_with_packed_4bit(model, self.recipe)
+            keep_4bit_weights_trainable(model)
         return self._apply_method(model)
 
 

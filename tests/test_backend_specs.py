@@ -76,24 +76,24 @@ def test_a_refusal_added_to_a_spec_is_refused_by_the_recipe_and_the_launcher_che
 
 
 def test_the_launcher_refuses_what_its_configs_backend_refuses():
-    """A ddp recipe with qlora, started with the fsdp accelerate config: the config asks for fsdp, which cannot shard
-    qlora's packed weights. Said as coming from the launcher's config, besides the strategy mismatch."""
+    """A ddp recipe with qlora, started with the zero3 accelerate config: the config asks for zero3, which cannot
+    shard qlora's packed weights. Said as coming from the launcher's config, besides the strategy mismatch."""
     recipe = _recipe("ddp", "qlora")
-    problems = launcher_problems(recipe, accelerate_launch_env(LAUNCH / "fsdp.yaml"))
+    problems = launcher_problems(recipe, accelerate_launch_env(LAUNCH / "zero3.yaml"))
     assert len(problems) == 2, problems
     assert "distributed.strategy is ddp; use launch/accelerate/ddp.yaml" in problems[0]
-    assert problems[1] == ("accelerate config asks for fsdp, which refuses: method.kind: "
-                           + S.spec_for("fsdp").refuses["method:qlora"])
+    assert problems[1] == ("accelerate config asks for zero3, which refuses: method.kind: "
+                           + S.spec_for("zero3").refuses["method:qlora"])
 
 
 def test_a_refusal_dropped_from_a_spec_is_accepted(monkeypatch):
     """The rule is read from the spec and nowhere else: without it, the same recipe passes."""
     with pytest.raises(RecipeError, match="method.kind: qlora keeps the base"):
-        _recipe("fsdp", "qlora")
-    old = S.spec_for("fsdp")
+        _recipe("zero3", "qlora")
+    old = S.spec_for("zero3")
     _install(monkeypatch, dataclasses.replace(old, refuses={k: v for k, v in old.refuses.items()
                                                             if k != "method:qlora"}))
-    assert _recipe("fsdp", "qlora").distributed.strategy == "fsdp"
+    assert _recipe("zero3", "qlora").distributed.strategy == "zero3"
 
 
 def test_preflight_and_the_fp16_check_read_the_spec(monkeypatch):

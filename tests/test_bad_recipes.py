@@ -37,7 +37,7 @@ SEMANTIC = [
     ({"data.train": "/nonexistent/train.jsonl"}, "data.train"),
     ({"data.eval": "/nonexistent/eval.jsonl"}, "data.eval"),
     ({"checkpoint.resume": "/nonexistent/checkpoint"}, "checkpoint.resume"),
-    ({"method.kind": "qlora", "distributed.strategy": "fsdp"}, "method.kind"),
+    ({"method.kind": "qlora", "method.quant.bits": 8, "distributed.strategy": "fsdp"}, "method.quant.bits"),
     ({"method.kind": "qlora", "distributed.strategy": "zero3"}, "method.kind"),
     ({"training.stop_after_steps": 2}, "training.stop_after_steps"),
     ({"checkpoint.every_steps": 50}, "checkpoint.every_steps"),

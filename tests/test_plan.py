@@ -341,7 +341,8 @@ def test_all_strategies_recommends_a_fitting_one():
     plans = P.compare(recipe, cluster(8))
     labels = {(p.recipe.distributed.strategy, p.recipe.distributed.offload, p.counts.kind) for p in plans}
     assert ("ddp", "none", "full") in labels and ("zero3", "all", "full") in labels
-    assert ("fsdp", "none", "qlora") not in labels       # refused by the recipe rules
+    assert ("fsdp", "none", "qlora") in labels           # FSDP2 shards QLoRA's packed base
+    assert ("fsdp", "all", "qlora") not in labels        # refused by the recipe rules (offload)
     assert ("fsdp", "optimizer", "full") not in labels
     ddp_full = next(p for p in plans if p.label == "ddp / full")
     assert not ddp_full.fits

@@ -36,6 +36,9 @@ class MethodCounts:
     lora_rank: float = 0.0              # per token per block: rank-r intermediate elements
     extra_seq: int = 0                  # virtual tokens added to every row (prompt tuning)
     note: str = ""
+    # Of quant_bytes, the quantisation constants: under FSDP2 they stay whole on every rank beside the sharded
+    # packed weights (quantized.py), so they are not divided by the world size.
+    quant_constant_bytes: float = 0.0
 
     @property
     def n_trainable(self) -> int:
@@ -105,8 +108,9 @@ def method_counts(facts: ModelFacts, recipe) -> MethodCounts:
     quant_bytes, quant_note = 0.0, ""
     if kind == "qlora":
         quantized, frozen, quant_bytes, quant_note = _qlora_base(facts, m.quant)
+    constants = quant_bytes - (0.5 if m.quant.bits == 4 else 1.0) if kind == "qlora" else 0.0
     return MethodCounts(kind, adapters + copies, frozen, quantized, quant_bytes, quant_note, L, targets,
-                        lora_dropped=dropped, lora_rank=rank, extra_seq=extra_seq)
+                        lora_dropped=dropped, lora_rank=rank, extra_seq=extra_seq, quant_constant_bytes=constants)
 
 
 def _partial_counts(facts: ModelFacts, recipe) -> MethodCounts:

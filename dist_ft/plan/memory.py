@@ -147,7 +147,8 @@ def state_bytes(mc: MethodCounts, rules: ByteRules, strategy: str, offload: str,
 
     T_o = local(mc.trainable, "optimizer")
     w_dev = (local(mc.trainable, "params") + local(mc.frozen, "params")) * rules.weights \
-        + local(mc.quantized, "params") * mc.quant_bytes
+        + local(mc.quantized, "params") * (mc.quant_bytes - mc.quant_constant_bytes) \
+        + Q * mc.quant_constant_bytes  # the constants stay whole on every rank (quantized.py)
     g_dev = local(mc.trainable, "grads") * rules.grads
     master = T * rules.master
     m_dev = T_o * rules.master
@@ -170,6 +171,8 @@ def state_bytes(mc: MethodCounts, rules: ByteRules, strategy: str, offload: str,
         m_dev = o_dev = 0.0
     share = lambda s: "" if s == 1 else f", 1/{n}"  # noqa: E731
     q = f" + {Q:,} quantised at {mc.quant_bytes:.3f} B" if Q else ""
+    if Q and shard_w < 1:
+        q += f" (4-bit codes 1/{n}, constants whole)"
     frozen = f" ({F:,} frozen)" if F and T else ""
     return [
         Row("parameters", "parameters", f"{rules.weights_note}{share(shard_w)}{frozen}{q}"
@@ -226,17 +229,21 @@ def _ddp_buffers(facts, mc: MethodCounts, rules: ByteRules, recipe, cluster, spe
 
 
 def _fsdp_buffers(facts, mc: MethodCounts, rules: ByteRules, recipe, cluster, spec) -> list[Row]:
-    trainable_ids = {id(p) for p in mc.trainable}
-    units: dict[str, list[int]] = {}
+    trainable_ids, quantized_ids = {id(p) for p in mc.trainable}, {id(p) for p in mc.quantized}
+    units: dict[str, list[float]] = {}
     for p in [*mc.trainable, *mc.frozen, *mc.quantized]:
         u = units.setdefault(p.unit, [0, 0])
-        u[0] += p.numel
+        # QLoRA's packed weights are gathered as they are stored (4 bits each, in elements of the compute dtype)
+        u[0] += p.numel * ((mc.quant_bytes - mc.quant_constant_bytes) / rules.compute if id(p) in quantized_ids
+                           else 1)
         u[1] += p.numel if id(p) in trainable_ids else 0
     root = units.pop("root", [0, 0])
     blocks = [v for k, v in units.items() if k.startswith("block:")]
     largest = max(units.values(), key=lambda v: v[0]) if units else [0, 0]
     largest_block = max((v[0] for v in blocks), default=0)
-    gathered = (largest[0] + largest_block + root[0]) * rules.compute
+    # ... and each is dequantised into a compute-dtype weight for its matmul, one Linear at a time.
+    dequantised = max((p.numel for p in mc.quantized), default=0)
+    gathered = (largest[0] + largest_block + root[0] + dequantised) * rules.compute
     # Gradients come out of backward in the compute dtype; a separate copy for the reduce-scatter exists only
     # when it reduces in another dtype (bf16 compute, fp32 reduce).
     per_grad = rules.compute + (rules.reduce if rules.reduce != rules.compute else 0)

@@ -251,6 +251,11 @@ def _measure(recipe, builder, world: int) -> dict:
                                 ("optimizer", "optimizer", state)):
             local, whole = _bytes(tensors)
             out[q], out["even_" + q] = local, whole / world if key in spec.shards else whole
+        # QLoRA's quantisation constants: whole on every rank, and only made when the weights load (quantized.py).
+        from ..quantized import constant_bytes
+        constants = sum(constant_bytes(m) for m in model.modules() if hasattr(m, "packed_4bit"))
+        out["parameters"] += constants
+        out["even_parameters"] += constants
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -52,7 +52,6 @@ def comm_bytes(recipe, facts: ModelFacts, mc: MethodCounts, rules: ByteRules, wo
     gas = recipe.training.gradient_accumulation_steps
     f = (world - 1) / world
     T = mc.n_trainable
-    W = mc.n_trainable + mc.n_frozen + mc.n_quantized
     every = spec.memory.reduce_every_microstep
     if not spec.shards:
         return 2 * f * T * rules.grads, "all-reduce of the gradients (2x)"
@@ -60,10 +59,13 @@ def comm_bytes(recipe, facts: ModelFacts, mc: MethodCounts, rules: ByteRules, wo
         rs = f * T * rules.grads * (gas if every else 1)
         return rs + f * T * rules.weights, "reduce-scatter grads" + (" every micro-step" if every
                                                                      else "") + " + all-gather params"
+    # QLoRA's sharded base is gathered as stored: 4-bit codes (quantized.py), not compute-dtype weights.
+    gathered = (mc.n_trainable + mc.n_frozen) * rules.compute \
+        + mc.n_quantized * (mc.quant_bytes - mc.quant_constant_bytes)
     if every:
-        return gas * f * (2 * W * rules.compute + T * rules.grads), "per micro-step: all-gather fwd + bwd, " \
-                                                                     "reduce-scatter grads"
-    return gas * f * 2 * W * rules.compute + f * T * rules.reduce, "per micro-step all-gather fwd + bwd (bf16); " \
+        return gas * f * (2 * gathered + T * rules.grads), "per micro-step: all-gather fwd + bwd, " \
+                                                           "reduce-scatter grads"
+    return gas * f * 2 * gathered + f * T * rules.reduce, "per micro-step all-gather fwd + bwd (bf16); " \
                                                                    "reduce-scatter grads (fp32) once"
 
 
