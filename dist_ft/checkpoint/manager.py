@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from .. import safe_load
 from ..config import Recipe, dump_recipe
-from . import store
+from . import hf_folder, store
 from .rng import restore_rng
 from .store import Candidate, CheckpointError, TrainerState
 
@@ -40,6 +40,7 @@ class CheckpointManager:
                      "precision": recipe.distributed.precision}
         self.resumed: Candidate | None = None
         self.load_seconds: float | None = None
+        self.final_save: dict | None = None  # rank 0: what save_final wrote and gathered at most at once
 
     # ------------------------------------------------------------------------------------------------ resume
     def choose(self) -> Candidate | None:
@@ -149,21 +150,43 @@ class CheckpointManager:
 
     def save_final(self) -> Path:
         """output_dir/final: a folder `from_pretrained` loads (or a PEFT adapter folder), written atomically by
-        rank 0."""
+        rank 0. No rank ever holds more than one gathered unit (a block, the embeddings) of the model: an adapter's
+        folder holds only the trainable tensors, and a full model is written one unit at a time (hf_folder.py).
+        What it cost is left in `final_save`."""
         final = self.output_dir / "final"
+        tmp = final.with_name(final.name + ".tmp")
         model = self.strategy.unwrap()
         is_adapter = hasattr(model, "peft_config")
-        # A collective: every rank calls it. An adapter's folder holds only the trainable tensors, so only those are
-        # gathered: the frozen base stays sharded, never whole on one rank (a 7B base would not fit there).
-        state = self.strategy.trainable_state() if is_adapter else self.strategy.full_state_dict()
+        t0 = time.perf_counter()
         if self.topo.is_main:
-            tmp = final.with_name(final.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        if is_adapter:
+            # A collective: only the trainable tensors are gathered; the frozen base stays sharded.
+            state = self.strategy.trainable_state()
+            if self.topo.is_main:
+                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                size = sum(t.numel() * t.element_size() for t in state.values())
+                written = hf_folder.UnitsWritten(files=1, tensors=len(state), total_bytes=size,
+                                                 largest_unit_bytes=size, largest_unit="adapter")
+            del state
+        else:
+            units = hf_folder.save_units(model)
+            if self.topo.is_main:
+                tmp.mkdir(parents=True)
+                hf_folder.write_config(tmp, model)
+            written = hf_folder.write_units(tmp if self.topo.is_main else None, model, units,
+                                            self.strategy.gathered_units(units))
+        if self.topo.is_main:
             self.tokenizer.save_pretrained(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            self.log(f"[dist_ft] saved {'adapter' if is_adapter else 'model'} to {final}")
+            self.final_save = {"seconds": round(time.perf_counter() - t0, 3), "files": written.files,
+                               "tensors": written.tensors, "mb": round(written.total_bytes / 2**20, 1),
+                               "largest_unit": written.largest_unit,
+                               "largest_unit_mb": round(written.largest_unit_bytes / 2**20, 1)}
+            self.log(f"[dist_ft] saved {'adapter' if is_adapter else 'model'} to {final} "
+                     f"({self.final_save['mb']:,.1f} MiB in {written.files} file(s); at most "
+                     f"{self.final_save['largest_unit_mb']:,.1f} MiB gathered at once: {written.largest_unit})")
         dist.barrier()
         return final
 

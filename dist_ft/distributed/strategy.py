@@ -12,7 +12,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -121,6 +121,15 @@ class Strategy(ABC):
     @abstractmethod
     def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
         """The whole model's state on rank 0 (CPU tensors), None on other ranks. A collective: call on every rank."""
+
+    def gathered_units(self, units) -> Iterator[dict[str, torch.Tensor] | None]:
+        """The tensors of each unit in `units` (checkpoint/hf_folder.py `SaveUnit`s: state-dict names of the model
+        `unwrap()` returns), whole and on the CPU, on rank 0 (None elsewhere), one unit at a time: the caller writes
+        and drops each before asking for the next. A collective: every rank iterates it to the end. Here every rank
+        holds the whole model already (DDP, ZeRO-1/2): only the unit's copy to the host is made."""
+        state = self.unwrap().state_dict(keep_vars=True)
+        for unit in units:
+            yield ({n: state[n].detach().cpu() for n in unit.tensors} if self.topo.is_main else None)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     @property

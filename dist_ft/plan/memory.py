@@ -47,10 +47,13 @@ Transient buffers (`buffer_bytes`, by MemoryRules.buffers):
          activations and are counted with the step. So are ZeRO-3's released partitions on CPU, where a page counts
          once written (_GradientRelease in distributed/deepspeed/strategy.py); on GPUs that buffer is allocated
          whole at the start of the backward and counts there. (MemoryRules.grads_with_step)
-Total per rank = resident state + max(forward/backward transients, optimizer-step transients) + runtime overhead
-(CUDA context and workspaces, NCCL buffers; on CPU the resident size of an idle python + torch + transformers
-process). Transients that never coexist are not added; the rest is summed as if every term peaked at once, so the
-total is an upper estimate of what the caching allocator must hold (fragmentation not included).
+Final save (`save_row`): rank 0 holds one gathered unit at a time (the largest: a block or the embeddings) for a
+full model, the trainable tensors for an adapter; in host memory on GPUs (and, under FSDP2/ZeRO-3, on the device
+while it is gathered). It comes after training, when the activations and gradients are gone.
+Total per rank = resident state + max(forward/backward transients, optimizer-step transients, the final save) +
+runtime overhead (CUDA context and workspaces, NCCL buffers; on CPU the resident size of an idle python + torch +
+transformers process). Transients that never coexist are not added; the rest is summed as if every term peaked at
+once, so the total is an upper estimate of what the caching allocator must hold (fragmentation not included).
 """
 
 from __future__ import annotations
@@ -292,6 +295,26 @@ def _step_row(mc: MethodCounts, recipe, world: int, spec: BackendSpec) -> Row:
     if offloaded_step and step:
         return Row("step", "optimizer step", what + " (on CPU)", 0.0, step, phase="step")
     return Row("step", "optimizer step", what, step, phase="step")
+
+
+def save_row(mc: MethodCounts, rules: ByteRules, cluster: Cluster, spec: BackendSpec) -> Row:
+    """The final save's transient on rank 0 (checkpoint/hf_folder.py): an adapter method gathers its trainable
+    tensors, all at once; a full model is gathered and written one unit at a time (a block, the input embeddings,
+    the output head, the rest: FSDP2's units), so the largest unit is the most held. On GPUs a sharding backend
+    gathers the unit on the device, rank 0 copies it to host memory; on a CPU both are the same memory."""
+    if mc.kind in ("full", "partial"):
+        units: dict[str, float] = {}
+        for p in [*mc.trainable, *mc.frozen, *mc.quantized]:
+            units[p.unit] = units.get(p.unit, 0.0) + p.numel
+        name, numel = max(units.items(), key=lambda kv: kv[1], default=("none", 0.0))
+        detail = f"final/ written one unit at a time: the largest ({name}) gathered on rank 0"
+    else:
+        numel = mc.n_trainable
+        detail = "final/ holds the adapter: its trainable tensors gathered on rank 0"
+    size = numel * rules.weights
+    if cluster.is_cpu:
+        return Row("final_save", "final save", detail, size, phase="save")
+    return Row("final_save", "final save", detail, size if "params" in spec.shards else 0.0, size, phase="save")
 
 
 def _dt(nbytes: float) -> str:

@@ -38,11 +38,11 @@ def render(plan: Plan) -> str:
              + (f"; {c.cpu_memory_gib:.0f} GiB host memory per node" if c.cpu_memory_gib else ""),
              f"batch     micro-batch {plan.micro_batch} x {plan.seq} tokens x {t.gradient_accumulation_steps} "
              f"accumulation x {c.world} ranks = {tokens:,} tokens per step", ""]
-    phase = {"resident": "", "fwd_bwd": "fwd/bwd", "step": "step", "runtime": ""}
+    phase = {"resident": "", "fwd_bwd": "fwd/bwd", "step": "step", "save": "save", "runtime": ""}
     body = [[row.component, row.detail, _g(row.device), _g(row.cpu) if row.cpu else "", phase[row.phase]]
             for row in plan.rows]
     body.append(["", "", "", "", ""])
-    body.append(["total", "resident + max(fwd/bwd, step) + runtime", _g(plan.device_total),
+    body.append(["total", "resident + max(fwd/bwd, step, save) + runtime", _g(plan.device_total),
                  _g(plan.cpu_per_rank) if plan.cpu_per_rank else "", ""])
     lines += _table(["per rank", "what", "device GiB", "CPU GiB", "phase"], body, {2, 3})
     lines.append("")
@@ -53,7 +53,7 @@ def render(plan: Plan) -> str:
 def _verdict_lines(plan: Plan) -> list[str]:
     c = plan.cluster
     lines = [f"peaks     resident {_g(plan.resident)} + fwd/bwd {_g(plan.fwd_bwd)} | optimizer step "
-             f"{_g(plan.step)} GiB"]
+             f"{_g(plan.step)} | final save {_g(plan.save)} GiB"]
     margin = plan.margin_gib
     lines.append(f"verdict   {plan.verdict.upper()}: {plan.device_total / GIB:.2f} of {c.device_memory_gib:.2f} GiB "
                  f"per {'process' if c.is_cpu else 'GPU'}, margin {margin:+.2f} GiB")
@@ -128,6 +128,7 @@ def plan_to_dict(plan: Plan) -> dict:
                   "cpu_bytes": row.cpu} for row in plan.rows],
         "activations_gib": {"no_ac": plan.activations["no_ac"] / GIB, "ac": plan.activations["ac"] / GIB},
         "resident_gib": plan.resident / GIB, "fwd_bwd_gib": plan.fwd_bwd / GIB, "step_gib": plan.step / GIB,
+        "save_gib": plan.save / GIB,
         "device_total_gib": plan.device_total / GIB, "device_memory_gib": c.device_memory_gib,
         "margin_gib": plan.margin_gib, "fits": plan.fits, "cpu_per_rank_gib": plan.cpu_per_rank / GIB,
         "cpu_fits": plan.cpu_fits, "verdict": plan.verdict, "max_micro_batch": plan.max_micro_batch,

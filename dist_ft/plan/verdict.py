@@ -1,8 +1,8 @@
 """The plan of one recipe on one cluster: every row of memory per rank, the totals, whether it fits (device and host
 memory), the speed, and the largest micro-batch that fits.
 
-Total per rank = resident state + max(forward/backward transients, optimizer-step transients) + runtime (see
-memory.py); on a CPU "cluster" the offloaded state lives in the same memory and is added to it.
+Total per rank = resident state + max(forward/backward transients, optimizer-step transients, the final save) +
+runtime (see memory.py); on a CPU "cluster" the offloaded state lives in the same memory and is added to it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from .activations import activation_bytes, logits_bytes
 from .cluster import NO_BF16, Cluster
 from .constants import GIB, MAX_MICRO_BATCH, PRECISION_BYTES
 from .counting import MethodCounts, method_counts
-from .memory import ByteRules, Row, buffer_bytes, byte_rules, runtime_row, state_bytes
+from .memory import ByteRules, Row, buffer_bytes, byte_rules, runtime_row, save_row, state_bytes
 from .model import ModelFacts, analyze_model
 from .speed import speed_estimate
 
@@ -41,6 +41,7 @@ class Plan:
     speed: dict
     notes: list[str] = field(default_factory=list)
     max_micro_batch: Optional[int] = None
+    save: float = 0.0   # the final save's transient on the device (rank 0; memory.save_row)
 
     @property
     def margin_gib(self) -> float:
@@ -87,25 +88,27 @@ def _plan(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, mb: int
     fwd_bwd = sum(r.device for r in rows if r.phase == "fwd_bwd")
     step = sum(r.device for r in rows if r.phase == "step")
     runtime = sum(r.device for r in rows if r.phase == "runtime")
+    save = sum(r.device for r in rows if r.phase == "save")
     cpu_state = sum(r.cpu for r in rows if r.phase in ("resident", "step"))
+    cpu_save = sum(r.cpu for r in rows if r.phase == "save")
     host_rss = sum(r.cpu for r in rows if r.phase == "runtime")
     # Backends that build the whole model on the host before moving it (MemoryRules.builds_whole_model_on_host).
     load_peak = 0.0
     if spec.memory.builds_whole_model_on_host and mc.kind != "qlora" and not cluster.is_cpu:
         load_peak = facts.total * PRECISION_BYTES[d.precision][0]
-    device_total = resident + max(fwd_bwd, step) + runtime
+    device_total = resident + max(fwd_bwd, step, save) + runtime
     if cluster.is_cpu:  # offloaded state lives in the same memory
         device_total += cpu_state
         cpu_per_rank = device_total
     else:
-        cpu_per_rank = max(cpu_state, load_peak) + host_rss
+        cpu_per_rank = max(cpu_state + cpu_save, load_peak) + host_rss
     fits = device_total <= cluster.device_memory_gib * GIB
     cpu_fits = None
     if cluster.cpu_memory_gib is not None and not cluster.is_cpu:
         cpu_fits = cpu_per_rank * cluster.gpus_per_node <= cluster.cpu_memory_gib * GIB
     speed = speed_estimate(recipe, cluster, facts, mc, rules, seq, seq_rows)
     return Plan(recipe, cluster, facts, mc, mb, seq, rows, acts, device_total, fwd_bwd, step, resident,
-                cpu_per_rank, load_peak, fits, cpu_fits, speed, _notes(recipe, cluster, mc, spec))
+                cpu_per_rank, load_peak, fits, cpu_fits, speed, _notes(recipe, cluster, mc, spec), save=save)
 
 
 def _rows(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, rules: ByteRules, spec: BackendSpec,
@@ -139,6 +142,7 @@ def _rows(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, rules: 
     rows.append(Row("logits", "logits + loss", f"{mb}x{seq}x{width} x {per_logit:g} B ({held})", lg,
                     phase="fwd_bwd"))
     rows += buffer_bytes(facts, mc, rules, recipe, cluster)
+    rows.append(save_row(mc, rules, cluster, spec))
     rows.append(runtime_row(cluster))
     return rows, acts
 

@@ -349,7 +349,12 @@ class Trainer:
                          f"{best['value']:.4f}), not the last step: " + fmt_metrics(eval_after))
         watchdog.phase("the final save")
         faults.inject("hang-final-save", step, self.topo.rank)
+        peak_before = self.memory.run_peak()
         final = self.checkpoints.save_final()
+        if self.checkpoints.final_save is not None:  # rank 0, which gathers: its peak before and after the save
+            self.tracker.write({"event": "final_save", "step": step, **self.checkpoints.final_save,
+                                "peak_memory_mb_before": round(peak_before, 1),
+                                "peak_memory_mb_after": round(self.memory.run_peak(), 1)})
         seconds = time.perf_counter() - self.t_start
         peaks = [None] * self.topo.world_size
         dist.all_gather_object(peaks, round(self.memory.run_peak(), 1))

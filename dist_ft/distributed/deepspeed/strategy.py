@@ -350,6 +350,30 @@ class DeepSpeedStrategy(Strategy):
             state = {k: v for k, v in state.items() if k in names}
         return state
 
+    def gathered_units(self, units):
+        """ZeRO-3: the partitions of one unit gathered on every rank (GatheredParameters), copied to the CPU on rank 0
+        and released before the next unit. ZeRO-1/2 hold the whole model on every rank: the base class's copy."""
+        if self.stage != 3:
+            yield from super().gathered_units(units)
+            return
+        state = self.engine.module.state_dict(keep_vars=True)  # the partitioned parameters themselves
+        # As DeepSpeed's own consolidation does: every parameter partitioned first (the evaluation's prefetches may
+        # still be in flight), the persistent ones gathered back after.
+        zero = self.engine.optimizer
+        zero.checkpoint_event_prologue()
+        for unit in units:
+            yield self._gather_to_main({n: state[n] for n in unit.tensors})
+        zero.checkpoint_event_epilogue()
+
+    def _gather_to_main(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        import deepspeed
+        params = list({id(t): t for t in tensors.values() if hasattr(t, "ds_id")}.values())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if not self.topo.is_main:
+                return None
+            # A copy: the gathered storage is released when the context closes.
+            return {n: t.detach().to("cpu", copy=True) for n, t in tensors.items()}
+
     # ------------------------------------------------------------------------------------------------ checkpoints
     def save_state(self, folder: Path) -> None:
         # DeepSpeed's own layout: every rank writes its optimizer partition, the model states once.
@@ -360,10 +384,15 @@ class DeepSpeedStrategy(Strategy):
         params = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
         if self.stage == 3:
             import deepspeed
-            # Only the trainable partitions are gathered (the frozen base stays sharded).
+            # Only the trainable partitions are gathered (the frozen base stays sharded). Every parameter is
+            # partitioned first, as for gathered_units: an evaluation's prefetches may still be in flight.
+            self.engine.optimizer.checkpoint_event_prologue()
             with deepspeed.zero.GatheredParameters([p for _, p in params]):
                 state = {n: p.detach().cpu().clone() for n, p in params} if self.topo.is_main else None
+            self.engine.optimizer.checkpoint_event_epilogue()
             return state
+        return {n: p.detach().cpu().clone() for n, p in params} if self.topo.is_main else None
+
         return {n: p.detach().cpu().clone() for n, p in params} if self.topo.is_main else None
 
     def read_trainable(self, folder: Path):

@@ -169,3 +169,23 @@ class FSDP2Strategy(Strategy):
             names = {n for n, p in self.model.named_parameters() if p.requires_grad}
             state = {k: v for k, v in state.items() if k in names}
         return state
+
+    def gathered_units(self, units):
+        """One unit at a time, each tensor all-gathered and (on rank 0) copied to the CPU before the next: no rank
+        holds more than one tensor beyond rank 0's current unit."""
+        state = self.model.state_dict(keep_vars=True)  # the sharded DTensors themselves
+        for unit in units:
+            yield _gather_to_main({n: state[n] for n in unit.tensors}, self.topo.is_main)
+
+
+def _gather_to_main(tensors: dict[str, torch.Tensor], is_main: bool) -> dict[str, torch.Tensor] | None:
+    out: dict[str, torch.Tensor] | None = {} if is_main else None
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if isinstance(t, DTensor):
+                if t.device.type != t.device_mesh.device_type:  # CPU-offloaded shards, a GPU process group
+                    t = t.to(t.device_mesh.device_type)
+                t = t.full_tensor()  # a collective over the mesh (any placements: 1-D or hybrid)
+            if out is not None:
+                out[name] = t.detach().cpu()
+    return out
