@@ -137,3 +137,42 @@ def test_shard_group_size_is_refused_where_it_cannot_apply(tmp_path, tiny_llama)
     with pytest.raises(RecipeError, match="shard_group_size: 3 does not divide the world size 4"):
         preflight(fsdp, world_size=4, check_output=False)
     preflight(fsdp, world_size=6, check_output=False)
+
+
+def test_the_plan_counts_hybrid_sharding(tmp_path, tiny_llama):
+    """HSDP at 64 ranks in groups of 8 holds per rank what FSDP2 on 8 ranks holds; ZeRO-3's hpZ adds its in-node
+    weight partition to what ZeRO-3 holds at 64."""
+    from dist_ft.plan import make_cluster, make_plan
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_llama, tmp_path / "out"))
+
+    def rows(world: int, *overrides: str) -> dict:
+        plan = make_plan(load_recipe(str(path), list(overrides)), make_cluster(nodes=world // 8, gpus_per_node=8),
+                         find_max=False)
+        return {r.key: r.device for r in plan.rows}
+
+    hsdp = rows(64, "distributed.strategy=fsdp", "distributed.shard_group_size=8")
+    fsdp8, fsdp64 = rows(8, "distributed.strategy=fsdp"), rows(64, "distributed.strategy=fsdp")
+    for key in ("parameters", "gradients", "optimizer"):
+        assert hsdp[key] == fsdp8[key] > fsdp64[key], key
+    hpz = rows(64, "distributed.strategy=zero3", "distributed.shard_group_size=8")
+    z3 = rows(64, "distributed.strategy=zero3")
+    assert "hpz" not in z3 and hpz["hpz"] > 0
+    assert {k: v for k, v in hpz.items() if k != "hpz"}["parameters"] == z3["parameters"]
+
+
+def test_the_plan_times_hybrid_communication_on_the_right_links(tmp_path, tiny_llama):
+    """Across 8 nodes, plain FSDP2 runs all its gathers on the inter-node links; HSDP runs them inside the node and
+    sends only the gradient shards' all-reduce across: less time on the slow links."""
+    from dist_ft.plan import make_cluster, make_plan
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_llama, tmp_path / "out"))
+    cluster = make_cluster(nodes=8, gpus_per_node=8, intra_gbps=300, inter_gbps=25)
+
+    def speed(*overrides: str) -> dict:
+        return make_plan(load_recipe(str(path), ["distributed.strategy=fsdp", *overrides]), cluster,
+                         find_max=False).speed
+
+    plain, hsdp = speed(), speed("distributed.shard_group_size=8")
+    assert "across 8 groups" in hsdp["comm_what"]
+    assert hsdp["comm_s"] < plain["comm_s"] / 4, (hsdp["comm_s"], plain["comm_s"])

@@ -61,6 +61,10 @@ class MemoryRules:
     # "rows" (each parameter's dim 0 split like torch.chunk, so rank 0 holds ceil(rows / N) rows of every one:
     # FSDP2; a LoRA A of r < N rows then sits whole on r ranks, not 1/N of it on each).
     split: str = "flat"
+    # What `distributed.shard_group_size` does to memory: "mesh" (everything sharded over the group instead of the
+    # world: FSDP2's HSDP), "secondary_weights" (a second copy of the weights in the compute dtype partitioned over
+    # the group, beside the world-wide partitions: ZeRO++ hpZ), "" (refused).
+    hybrid: str = ""
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,8 @@ def requested(recipe) -> list[tuple[str, str]]:
         keys.append(("gradual_unfreeze", "method.partial.unfreeze_every_*"))
     if d.deepspeed_config is not None:
         keys.append(("engine_config", "distributed.deepspeed_config"))
+    if d.shard_group_size is not None:
+        keys.append(("shard_group", "distributed.shard_group_size"))
     return keys
 
 
@@ -181,6 +187,4 @@ def make_strategy(name: str, **kwargs):
     """The Strategy of backend `name`, its module imported now (a DDP user needs no DeepSpeed)."""
     spec = spec_for(name)
     module, cls = spec.strategy.split(":")
-    if d.shard_group_size is not None:
-        keys.append(("shard_group", "distributed.shard_group_size"))
     return getattr(importlib.import_module(module), cls)(**{**spec.kwargs, **kwargs})

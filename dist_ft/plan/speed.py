@@ -119,6 +119,16 @@ def speed_estimate(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts
     comm, comm_what = comm_bytes(recipe, facts, mc, rules, cluster.world)
     gbps = cluster.inter_gbps if cluster.nodes > 1 else cluster.intra_gbps
     comm_s = comm / (gbps * 1e9) if comm else 0.0
+    group = d.shard_group_size
+    if group and group < cluster.world and spec_for(d.strategy).memory.hybrid == "mesh" and cluster.nodes > 1:
+        # HSDP: the shard group's collectives at the in-node bandwidth; across nodes only the all-reduce of each
+        # rank's gradient shard with its R - 1 replicas.
+        inside, inside_what = comm_bytes(recipe, facts, mc, rules, group)
+        replicas = cluster.world // group
+        across = 2 * (replicas - 1) / replicas * mc.n_trainable * rules.reduce / group
+        comm = inside + across
+        comm_what = f"{inside_what} within groups of {group}; all-reduce of gradient shards across {replicas} groups"
+        comm_s = inside / (cluster.intra_gbps * 1e9) + across / (cluster.inter_gbps * 1e9)
     off_s, off_what = offload_cost(recipe, mc, rules, cluster)
     out = {"forward_flops_per_token": fwd, "train_flops_per_token": train, "flops_multiple": train / fwd,
            "peak_flops": peak, "peak_source": peak_source, "mfu": cluster.mfu, "tokens_per_rank_per_step": tokens_rank,

@@ -15,7 +15,7 @@ from .activations import activation_bytes, logits_bytes
 from .cluster import NO_BF16, Cluster
 from .constants import GIB, MAX_MICRO_BATCH, PRECISION_BYTES
 from .counting import MethodCounts, method_counts
-from .memory import ByteRules, Row, buffer_bytes, byte_rules, runtime_row, save_row, state_bytes
+from .memory import ByteRules, Row, buffer_bytes, byte_rules, per_rank, runtime_row, save_row, state_bytes
 from .model import ModelFacts, analyze_model
 from .speed import speed_estimate
 
@@ -115,7 +115,14 @@ def _rows(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, rules: 
           seq: int, mb: int) -> tuple[list[Row], dict]:
     """Every row of the memory table, and the activations with and without checkpointing."""
     d, t = recipe.distributed, recipe.training
-    rows = state_bytes(mc, rules, d.strategy, d.offload, cluster.world, t.optimizer)
+    group = d.shard_group_size if d.shard_group_size and d.shard_group_size < cluster.world else None
+    hybrid = spec.memory.hybrid if group else ""
+    # Hybrid sharding: HSDP holds what FSDP2 on `group` ranks holds; hpZ adds its in-node copy of the weights.
+    rows = state_bytes(mc, rules, d.strategy, d.offload, group if hybrid == "mesh" else cluster.world, t.optimizer)
+    if hybrid == "secondary_weights":
+        weights = mc.trainable + mc.frozen
+        rows.append(Row("hpz", "hpZ weights", f"a second weight partition in {rules.compute:g}-byte compute dtype, "
+                        f"1/{group} (shard_group_size)", per_rank(weights, group, spec.memory.split) * rules.compute))
     o = recipe.objective
     if o.reference == "copy" and o.kind in ("dpo", "ipo", "kto"):  # a second set of weights, held like the first
         rows.append(Row("reference", "reference copy", "frozen copy of the weights, held as the policy's",

@@ -34,7 +34,7 @@ SPECS = (
           ("none", "optimizer"), MemoryRules(**_ZERO12, reduce_every_microstep=True)),
     _zero(3, {"optimizer", "grads", "params"}, "ZeRO-3: parameters, gradients and optimizer state sharded",
           whole_tensor_refusals("zero3"), ("none", "optimizer", "params", "all"),
-          MemoryRules(casts_module_to_compute_dtype=True, buffers="zero3_live",
+          MemoryRules(casts_module_to_compute_dtype=True, buffers="zero3_live", hybrid="secondary_weights",
                       offload_moves={"optimizer": _OPT, "params": frozenset({"params"}),
                                      "all": frozenset({"params", "optimizer"})},
                       grads_with_step="cpu", reduce_every_microstep=True, optimizer_step="flat_in_place",

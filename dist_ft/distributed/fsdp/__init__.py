@@ -13,6 +13,6 @@ SPECS = (
                                       "all (or params), or zero1/zero2 for optimizer-only offload"},
         offloads=("none", "all"), accelerate_type="FSDP", launch_config="fsdp.yaml",
         meta_shard=f"{__name__}.strategy:shard_model",
-        memory=MemoryRules(buffers="fsdp_units", offload_moves={"params": _ALL, "all": _ALL},
+        memory=MemoryRules(buffers="fsdp_units", hybrid="mesh", offload_moves={"params": _ALL, "all": _ALL},
                            grads_with_step="always", cpu_optimizer="torch", split="rows")),
 )
