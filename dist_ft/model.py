@@ -233,15 +233,25 @@ class ModelBuilder:
         """The model's structure without its weights: parameters on the meta device (no memory) and buffers on
         CPU, or created inside `context` instead (DeepSpeed's zero.Init partitions them as they are created).
         Pretrained values are then filled by the strategy from `weights()`."""
+        import contextlib
+
         from accelerate import init_empty_weights
 
+        quantized = quantization_config(self.recipe) is not None
+        if quantized:
+            # Always on meta: a 4-bit base is made tensor by tensor as it is read (quantized.py), never in 16 bits,
+            # not even partitioned (transformers then skips zero.Init, as for its own quantised models).
+            from transformers.modeling_utils import set_quantized_state
+            context = contextlib.ExitStack()
+            context.enter_context(init_empty_weights(include_buffers=False))
+            context.enter_context(set_quantized_state())
         with context if context is not None else init_empty_weights(include_buffers=False):
             model = self._auto_class().from_config(self.config(), dtype=self.dtype, attn_implementation=self.attn,
                                                    trust_remote_code=self.recipe.model.trust_remote_code)
         if getattr(model.config, "tie_word_embeddings", False) or getattr(
                 model.config.get_text_config(), "tie_word_embeddings", False):
             model.tie_weights()  # from_config under init_empty_weights leaves the output embedding untied
-        if quantization_config(self.recipe) is not None:
+        if quantized:
             # QLoRA's base as packed, empty 4-bit layers; `weights()` quantises each tensor as a shard reads it.
             from .quantized import replace_with_packed_4bit
             replace_with_packed_4bit(model, self.recipe)

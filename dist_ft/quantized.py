@@ -1,5 +1,5 @@
-"""QLoRA's 4-bit base for strategies that shard it (FSDP2): built on the meta device, quantised tensor by tensor as
-the weights are read, so no process ever holds the 16-bit model.
+"""QLoRA's 4-bit base for strategies that shard it (FSDP2, ZeRO-3): built on the meta device, quantised tensor by
+tensor as the weights are read, so no process ever holds the 16-bit model.
 
 The recipe Answer.AI's fsdp_qlora and transformers' `bnb_4bit_quant_storage` use: bitsandbytes packs the 4-bit
 values of a weight into a [n / 2 / itemsize, 1] tensor of the *storage* dtype; stored as the dtype the sharding
@@ -8,7 +8,8 @@ nothing), the packed bytes are an ordinary floating-point parameter that `fully_
 back bit for bit. Its quantisation constants (the absmax of every block of 64 values, `QuantState`) stay whole on
 every rank on the module (`Linear4bit.quant_state`): 0.5 bit per parameter (0.127 with double quantisation), and
 bitsandbytes' `Linear4bit.forward` re-attaches them to the gathered weight (`fix_4bit_weight_quant_state_from_module`,
-written for FSDP) before it dequantises.
+written for FSDP) before it dequantises. ZeRO-3 partitions the same packed tensor flat and keeps the parameter object,
+which then carries them itself (distributed/deepspeed/strategy.py `_materialise`).
 
 Loading: each rank reads one whole weight at a time (one tensor in the model's dtype, never the model), quantises it
 exactly as `from_pretrained(quantization_config=...)` does for DDP (same blocks, same constants, so the two bases

@@ -76,24 +76,25 @@ def test_a_refusal_added_to_a_spec_is_refused_by_the_recipe_and_the_launcher_che
 
 
 def test_the_launcher_refuses_what_its_configs_backend_refuses():
-    """A ddp recipe with qlora, started with the zero3 accelerate config: the config asks for zero3, which cannot
-    shard qlora's packed weights. Said as coming from the launcher's config, besides the strategy mismatch."""
-    recipe = _recipe("ddp", "qlora")
+    """A ddp recipe with prompt tuning, started with the zero3 accelerate config: the config asks for zero3, which
+    cannot save peft's virtual-token embeddings. Said as coming from the launcher's config, besides the strategy
+    mismatch."""
+    recipe = _recipe("ddp", "prompt_tuning")
     problems = launcher_problems(recipe, accelerate_launch_env(LAUNCH / "zero3.yaml"))
     assert len(problems) == 2, problems
     assert "distributed.strategy is ddp; use launch/accelerate/ddp.yaml" in problems[0]
     assert problems[1] == ("accelerate config asks for zero3, which refuses: method.kind: "
-                           + S.spec_for("zero3").refuses["method:qlora"])
+                           + S.spec_for("zero3").refuses["method:prompt_tuning"])
 
 
 def test_a_refusal_dropped_from_a_spec_is_accepted(monkeypatch):
     """The rule is read from the spec and nowhere else: without it, the same recipe passes."""
-    with pytest.raises(RecipeError, match="method.kind: qlora keeps the base"):
-        _recipe("zero3", "qlora")
+    with pytest.raises(RecipeError, match="method.kind: prompt_tuning is not supported with zero3"):
+        _recipe("zero3", "prompt_tuning")
     old = S.spec_for("zero3")
     _install(monkeypatch, dataclasses.replace(old, refuses={k: v for k, v in old.refuses.items()
-                                                            if k != "method:qlora"}))
-    assert _recipe("zero3", "qlora").distributed.strategy == "zero3"
+                                                            if k != "method:prompt_tuning"}))
+    assert _recipe("zero3", "prompt_tuning").distributed.strategy == "zero3"
 
 
 def test_preflight_and_the_fp16_check_read_the_spec(monkeypatch):

@@ -184,7 +184,6 @@ def test_adamw_8bit_keeps_8bit_state():
 
 
 @pytest.mark.parametrize("method,strategy,fragment", [
-    ("qlora", "zero3", "use ddp, zero1 or zero2"),
     ("prompt_tuning", "fsdp", "use ddp, zero1 or zero2"),
     ("prefix_tuning", "zero3", "use ddp, zero1 or zero2"),
     ("gradual", "zero2", "use ddp or fsdp"),

@@ -55,14 +55,18 @@ def _builder(recipe, model_path):
      "use bits: 4"),
     ({"method": QLORA, "distributed": {"strategy": "fsdp", "offload": "all"}}, "distributed.offload",
      "use offload: none"),
-    ({"method": QLORA, "distributed": {"strategy": "zero3"}}, "method.kind", "use ddp, zero1 or zero2"),
+    ({"method": {**QLORA, "quant": {"bits": 8}}, "distributed": {"strategy": "zero3"}}, "method.quant.bits",
+     "use bits: 4"),
+    ({"method": QLORA, "distributed": {"strategy": "zero3", "offload": "params"}}, "distributed.offload",
+     "use offload: none"),
 ])
 def test_what_sharded_qlora_still_refuses(tiny_llama, tmp_path, overrides, field, fragment):
     from dist_ft.config import RecipeError, recipe_from_dict
     with pytest.raises(RecipeError) as err:
         recipe_from_dict(tiny_recipe(tiny_llama, tmp_path / "r", **overrides))
     assert f"{field}: " in str(err.value) and fragment in str(err.value)
-    recipe_from_dict(tiny_recipe(tiny_llama, tmp_path / "r", method=QLORA, distributed={"strategy": "fsdp"}))
+    for strategy in ("fsdp", "zero3"):
+        recipe_from_dict(tiny_recipe(tiny_llama, tmp_path / "r", method=QLORA, distributed={"strategy": strategy}))
 
 
 def test_the_meta_built_base_is_the_from_pretrained_base(tiny_llama, tmp_path):
@@ -102,10 +106,15 @@ def test_the_meta_built_base_is_the_from_pretrained_base(tiny_llama, tmp_path):
         assert torch.allclose(meta(input_ids=batch).logits, ref(input_ids=batch).logits, atol=1e-5)
 
 
-def test_fsdp2_qlora_matches_one_process(tmp_path, tiny_llama):
-    """2 ranks under FSDP2 (4-bit base sharded) against 1 process (DDP's path: from_pretrained's 4-bit base)."""
+SHARDED = ["fsdp", pytest.param("zero3", marks=pytest.mark.slow)]  # CI time: one in the default suite
+BOTH = [pytest.param(s, marks=pytest.mark.slow) for s in ("fsdp", "zero3")]
+
+
+@pytest.mark.parametrize("strategy", SHARDED)
+def test_sharded_qlora_matches_one_process(tmp_path, tiny_llama, strategy):
+    """2 ranks under FSDP2 / ZeRO-3 (4-bit base sharded) against 1 process (DDP's path: from_pretrained's base)."""
     one = _losses(_run(tmp_path, "one", tiny_llama, strategy="ddp", nproc=1))
-    out = _run(tmp_path, "fsdp", tiny_llama, strategy="fsdp", nproc=2)
+    out = _run(tmp_path, strategy, tiny_llama, strategy=strategy, nproc=2)
     two = _losses(out)
     assert sorted(two) == list(range(1, STEPS + 1)) and one[STEPS] < one[1]
     for s in one:
@@ -117,38 +126,38 @@ def test_fsdp2_qlora_matches_one_process(tmp_path, tiny_llama):
     assert start["total_params"] == ref_start["total_params"]  # the sharded packed weights count as 4-bit values
 
 
-@pytest.mark.slow
-def test_fsdp2_qlora_bf16_mixed_matches_ddp(tmp_path, tiny_llama):
-    """bf16-mixed: the packed weights are stored in bf16, the dtype FSDP2's policy gathers in, so nothing casts
-    them; parity with 2-rank DDP within bf16's rounding (module docstring)."""
+@pytest.mark.parametrize("strategy", BOTH)
+def test_sharded_qlora_bf16_mixed_matches_ddp(tmp_path, tiny_llama, strategy):
+    """bf16-mixed: the packed weights are stored in bf16, the dtype FSDP2's policy gathers in (and DeepSpeed casts
+    the module to), so nothing casts them; parity with 2-rank DDP within bf16's rounding (module docstring)."""
     ddp = _losses(_run(tmp_path, "ddp", tiny_llama, strategy="ddp", nproc=2, precision="bf16-mixed"))
-    fsdp = _losses(_run(tmp_path, "fsdp", tiny_llama, strategy="fsdp", nproc=2, precision="bf16-mixed"))
+    fsdp = _losses(_run(tmp_path, strategy, tiny_llama, strategy=strategy, nproc=2, precision="bf16-mixed"))
     for s in ddp:
         assert abs(ddp[s] - fsdp[s]) <= 2e-3, (s, ddp, fsdp)
 
 
-@pytest.mark.slow
-def test_fsdp2_qlora_resumes_exactly(tmp_path, tiny_llama):
+@pytest.mark.parametrize("strategy", BOTH)
+def test_sharded_qlora_resumes_exactly(tmp_path, tiny_llama, strategy):
     ck = {"checkpoint": {"every_steps": HALF, "keep_last": None}}
-    ref = _losses(_run(tmp_path, "straight", tiny_llama, strategy="fsdp", nproc=2, **ck))
-    _run(tmp_path, "run", tiny_llama, strategy="fsdp", nproc=2, extra=(f"training.stop_after_steps={HALF}",), **ck)
+    ref = _losses(_run(tmp_path, "straight", tiny_llama, strategy=strategy, nproc=2, **ck))
+    _run(tmp_path, "run", tiny_llama, strategy=strategy, nproc=2, extra=(f"training.stop_after_steps={HALF}",), **ck)
     assert not (tmp_path / "run" / "final").exists()
-    out = _run(tmp_path, "run", tiny_llama, strategy="fsdp", nproc=2, extra=("checkpoint.resume=auto",), **ck)
+    out = _run(tmp_path, "run", tiny_llama, strategy=strategy, nproc=2, extra=("checkpoint.resume=auto",), **ck)
     got = _losses(out)
     assert sorted(got) == list(range(1, STEPS + 1))
     for s in range(HALF + 1, STEPS + 1):
         assert abs(ref[s] - got[s]) <= 1e-6, (s, ref, got)
 
 
-@pytest.mark.slow
-def test_fsdp2_qlora_merged_export(tmp_path, tiny_llama):
-    """`export --merge-lora` of an FSDP2 QLoRA checkpoint: the adapter merged into the 16-bit base. Its logits equal
+@pytest.mark.parametrize("strategy", BOTH)
+def test_sharded_qlora_merged_export(tmp_path, tiny_llama, strategy):
+    """`export --merge-lora` of an FSDP2 / ZeRO-3 QLoRA checkpoint: the adapter merged into the 16-bit base. Its logits equal
     the adapter on the 16-bit base (1e-4), and the trained model's (the adapter on the 4-bit base) within the
     quantisation error of the base itself: no more than 1.5x the gap between the 16-bit and the 4-bit base."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    out = _run(tmp_path, "run", tiny_llama, strategy="fsdp", nproc=2, checkpoint={"every_steps": STEPS})
+    out = _run(tmp_path, "run", tiny_llama, strategy=strategy, nproc=2, checkpoint={"every_steps": STEPS})
     ckpt = out / "checkpoints" / f"step-{STEPS:08d}"
     for args, name in (([], "adapter"), (["--merge-lora"], "merged")):
         res = run_cli("export", str(ckpt), str(tmp_path / name), *args)
@@ -208,9 +217,9 @@ def _write_big_llama(folder: Path, *, layers: int) -> int:
     return sum(t.numel() for t in state.values())
 
 
-@pytest.mark.slow  # ~80 s: writes and loads a 1.4 GB model
-def test_no_rank_holds_the_16bit_model(tmp_path):
-    """A 706M-parameter Llama (1.41 GB in bf16) under FSDP2 QLoRA on 2 ranks: each rank's lifetime peak RSS, loading
+@pytest.mark.parametrize("strategy", BOTH)  # ~80 s each: writes and loads a 1.4 GB model
+def test_no_rank_holds_the_16bit_model(tmp_path, strategy):
+    """A 706M-parameter Llama (1.41 GB in bf16) under FSDP2 / ZeRO-3 QLoRA on 2 ranks: each rank's lifetime peak RSS, loading
     included, stays below the 16-bit model's size; a rank that held it would need that plus its runtime."""
     n = _write_big_llama(tmp_path / "big", layers=16)
     bytes16 = 2 * n
@@ -219,12 +228,12 @@ def test_no_rank_holds_the_16bit_model(tmp_path):
                                                                       "target_modules": ["q_proj", "v_proj"]}},
                     data={"max_length": 16, "max_train_samples": 8, "max_eval_samples": 2},
                     training={"max_steps": 1, "micro_batch_size": 1},
-                    distributed={"strategy": "fsdp", "precision": "bf16-true"})
+                    distributed={"strategy": strategy, "precision": "bf16-true"})
     path = write_recipe(tmp_path / "big.yaml", r)
     res = run_cli("launch", str(path), "--nproc-per-node", "2",
                   env={"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "0"})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     line = next(l for l in res.stdout.splitlines() if "peak memory per rank (MiB)" in l)
     peaks = json.loads(line.split(":", 1)[1].strip())
-    print(f"16-bit model {bytes16 / 2**20:.0f} MiB; peak RSS per rank {peaks} MiB")
+    print(f"{strategy}: 16-bit model {bytes16 / 2**20:.0f} MiB; peak RSS per rank {peaks} MiB")
     assert len(peaks) == 2 and max(peaks) * 2**20 < bytes16, (peaks, bytes16 / 2**20)

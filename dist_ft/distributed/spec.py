@@ -93,30 +93,24 @@ class BackendSpec:
         return self.refuses.get(key)
 
 
-def whole_tensor_refusals(name: str, *, shards_4bit: bool = False) -> dict[str, str]:
-    """What a backend that shards parameters (no rank ever holds a whole weight) cannot run. `shards_4bit`: it
-    shards QLoRA's packed 4-bit base (quantized.py), but not an 8-bit one nor an offloaded one."""
+def whole_tensor_refusals(name: str) -> dict[str, str]:
+    """What a backend that shards parameters (no rank ever holds a whole weight) cannot run. It shards QLoRA's
+    packed 4-bit base (quantized.py), but not an 8-bit one, nor an offloaded one."""
     virtual = ("is not supported with {n} (peft reads the virtual-token embeddings as whole tensors when it saves "
                "them, which sharding prevents); use ddp, zero1 or zero2: the adapter is tiny and the base is frozen")
-    refuses = {
-        "method:qlora": f"qlora keeps the base in bitsandbytes' packed 4/8-bit tensors, which {name} cannot shard "
-                        f"here; use ddp, zero1 or zero2 (the base is small once quantised), fsdp (which shards a "
-                        f"4-bit base), or lora with {name}",
+    return {
         "method:prompt_tuning": "prompt_tuning " + virtual.format(n=name),
         "method:prefix_tuning": "prefix_tuning " + virtual.format(n=name),
         "dora": f"DoRA magnitudes need the whole weight, which {name} never gathers at start; use ddp, zero1 or "
                 "zero2 for DoRA",
         "optimizer:adamw_8bit": f"adamw_8bit quantises whole parameter tensors, which {name} shards; use adamw, or "
                                 "ddp/zero1/zero2",
+        "qlora:8bit": f"8-bit qlora (LLM.int8) keeps a per-row scale beside int8 weights that {name} cannot shard "
+                      "here; use bits: 4, or ddp/zero1/zero2 for 8 bits",
+        "qlora:offload": f"qlora with offload is not supported by {name} (the 4-bit constants stay whole on the "
+                         "compute device beside the packed weights; offloading them is untested); use offload: none "
+                         "(the 4-bit base is a quarter of the 16-bit one), or lora with offload",
     }
-    if shards_4bit:
-        del refuses["method:qlora"]
-        refuses["qlora:8bit"] = (f"8-bit qlora (LLM.int8) keeps a per-row scale beside int8 weights that {name} "
-                                 "cannot shard here; use bits: 4, or ddp/zero1/zero2 for 8 bits")
-        refuses["qlora:offload"] = (f"qlora's 4-bit constants stay on the compute device while {name} would move "
-                                    "the packed weights to the host; use offload: none (the 4-bit base is a quarter "
-                                    "of the 16-bit one), or lora with offload")
-    return refuses
 
 
 NOT_AN_ENGINE = {"engine_config": "only used with zero1/zero2/zero3; remove it or change the strategy"}

@@ -283,14 +283,45 @@ class DeepSpeedStrategy(Strategy):
                 f"{'bf16' if a['bf16_master'] else 'fp32'}")
 
     def _load_partitioned(self, model: torch.nn.Module, weights, deepspeed) -> None:
+        made = self._materialise(model, weights, deepspeed)
         with torch.no_grad():
             for name, p in model.named_parameters():
+                if id(p) in made:
+                    continue
                 shape = getattr(p, "ds_shape", p.shape)
                 # Gathered whole on every rank for the moment of the copy; rank 0's values are broadcast back
                 # into the partitions when the context closes.
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                     if self.topo.is_main:
                         p.data.copy_(weights.rows(name, shape, 0, shape[0] if len(shape) else 0, p.dtype))
+
+    @staticmethod
+    def _materialise(model: torch.nn.Module, weights, deepspeed) -> set[int]:
+        """Parameters left on the meta device (a qlora base is built outside zero.Init: quantized.py), made from
+        the checkpoint one module at a time, children first, each module's partitioned by zero.Init(module=) before
+        the next is read. Every rank reads (and quantises) the tensor: the 4-bit constants stay whole on every rank,
+        on the parameter itself, which ZeRO-3 keeps. Returns the ids of the parameters made."""
+        packed = getattr(weights, "layers", {})  # QLoRA's 4-bit layers (quantized.QuantizingWeights)
+        names = {id(p): n for n, p in model.named_parameters()}
+        made: dict[int, torch.nn.Parameter] = {}
+        with torch.no_grad():
+            for module in reversed(list(model.modules())):
+                todo = [(k, p) for k, p in module._parameters.items() if p is not None and p.device.type == "meta"]
+                for key, p in todo:
+                    if id(p) not in made:
+                        name = names[id(p)]
+                        value = weights.rows(name, p.shape, 0, p.shape[0] if p.dim() else 0, p.dtype)
+                        if name in packed:
+                            made[id(p)] = type(p)(value, requires_grad=False, quant_state=module.quant_state,
+                                                  blocksize=p.blocksize, compress_statistics=p.compress_statistics,
+                                                  quant_type=p.quant_type, quant_storage=p.quant_storage,
+                                                  module=module, bnb_quantized=True)
+                        else:
+                            made[id(p)] = torch.nn.Parameter(value, requires_grad=p.requires_grad)
+                    module._parameters[key] = made[id(p)]
+                if todo:
+                    deepspeed.zero.Init(module=module, dtype=torch.float32)  # (dtype: for modules made inside)
+        return {id(p) for p in made.values()}
 
     def unwrap(self) -> torch.nn.Module:
         return self.engine.module

@@ -8,7 +8,7 @@ SPECS = (
     BackendSpec(
         name="fsdp", summary="FSDP2: parameters, gradients and optimizer state sharded, gathered one block at a time",
         strategy=f"{__name__}.strategy:FSDP2Strategy", shards=_ALL,
-        refuses={**NOT_AN_ENGINE, **whole_tensor_refusals("fsdp", shards_4bit=True),
+        refuses={**NOT_AN_ENGINE, **whole_tensor_refusals("fsdp"),
                  "offload:optimizer": "FSDP2 offloads parameters together with their optimizer state; use offload: "
                                       "all (or params), or zero1/zero2 for optimizer-only offload"},
         offloads=("none", "all"), accelerate_type="FSDP", launch_config="fsdp.yaml",
