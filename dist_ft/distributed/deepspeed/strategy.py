@@ -424,8 +424,6 @@ class DeepSpeedStrategy(Strategy):
             return state
         return {n: p.detach().cpu().clone() for n, p in params} if self.topo.is_main else None
 
-        return {n: p.detach().cpu().clone() for n, p in params} if self.topo.is_main else None
-
     def read_trainable(self, folder: Path):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
