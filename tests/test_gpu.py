@@ -331,6 +331,25 @@ def test_telemetry_on_a_gpu(tmp_path, tiny_llama):
         assert f"{torch.cuda.get_device_name(0)} datasheet" in res.stdout, res.stdout[-2000:]
 
 
+@gpu
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_doctor_on_two_gpus(tmp_path, tiny_llama, strategy):
+    """`dist-ft doctor` over NCCL: the world, each GPU's free memory against the plan, the one intra-node link and
+    the backend's collectives on device tensors, the storage, the stop vote and the loss parity in bf16."""
+    _need(2)
+    out = tmp_path / "doctor"
+    path = write_recipe(tmp_path / "doctor.yaml", tiny_recipe(
+        tiny_llama, out, distributed={"strategy": strategy, "precision": "bf16-mixed", "threads_per_process": None}))
+    res = run_cli("doctor", str(path), "--nproc-per-node", "2", timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
+    doc = json.loads((out / "doctor" / "doctor.json").read_text())
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert doc["verdict"] == "pass" and doc["world_size"] == 2, doc["line"]
+    assert "cuda" in checks["memory"]["details"]["ranks"][0]["bound"], checks["memory"]
+    assert checks["links"]["details"]["links"][0]["gb_per_s"] > 1.0  # NVLink or PCIe, not a socket
+    assert checks["loss parity"]["details"]["tolerance"] == 2e-2
+
+
 def test_telemetry_problems_reads_records():
     good = [{"step": 1, "tokens_per_s": 10.0, "peak_memory_mb": 5.0, "mfu": 0.3}]
     assert telemetry_problems(good, gpu_known=True) == []
