@@ -127,6 +127,18 @@ def run_cli(*args: str, timeout: int = 600, env: dict | None = None) -> subproce
                           timeout=timeout, env=full_env, cwd=REPO)
 
 
+def read_final(run_dir: Path) -> dict:
+    """Every tensor of a run's final/: the adapter, or the model from all its safetensors files (a full fine-tune's
+    final/ is written one unit per file, with an index)."""
+    from safetensors.torch import load_file
+    final = Path(run_dir) / "final"
+    if (final / "adapter_model.safetensors").exists():
+        return load_file(final / "adapter_model.safetensors")
+    files = sorted(final.glob("model*.safetensors"))
+    assert files, f"no weights in {final}"
+    return {k: v for f in files for k, v in load_file(f).items()}
+
+
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(training records, evaluation records) of a run's metrics.jsonl."""
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

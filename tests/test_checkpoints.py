@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_cli, tiny_recipe, write_recipe
+from conftest import read_final, read_metrics, run_cli, tiny_recipe, write_recipe
 
 STEPS, HALF = 12, 6
 METHODS = {"full": {"kind": "full"},
@@ -47,9 +47,7 @@ def _losses(out) -> dict[int, float]:
 
 
 def _weights(out) -> dict[str, torch.Tensor]:
-    final = Path(out) / "final"
-    name = "adapter_model.safetensors" if (final / "adapter_model.safetensors").exists() else "model.safetensors"
-    return load_file(final / name)
+    return read_final(out)
 
 
 def _max_diff(a: dict, b: dict) -> float:

@@ -21,7 +21,7 @@ import json
 import pytest
 import torch
 
-from conftest import read_metrics, run_cli, tiny_recipe, write_recipe
+from conftest import read_final, read_metrics, run_cli, tiny_recipe, write_recipe
 
 STEPS = 6
 RTOL = 5e-3
@@ -81,8 +81,7 @@ def test_precision_matches_fp32(tmp_path, fp32_reference, tiny_llama, strategy, 
         assert [r["loss_scale"] for r in records] == [65536.0] * STEPS
     else:
         assert all("loss_scale" not in r for r in records)
-    from safetensors.torch import load_file
-    final = load_file(out / "final" / "model.safetensors")
+    final = read_final(out)
     # DeepSpeed casts the module itself to bf16 for bf16-mixed too (its fp32 master stays in the optimizer).
     want = torch.bfloat16 if strategy.startswith("zero") and precision.startswith("bf16") else WEIGHTS_DTYPE[precision]
     assert {t.dtype for t in final.values()} == {want}
