@@ -93,9 +93,10 @@ def test_exact_resume(tmp_path, tiny_llama, straight, strategy, method):
     assert len(start) == 2 and start[0]["run_id"] == start[1]["run_id"]  # the telemetry run id carries over
 
 
-# CI time: ZeRO-3's 2-to-1 in the slow suite (its 1-to-2 converts through the same universal path and stays).
+# CI time: ZeRO-3's 2-to-1 in the slow suite (its 1-to-2 converts through the same universal path and stays), and
+# DDP's (replicated: its 1-to-2 stays).
 @pytest.mark.parametrize("strategy,direction", [
-    pytest.param(s, d, marks=pytest.mark.slow) if (s, d) == ("zero3", "2to1") else (s, d)
+    pytest.param(s, d, marks=pytest.mark.slow) if (s, d) in (("zero3", "2to1"), ("ddp", "2to1")) else (s, d)
     for s in ("ddp", "fsdp", "zero3") for d in ("2to1", "1to2")]
     + [("zero2", "2to1")])  # ZeRO-2 converts through the same universal path as ZeRO-3
 def test_world_size_change(tmp_path, tiny_llama, straight, strategy, direction):
