@@ -82,8 +82,6 @@ def write_random_llama(folder: Path, shape: str, seed: int = 0) -> Path:
 
 def recipe_for(model: Path, out: Path, method: str, strategy: str, steps: int) -> dict:
     m = {"kind": method, "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}
-    if method == "qlora":
-        m["qlora"] = {"bits": 4}
     return {"output_dir": str(out), "seed": 0, "model": {"path": str(model)},
             "data": {"train": "builtin:wordnet-definitions", "format": "instruction", "max_length": 128,
                      "max_train_samples": 64, "max_eval_samples": 2},
@@ -101,14 +99,18 @@ def run(cmd: list[str], log: Path) -> tuple[int, float]:
     return rc, time.perf_counter() - t0
 
 
-def adapter_matches(run_dir: Path, model: Path) -> float:
-    """Largest difference between final/'s adapter as peft loads it onto the base and the saved tensors."""
+def adapter_matches(run_dir: Path, model: Path, method: str) -> float:
+    """Largest difference between final/'s adapter as peft loads it onto the base and the saved tensors. A QLoRA
+    adapter goes onto the 4-bit base, as it was trained (a 13B base in 16 bits would not fit this machine)."""
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    base = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.bfloat16, low_cpu_mem_usage=True)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                               bnb_4bit_use_double_quant=True) if method == "qlora" else None
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, low_cpu_mem_usage=True,
+                                                quantization_config=quant)
     peft_model = PeftModel.from_pretrained(base, run_dir / "final")
     saved = load_file(str(run_dir / "final" / "adapter_model.safetensors"))
     loaded = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
@@ -128,8 +130,15 @@ def main() -> int:
     ap.add_argument("--strategy", default="fsdp")
     ap.add_argument("--models", default="/tmp/dist-ft-scale-models")
     ap.add_argument("--out", default="/tmp/dist-ft-scale-runs")
+    ap.add_argument("--simulate", action="store_true", help="only the simulated table (no run)")
     a = ap.parse_args()
     import yaml
+
+    if a.simulate:
+        doc = load_results()
+        doc["simulated"] = simulate_table()
+        save_results(doc)
+        return 0
 
     model = write_random_llama(Path(a.models) / f"llama-{a.shape}", a.shape)
     name = f"{a.shape}-{a.method}-{a.strategy}"
@@ -158,31 +167,76 @@ def main() -> int:
            "peak_mib_per_rank": ends[-1]["peak_memory_mb"] if ends else None,
            "plan_gib_per_rank": plan.get("device_total_gib") or plan.get("total_gib"),
            "plan_step_s": (plan.get("speed") or {}).get("step_s"), "wall_s": [round(t1), round(t2)],
-           "adapter_max_diff": adapter_matches(out, model) if rc2 == 0 else None}
+           "adapter_max_diff": adapter_matches(out, model, a.method) if rc2 == 0 else None}
     if peak and row["plan_gib_per_rank"]:
         row["measured_over_plan"] = round(peak / 1024 / row["plan_gib_per_rank"], 3)
     print(json.dumps(row, indent=1))
-    RESULTS.mkdir(exist_ok=True)
-    store = RESULTS / "scale.json"
-    rows = json.loads(store.read_text()) if store.exists() else []
-    rows = [r for r in rows if (r["shape"], r["method"], r["strategy"]) != (a.shape, a.method, a.strategy)] + [row]
-    store.write_text(json.dumps(rows, indent=1) + "\n")
-    (RESULTS / "scale.md").write_text(render(rows))
+    doc = load_results()
+    doc["runs"] = [r for r in doc["runs"] if (r["shape"], r["method"], r["strategy"])
+                   != (a.shape, a.method, a.strategy)] + [row]
+    save_results(doc)
     return 0 if rc1 == rc2 == 0 else 1
 
 
-def render(rows: list[dict]) -> str:
-    lines = ["# Real steps at scale on this machine (2 processes, bf16-true, activation checkpointing)", "",
-             "Written by `benchmarks/scale.py` (see its docstring): seeded random weights in a Llama-shaped folder, "
-             "one step, a checkpoint, a resumed second step, final/ loaded with peft.", "",
+def load_results() -> dict:
+    store = RESULTS / "scale.json"
+    doc = json.loads(store.read_text()) if store.exists() else {}
+    if isinstance(doc, list):  # the first version held the runs only
+        doc = {"runs": doc}
+    return {"runs": [], "simulated": [], "hybrid": None, **doc}
+
+
+def save_results(doc: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "scale.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (RESULTS / "scale.md").write_text(render(doc))
+
+
+def simulate_table() -> list[dict]:
+    """`dist-ft plan --simulate`: the real model on meta, FSDP2's own wrap code under a fake process group, rank 0's
+    bytes read off its shards beside the plan's formula, at 8, 64 and 1,024 ranks."""
+    from dist_ft.config import load_recipe
+    from dist_ft.plan.simulate import simulate
+
+    rows = []
+    for model, method in (("llama-3-8b", "full"), ("llama-3-8b", "lora"), ("llama-3-70b", "lora"),
+                          ("llama-3.1-405b", "lora")):
+        recipe = load_recipe(None, [f"model.path=builtin:{model}", f"method.kind={method}", "method.lora.r=16",
+                                    "distributed.strategy=fsdp", "distributed.precision=bf16-mixed"])
+        sim = simulate(recipe, [8, 64, 1024])
+        for r in sim.rows:
+            rows.append({"model": model, "method": method, "world": r.world, "quantity": r.quantity,
+                         "simulated_bytes": r.simulated, "planned_bytes": r.planned, "ratio": round(r.ratio, 4)})
+    return rows
+
+
+def render(doc: dict) -> str:
+    lines = ["# Scale on this machine", "",
+             "## Real steps (2 processes, bf16-true, activation checkpointing)", "",
+             "`benchmarks/scale.py --shape S --method M` (see its docstring): seeded random weights in a Llama-shaped "
+             "folder, one step, a checkpoint, a resumed second step, final/'s adapter loaded with peft and compared "
+             "with the saved tensors.", "",
              "| shape | method | strategy | exit (stop, resume) | s/step | peak MiB per rank | plan GiB per rank | "
              "measured / plan | plan s/step | adapter max diff |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in doc["runs"]:
         lines.append(f"| {r['shape']} | {r['method']} | {r['strategy']} | {r['exit']} | "
                      f"{', '.join(map(str, r['seconds_per_step']))} | "
                      f"{', '.join(f'{x:,.0f}' for x in r['peak_mib_per_rank'] or [])} | "
                      f"{r['plan_gib_per_rank']:.2f} | {r.get('measured_over_plan', '')} | "
                      f"{r['plan_step_s'] or 0:.3g} | {r['adapter_max_diff']} |")
+    if doc["simulated"]:
+        lines += ["", "## Simulated scale (`benchmarks/scale.py --simulate`, `dist-ft plan --simulate`)", "",
+                  "FSDP2, bf16-mixed: the real model on the meta device sharded by FSDP2's own wrap code under a fake "
+                  "process group; rank 0's bytes read off its shards, beside `dist-ft plan`'s formula.", "",
+                  "| model | method | ranks | quantity | simulated MiB | plan MiB | ratio |", "|---|---|---|---|---|---|---|"]
+        for r in doc["simulated"]:
+            lines.append(f"| {r['model']} | {r['method']} | {r['world']:,} | {r['quantity']} | "
+                         f"{r['simulated_bytes'] / 2**20:,.1f} | {r['planned_bytes'] / 2**20:,.1f} | {r['ratio']} |")
+    h = doc.get("hybrid")
+    if h:
+        lines += ["", "## Hybrid vs plain sharding across nodes", "", h["how"], "",
+                  "| strategy | MiB across the node boundary |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in h["mib"].items()]
     return "\n".join(lines) + "\n"
 
 
