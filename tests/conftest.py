@@ -163,3 +163,23 @@ def tiny_recipe(model_path: Path, out: Path, **sections) -> dict:
         else:
             recipe[key] = value
     return recipe
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a chosen size (needs root and mount rights; skipped where the machine has neither)."""
+    mounted = []
+
+    def make(name: str, kib: int) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

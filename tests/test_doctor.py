@@ -118,27 +118,8 @@ def test_processes_given_separate_worlds_fail_rendezvous_and_parity(tmp_path, ti
 
 # ------------------------------------------------------------------------------------------------ full filesystem
 
-@pytest.fixture
-def small_disk(tmp_path):
-    mounted = []
-
-    def make(kib: int) -> Path:
-        path = tmp_path / f"disk{len(mounted)}"
-        path.mkdir()
-        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)],
-                             capture_output=True, text=True)
-        if res.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
-        mounted.append(path)
-        return path
-
-    yield make
-    for path in mounted:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
 def test_a_full_output_filesystem_is_named(tmp_path, tiny_llama, small_disk):
-    disk = small_disk(2048)  # 2 MiB: each rank's 4 MiB probe cannot fit
+    disk = small_disk("disk", 2048)  # 2 MiB: each rank's 4 MiB probe cannot fit
     out = disk / "run"
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_llama, out, distributed={"timeout_seconds": 60}))
     res = run_cli("doctor", str(path), "--nproc-per-node", "2", timeout=300)

@@ -243,26 +243,7 @@ def test_a_second_signal_exits_at_once(tmp_path, tiny_llama):
 
 
 # ------------------------------------------------------------------------------------------- disk full
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs of a chosen size (needs root and mount rights; skipped where the machine has neither)."""
-    mounted = []
-
-    def make(name: str, kib: int) -> Path:
-        path = tmp_path / name
-        path.mkdir()
-        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)],
-                             capture_output=True, text=True)
-        if res.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
-        mounted.append(path)
-        return path
-
-    yield make
-    for path in mounted:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
+# (small_disk: a tmpfs of a chosen size, tests/conftest.py)
 
 def _disk_recipe(tmp_path, model, out, strategy="ddp"):
     r = tiny_recipe(model, out, training={"max_steps": 6}, distributed={"strategy": strategy, "timeout_seconds": 60},
