@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_cli, tiny_recipe, write_recipe
+from netns import hosts
 
 from dist_ft.doctor.links import link_pairs
 from dist_ft.doctor.memory import cgroup_room
@@ -205,26 +206,9 @@ def test_a_rank_short_of_memory_is_named(tmp_path, tiny_llama):
 
 @pytest.fixture
 def three_hosts():
-    """Three network namespaces on a bridge (in a fourth): three "nodes" with their own addresses."""
-    tag = f"{os.getpid() % 10000}"
-    hub, names = f"dfh{tag}", [f"dfn{i}{tag}" for i in range(3)]
-    cmds = [f"ip netns add {hub}", f"ip -n {hub} link add br0 type bridge", f"ip -n {hub} link set br0 up"]
-    for i, ns in enumerate(names):
-        ve, vb = f"ve{i}{tag}", f"vb{i}{tag}"
-        cmds += [f"ip netns add {ns}", f"ip link add {ve} type veth peer name {vb}", f"ip link set {ve} netns {ns}",
-                 f"ip link set {vb} netns {hub}", f"ip -n {hub} link set {vb} master br0",
-                 f"ip -n {hub} link set {vb} up", f"ip -n {ns} link set lo up",
-                 f"ip -n {ns} addr add 10.79.0.{i + 1}/24 dev {ve}", f"ip -n {ns} link set {ve} up"]
-    try:
-        for cmd in cmds:
-            res = subprocess.run(cmd.split(), capture_output=True, text=True)
-            if res.returncode != 0:
-                pytest.skip(f"cannot build network namespaces here ({cmd}: {res.stderr.strip()})")
-        yield {"ns": names, "hub": hub, "veth": [f"ve{i}{tag}" for i in range(3)],
-               "bridge_port": [f"vb{i}{tag}" for i in range(3)], "addr": [f"10.79.0.{i + 1}" for i in range(3)]}
-    finally:
-        for ns in (*names, hub):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    """Three "nodes" on a bridge (tests/netns.py)."""
+    with hosts(3, "10.79.0", "dfn") as h:
+        yield h
 
 
 def _slow_down(hosts: dict, i: int, rate: str) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, read_metrics, run_cli, tiny_recipe, write_recipe
+from netns import hosts
 
 from dist_ft.config import RecipeError, load_recipe
 from dist_ft.preflight import preflight
@@ -30,22 +31,9 @@ def small_llama(tmp_path_factory, tiny_llama) -> Path:
 
 @pytest.fixture
 def two_nodes():
-    tag = f"{os.getpid() % 10000}"
-    a, b, va, vb = f"dha{tag}", f"dhb{tag}", f"vha{tag}", f"vhb{tag}"
-    cmds = [f"ip netns add {a}", f"ip netns add {b}", f"ip link add {va} type veth peer name {vb}",
-            f"ip link set {va} netns {a}", f"ip link set {vb} netns {b}",
-            f"ip -n {a} addr add 10.78.0.1/24 dev {va}", f"ip -n {b} addr add 10.78.0.2/24 dev {vb}",
-            f"ip -n {a} link set lo up", f"ip -n {b} link set lo up",
-            f"ip -n {a} link set {va} up", f"ip -n {b} link set {vb} up"]
-    try:
-        for cmd in cmds:
-            res = subprocess.run(cmd.split(), capture_output=True, text=True)
-            if res.returncode != 0:
-                pytest.skip(f"cannot build two network namespaces here ({cmd}: {res.stderr.strip()})")
-        yield {"ns": (a, b), "ifname": (va, vb), "addr": ("10.78.0.1", "10.78.0.2")}
-    finally:
-        for ns in (a, b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    """Two "nodes" on a bridge (tests/netns.py)."""
+    with hosts(2, "10.78.0", "dh") as h:
+        yield {**h, "ifname": h["veth"]}
 
 
 def _tx_bytes(nodes: dict) -> int:
