@@ -93,7 +93,10 @@ class QuantizingWeights:
                             self.dtype)
         # On the rank's device, where from_pretrained's quantiser runs too (Params4bit.to(device)).
         packed, state = bf.quantize_4bit(w.to(device), **module.packed_4bit)
+        read = w.numel() * w.element_size()
         del w
+        # The whole weight and the quantiser's buffers are freed: counted so the loader's trimmer hands them back.
+        self.inner.trimmer.read(2 * read)
         module.quant_state = state
         self._last = (name, packed)
         return packed

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .host_memory import Trimmer
+
 # PEFT's wrappers around a pretrained module, removed to find the checkpoint's own name.
 _PEFT_PARTS = (re.compile(r"^base_model\.model\."), re.compile(r"\.base_layer(?=\.)"),
                re.compile(r"\.original_module(?=\.)"), re.compile(r"\.modules_to_save\.[^.]+(?=\.)"))
@@ -86,6 +88,7 @@ class ModelWeights:
         self.init_std = init_std
         self.prefix = prefix
         self._aliases: dict[str, list[str]] = {}
+        self.trimmer = Trimmer()  # the read buffers freed between kept shards go back to the OS (host_memory.py)
 
     def bind(self, model: torch.nn.Module) -> "ModelWeights":
         """Learn the model's base-model prefix and its tied parameters (call on the built, possibly meta, model)."""
@@ -158,7 +161,9 @@ class ModelWeights:
                 raise ValueError(f"{path.name}: tensor {key} has shape {sl.get_shape()} but the model expects "
                                  f"{list(shape)}; the model folder does not match its config")
             t = sl[start:stop] if len(shape) else sl[:]
-            return t.to(dtype, copy=True)  # owns its memory once the mapping is gone
+            out = t.to(dtype, copy=True)  # owns its memory once the mapping is gone
+        self.trimmer.read(t.numel() * t.element_size())
+        return out
 
     def new_value(self, name: str, shape: torch.Size) -> torch.Tensor:
         """The initial value of a parameter the checkpoint lacks, the same on every rank and in every run."""

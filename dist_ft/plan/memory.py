@@ -35,8 +35,9 @@ Transient buffers (`buffer_bytes`, by MemoryRules.buffers):
          so the buckets together are one more copy of the gradients; under autocast also the bf16 copies of the
          weights that autocast caches in forward and that matmuls save for backward.
   fsdp   the largest unit and the largest block gathered in the compute dtype (current + prefetched), the root
-         unit gathered all step, and the unsharded gradients of the largest unit (compute dtype) plus their fp32
-         reduce-scatter input.
+         unit gathered all step, the flat all-gather output of the largest unit (copied out into its parameters),
+         and the unsharded gradients of the largest unit (compute dtype) plus their reduce-scatter input (a copy
+         in the reduce dtype) and output.
   zero1/2  reduce buckets: reduce_bucket_size elements in the compute dtype, twice with overlap_comm.
   zero3  the gathered working set: max(stage3_max_live_parameters, largest parameter) + stage3_prefetch_bucket_size
          elements, plus the reduce buckets as above. Bucket sizes come from the resolved DeepSpeed JSON
@@ -246,13 +247,17 @@ def _fsdp_buffers(facts, mc: MethodCounts, rules: ByteRules, recipe, cluster, sp
     largest_block = max((v[0] for v in blocks), default=0)
     # ... and each is dequantised into a compute-dtype weight for its matmul, one Linear at a time.
     dequantised = max((p.numel for p in mc.quantized), default=0)
-    gathered = (largest[0] + largest_block + root[0] + dequantised) * rules.compute
-    # Gradients come out of backward in the compute dtype; a separate copy for the reduce-scatter exists only
-    # when it reduces in another dtype (bf16 compute, fp32 reduce).
-    per_grad = rules.compute + (rules.reduce if rules.reduce != rules.compute else 0)
+    # FSDP2 all-gathers a unit into one flat output buffer and copies it out into the unsharded parameters
+    # (_fsdp_collectives.foreach_all_gather / _copy_out): for a moment the largest unit is there twice.
+    staging = max((v[0] for v in [*units.values(), root]), default=0)
+    gathered = (largest[0] + largest_block + root[0] + staging + dequantised) * rules.compute
+    # Gradients come out of backward in the compute dtype and are copied into a flat reduce-scatter input in the
+    # reduce dtype (always a copy: foreach_reduce), plus its 1/N output.
+    per_grad = rules.compute + rules.reduce * (1 + 1 / max(cluster.world, 1))
     unsharded_grads = max((v[1] for v in [*units.values(), root]), default=0) * per_grad
-    return [Row("buffers", "buffers", f"FSDP2: 2 units gathered ({_dt(rules.compute)}) + 1 unit's grads "
-                f"({_dt(rules.compute)} + {_dt(rules.reduce)} reduce)", gathered + unsharded_grads, phase="fwd_bwd")]
+    return [Row("buffers", "buffers", f"FSDP2: 2 units gathered ({_dt(rules.compute)}) + the largest unit's "
+                f"all-gather output + 1 unit's grads ({_dt(rules.compute)} + {_dt(rules.reduce)} reduce-scatter "
+                f"input)", gathered + unsharded_grads, phase="fwd_bwd")]
 
 
 def _zero_buffers(facts: ModelFacts, mc: MethodCounts, rules: ByteRules, recipe, cluster: Cluster,

@@ -32,6 +32,7 @@ from ..distributed.precision import precision_plan
 from ..distributed.rendezvous import PatientWait
 from ..distributed.spec import make_strategy
 from ..distributed.topology import Topology
+from ..host_memory import release_freed, trim_before_blocks
 from ..model import ModelBuilder, count_parameters, resolve_attention
 from ..preflight import LAUNCHER_FILES
 from ..telemetry.flops import device_peak, method_flops, mfu, step_flops_per_token
@@ -135,6 +136,13 @@ class Trainer:
                                              model_path=model_path, log=self.log)
         self.checkpoints.choose()
         self.strategy.setup(self.builder, make_optimizer(r))
+        release_freed()  # what loading freed between the kept shards (host_memory.py)
+        if r.distributed.host_memory_trim == "blocks":
+            if self.topo.device.type == "cpu":
+                trim_before_blocks(self.strategy.unwrap())
+            else:
+                self.log("[dist_ft] distributed.host_memory_trim: blocks applies to CPU devices only; ignored on "
+                         f"{self.topo.device.type}")
         self.counts = count_parameters(self.strategy.unwrap())
         self.log(f"[weights] {self.builder.load_report.describe()}")
         self.log(f"[dist_ft] {self.counts.describe()}")
