@@ -87,8 +87,10 @@ def recipe_for(model: Path, out: Path, method: str, strategy: str, steps: int) -
                      "max_train_samples": 64, "max_eval_samples": 2},
             "method": m,
             "training": {"max_steps": steps, "micro_batch_size": 1, "learning_rate": 1e-4, "warmup_steps": 0},
+            # host_memory_trim: a CPU rank's resident set is then its tensors (what the plan counts), not also the
+            # heap's freed holes (dist_ft/host_memory.py)
             "distributed": {"strategy": strategy, "precision": "bf16-true", "activation_checkpointing": True,
-                            "timeout_seconds": 1800},
+                            "timeout_seconds": 1800, "host_memory_trim": "blocks"},
             "checkpoint": {"every_steps": 1}}
 
 

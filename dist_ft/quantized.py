@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .config import Recipe
+from .host_memory import release_freed
 
 
 def quant_storage_dtype(recipe: Recipe) -> torch.dtype:
@@ -93,10 +94,10 @@ class QuantizingWeights:
                             self.dtype)
         # On the rank's device, where from_pretrained's quantiser runs too (Params4bit.to(device)).
         packed, state = bf.quantize_4bit(w.to(device), **module.packed_4bit)
-        read = w.numel() * w.element_size()
         del w
-        # The whole weight and the quantiser's buffers are freed: counted so the loader's trimmer hands them back.
-        self.inner.trimmer.read(2 * read)
+        # The whole weight and the quantiser's working memory (~7x the weight on a CPU) are freed: handed back
+        # before the next weight is read, or the heaps keep them between the shards (host_memory.py).
+        release_freed()
         module.quant_state = state
         self._last = (name, packed)
         return packed

@@ -437,3 +437,69 @@ def test_small_speeds_print_significant_figures_not_zero():
     line = next(x for x in P.render(plan).splitlines() if x.startswith("speed"))
     assert plan.speed["tokens_per_s"] < 1 and " 0 tokens/s" not in line, line
     assert f"{plan.speed['tokens_per_s']:.3g} tokens/s" in line
+
+
+# --------------------------------------------------------------------------------------------- CPU step time
+
+def test_cpu_step_time_adds_up_the_timed_block():
+    """On a CPU cluster (no --peak-tflops) the plan times one real block of the model (cpu_timing.py): the step is
+    the block's cost over the layers, the head, and gloo's copies on top (the same cores run both), each from the
+    timings the plan reports. The figures themselves are checked against real runs in benchmarks/scale.py."""
+    from dist_ft.plan.cpu_timing import BlockTiming
+
+    recipe = load_recipe(None, ["model.path=builtin:smollm2-135m", "method.kind=lora", "distributed.strategy=fsdp",
+                                "distributed.precision=bf16-true", "distributed.activation_checkpointing=true",
+                                "data.max_length=64", "training.micro_batch_size=2",
+                                "training.gradient_accumulation_steps=2"])
+    c = P.make_cluster(nodes=1, gpus_per_node=2, gpu="cpu")
+    assert c.intra_gbps == P.CPU_GLOO_GBPS  # ranks of one CPU machine talk over gloo, not NVLink
+    s = P.make_plan(recipe, c, find_max=False).speed
+    assert "timed one LlamaForCausalLM block" in s["compute_source"]
+    t = BlockTiming(**s["block_timing"])
+    assert 0 < t.forward_s < t.train_s and t.head_s > 0 and t.dequant_s == 0
+    assert t.threads == max(1, __import__("os").cpu_count() // 2)
+    assert s["compute_s"] == pytest.approx(2 * (30 * (t.train_s + t.forward_s) + t.head_s))
+    assert s["step_s"] == pytest.approx(s["compute_s"] + s["comm_s"])
+    assert s["comm_s"] == pytest.approx(s["comm_bytes_per_rank"] / (P.CPU_GLOO_GBPS * 1e9))
+    line = next(x for x in P.render(P.make_plan(recipe, c, find_max=False)).splitlines() if x.startswith("speed"))
+    assert "timed one LlamaForCausalLM block on this CPU" in line
+
+
+def test_block_costs_follow_gradients_checkpointing_and_dequantisation():
+    from dist_ft.plan.cpu_timing import BlockTiming
+
+    t = BlockTiming(forward_s=1.0, train_s=3.0, head_s=0.5, dequant_s=0.25, threads=1)
+    # 10 blocks, 4 of them need gradients (partial fine-tuning), no checkpointing: 4 x 3 + 6 x 1, dequantised in
+    # forward and backward where there is a backward, once elsewhere.
+    assert t.step_compute_s(layers=10, layers_with_grad=4, checkpointing=False, accumulation=1) \
+        == 12 + 6 + 0.25 * (4 * 2 + 6) + 0.5
+    # Checkpointing recomputes each gradient block's forward (and its dequantisation); accumulation repeats it all.
+    assert t.step_compute_s(layers=10, layers_with_grad=10, checkpointing=True, accumulation=3) \
+        == 3 * (10 * 4 + 0.25 * 30 + 0.5)
+
+
+def test_models_too_large_to_time_fall_back_to_flops_at_the_mfu():
+    recipe = load_recipe(None, ["model.path=builtin:llama-3-70b", "method.kind=lora"])
+    s = P.make_plan(recipe, P.make_cluster(nodes=1, gpus_per_node=2, gpu="cpu"), find_max=False).speed
+    assert "compute_source" not in s and s["step_s"] == pytest.approx(s["compute_s"] + s["comm_s"])
+
+
+def test_qlora_counts_the_quantiser_at_load():
+    """QLoRA quantises each weight on the rank's device as it loads: the largest weight in 16 bits plus
+    bitsandbytes' working memory (14.3 B/param measured on a CPU) on top of the resident shards."""
+    from dist_ft.plan.constants import QUANTISE_CPU_WORK_BYTES, QUANTISE_GPU_WORK_BYTES
+
+    recipe = load_recipe(None, ["model.path=builtin:llama-3-8b", "method.kind=qlora", "distributed.strategy=fsdp",
+                                "distributed.precision=bf16-true"])
+    largest = 4096 * 14336  # an MLP projection
+    for c, work in [(cluster(8), QUANTISE_GPU_WORK_BYTES), (P.make_cluster(gpus_per_node=2, gpu="cpu"),
+                                                            QUANTISE_CPU_WORK_BYTES)]:
+        plan = P.make_plan(recipe, c, find_max=False, timed=False)
+        row = rows(plan)["quantise"]
+        assert row.phase == "load" and row.device == largest * (2 + work)
+        assert plan.load == row.device
+        assert plan.device_total == pytest.approx(plan.resident + max(plan.fwd_bwd, plan.step, plan.save, plan.load)
+                                                  + rows(plan)["runtime"].device)
+    lora = P.make_plan(load_recipe(None, ["model.path=builtin:llama-3-8b", "method.kind=lora"]), cluster(8),
+                       find_max=False)
+    assert "quantise" not in rows(lora) and lora.load == 0

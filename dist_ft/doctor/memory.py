@@ -96,7 +96,7 @@ def plan_need(recipe, nodes: list[Node], device: torch.device) -> tuple[float, s
         cluster = make_cluster(nodes=hosts, gpus_per_node=per_node, gpu="H100", gpu_memory_gib=total_gib)
     else:
         cluster = make_cluster(nodes=hosts, gpus_per_node=per_node, gpu="cpu")
-    plan = make_plan(recipe, cluster, find_max=False)
+    plan = make_plan(recipe, cluster, find_max=False, timed=False)  # memory only: no block timed on every rank
     return plan.device_total, plan.verdict
 
 

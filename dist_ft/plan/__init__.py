@@ -29,8 +29,8 @@ from .activations import activation_bytes, logits_bytes
 from .cluster import GPU_CHOICES, GPU_MEMORY_GIB, NO_BF16, Cluster, make_cluster
 from .command import add_parser, cmd_plan, main
 from .compare import compare, recommend, variants
-from .constants import (ADAM_8BIT_BYTES, ADAM_8BIT_MIN_SIZE, CPU_ADAM_PARAMS_PER_S, CPU_PROCESS_RSS_GIB,
-                        CUDA_CONTEXT_GIB, CUDA_HOST_RSS_GIB, DDP_BUCKET_MIB, DEFAULT_MFU, DS_DEFAULTS, GIB,
+from .constants import (ADAM_8BIT_BYTES, ADAM_8BIT_MIN_SIZE, CPU_ADAM_PARAMS_PER_S, CPU_GLOO_GBPS,
+                        CPU_PROCESS_RSS_GIB, CUDA_CONTEXT_GIB, CUDA_HOST_RSS_GIB, DDP_BUCKET_MIB, DEFAULT_MFU, DS_DEFAULTS, GIB,
                         INTER_NODE_GBPS, INTRA_NODE_GBPS, LOGITS_LOSS_BYTES, MAX_MICRO_BATCH, NCCL_BUFFERS_GIB,
                         PCIE_GBPS, PRECISION_BYTES, QLORA_COMPUTE_FACTOR, QUANT_CONSTANT_BYTES, PlanError)
 from .counting import MethodCounts, lora_param_count, lora_targets, method_counts

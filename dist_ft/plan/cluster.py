@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from .constants import DEFAULT_MFU, GIB, INTER_NODE_GBPS, INTRA_NODE_GBPS, PlanError
+from .constants import CPU_GLOO_GBPS, DEFAULT_MFU, GIB, INTER_NODE_GBPS, INTRA_NODE_GBPS, PlanError
 
 # Usable device memory as CUDA reports it (approximate: pass --gpu-memory-gib for your card), GiB.
 GPU_MEMORY_GIB = {"H100": 79.1, "H200": 139.8, "A100-80G": 79.2, "A100-40G": 39.4, "L40S": 44.4, "L4": 22.0,
@@ -38,7 +38,7 @@ class Cluster:
 
 def make_cluster(*, nodes: int = 1, gpus_per_node: int = 1, gpu: Optional[str] = None,
                  gpu_memory_gib: Optional[float] = None, cpu_memory_gib: Optional[float] = None,
-                 mfu: float = DEFAULT_MFU, intra_gbps: float = INTRA_NODE_GBPS, inter_gbps: float = INTER_NODE_GBPS,
+                 mfu: float = DEFAULT_MFU, intra_gbps: Optional[float] = None, inter_gbps: float = INTER_NODE_GBPS,
                  peak_tflops: Optional[float] = None) -> Cluster:
     if nodes < 1 or gpus_per_node < 1:
         raise PlanError("--nodes and --gpus-per-node must be at least 1")
@@ -54,6 +54,8 @@ def make_cluster(*, nodes: int = 1, gpus_per_node: int = 1, gpu: Optional[str] =
             gpu_memory_gib = node / gpus_per_node
         else:
             gpu_memory_gib = GPU_MEMORY_GIB[gpu]
+    if intra_gbps is None:  # CPU ranks of one machine talk over gloo through memory, not NVLink
+        intra_gbps = CPU_GLOO_GBPS if gpu == "cpu" else INTRA_NODE_GBPS
     if not 0 < mfu <= 1:
         raise PlanError("--mfu must be in (0, 1]")
     return Cluster(nodes, gpus_per_node, gpu, float(gpu_memory_gib), cpu_memory_gib, mfu, intra_gbps, inter_gbps,

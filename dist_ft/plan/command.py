@@ -18,7 +18,7 @@ from typing import Optional
 
 from .cluster import GPU_CHOICES, make_cluster
 from .compare import compare, recommend
-from .constants import DEFAULT_MFU, INTER_NODE_GBPS, INTRA_NODE_GBPS, PlanError
+from .constants import CPU_GLOO_GBPS, DEFAULT_MFU, INTER_NODE_GBPS, INTRA_NODE_GBPS, PlanError
 from .model import analyze_model
 from .render import plan_to_dict, render, render_comparison
 from .verdict import make_plan
@@ -36,7 +36,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all-strategies", action="store_true", help="compare every strategy x offload x method")
     p.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model FLOPs utilisation assumed (default 0.4)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device (default: datasheet)")
-    p.add_argument("--intra-gbps", type=float, default=INTRA_NODE_GBPS, help="GB/s per rank within a node")
+    p.add_argument("--intra-gbps", type=float, default=None,
+                   help=f"GB/s per rank within a node (default {INTRA_NODE_GBPS:g}; with --gpu cpu {CPU_GLOO_GBPS:g}: gloo)")
     p.add_argument("--inter-gbps", type=float, default=INTER_NODE_GBPS, help="GB/s per rank across nodes")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--simulate", action="store_true", help="build the real model on the meta device, shard it with "

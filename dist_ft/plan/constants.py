@@ -13,9 +13,13 @@ CUDA_HOST_RSS_GIB = 2.0      # host memory of a CUDA rank process (CUDA librarie
 DEFAULT_MFU = 0.4
 INTRA_NODE_GBPS = 300.0      # GB/s each rank moves within a node (NVLink, effective)
 INTER_NODE_GBPS = 25.0       # GB/s each rank moves across nodes (200 Gb/s InfiniBand)
+CPU_GLOO_GBPS = 1.0          # GB/s a CPU rank moves over gloo between processes of one machine (dist-ft doctor on
+#                              the 2-core dev VM: 1.05 GB/s ping-pong, 0.82 GB/s all-reduce bus bandwidth)
 PCIE_GBPS = 25.0             # GB/s host <-> device per GPU (PCIe Gen4 x16, effective)
 CPU_ADAM_PARAMS_PER_S = {"deepspeed": 1.0e9, "torch": 3.0e8}   # parameter updates per second per node, by the
 #                                                                 CPU optimizer a spec names (MemoryRules.cpu_optimizer)
+QUANTISE_CPU_WORK_BYTES = 14.3  # bitsandbytes' quantize_4bit on a CPU: peak working bytes per parameter (measured)
+QUANTISE_GPU_WORK_BYTES = 0.6   # its CUDA kernel: the packed codes and the constants it writes
 QLORA_COMPUTE_FACTOR = 1.3  # bitsandbytes dequantises every 4-bit weight in forward and backward (a guess)
 LOGITS_LOSS_BYTES = 12       # classification: per logit beyond the head's output, fp32 log-softmax (4) + backward (8)
 ADAM_8BIT_BYTES = 2 + 2 * 4 / 256   # two uint8 states + an fp32 absmax per 256 values for each

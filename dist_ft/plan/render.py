@@ -38,11 +38,11 @@ def render(plan: Plan) -> str:
              + (f"; {c.cpu_memory_gib:.0f} GiB host memory per node" if c.cpu_memory_gib else ""),
              f"batch     micro-batch {plan.micro_batch} x {plan.seq} tokens x {t.gradient_accumulation_steps} "
              f"accumulation x {c.world} ranks = {tokens:,} tokens per step", ""]
-    phase = {"resident": "", "fwd_bwd": "fwd/bwd", "step": "step", "save": "save", "runtime": ""}
+    phase = {"resident": "", "fwd_bwd": "fwd/bwd", "step": "step", "save": "save", "load": "load", "runtime": ""}
     body = [[row.component, row.detail, _g(row.device), _g(row.cpu) if row.cpu else "", phase[row.phase]]
             for row in plan.rows]
     body.append(["", "", "", "", ""])
-    body.append(["total", "resident + max(fwd/bwd, step, save) + runtime", _g(plan.device_total),
+    body.append(["total", "resident + max(fwd/bwd, step, save" + (", load" if plan.load else "") + ") + runtime", _g(plan.device_total),
                  _g(plan.cpu_per_rank) if plan.cpu_per_rank else "", ""])
     lines += _table(["per rank", "what", "device GiB", "CPU GiB", "phase"], body, {2, 3})
     lines.append("")
@@ -53,7 +53,8 @@ def render(plan: Plan) -> str:
 def _verdict_lines(plan: Plan) -> list[str]:
     c = plan.cluster
     lines = [f"peaks     resident {_g(plan.resident)} + fwd/bwd {_g(plan.fwd_bwd)} | optimizer step "
-             f"{_g(plan.step)} | final save {_g(plan.save)} GiB"]
+             f"{_g(plan.step)} | final save {_g(plan.save)}" + (f" | load {_g(plan.load)}" if plan.load else "")
+             + " GiB"]
     margin = plan.margin_gib
     lines.append(f"verdict   {plan.verdict.upper()}: {plan.device_total / GIB:.2f} of {c.device_memory_gib:.2f} GiB "
                  f"per {'process' if c.is_cpu else 'GPU'}, margin {margin:+.2f} GiB")
@@ -75,7 +76,11 @@ def _verdict_lines(plan: Plan) -> list[str]:
                      f"{s['bandwidth_gbps']:g} GB/s {s['link']}: {s['comm_s']:.3f} s")
     if s["offload_s"]:
         lines.append(f"offload   {s['offload_s']:.3f} s per step ({s['offload_what']})")
-    if s["step_s"]:
+    if s["step_s"] and s.get("compute_source"):
+        lines.append(f"speed     compute {s['compute_s']:.3f} s ({s['compute_source']}); step {_sig(s['step_s'])} s "
+                     f"(compute + communication: the same cores run both); {_sig(s['tokens_per_s'])} tokens/s "
+                     f"({_sig(s['tokens_per_s_per_rank'])} per rank)")
+    elif s["step_s"]:
         lines.append(f"speed     compute {s['compute_s']:.3f} s at {c.mfu:.0%} MFU of {s['peak_flops'] / 1e12:.3g} "
                      f"TFLOP/s ({s['peak_source']}); step {_sig(s['step_s'])} s; {_sig(s['tokens_per_s'])} tokens/s "
                      f"({_sig(s['tokens_per_s_per_rank'])} per rank)")
@@ -129,6 +134,7 @@ def plan_to_dict(plan: Plan) -> dict:
         "activations_gib": {"no_ac": plan.activations["no_ac"] / GIB, "ac": plan.activations["ac"] / GIB},
         "resident_gib": plan.resident / GIB, "fwd_bwd_gib": plan.fwd_bwd / GIB, "step_gib": plan.step / GIB,
         "save_gib": plan.save / GIB,
+        "load_gib": plan.load / GIB,
         "device_total_gib": plan.device_total / GIB, "device_memory_gib": c.device_memory_gib,
         "margin_gib": plan.margin_gib, "fits": plan.fits, "cpu_per_rank_gib": plan.cpu_per_rank / GIB,
         "cpu_fits": plan.cpu_fits, "verdict": plan.verdict, "max_micro_batch": plan.max_micro_batch,

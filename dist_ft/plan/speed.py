@@ -17,6 +17,7 @@ adds PCIe transfers and a CPU optimizer step. QLoRA's compute is multiplied by Q
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 from ..distributed.spec import spec_for
@@ -106,8 +107,23 @@ def _peak(cluster: Cluster, precision: str) -> tuple[Optional[float], str]:
     return peak, f"{cluster.gpu} {dtype} datasheet"
 
 
+def _cpu_block_timing(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, seq: int, mb: int):
+    """On a CPU cluster without --peak-tflops: one block of the model timed here (cpu_timing.py), else None."""
+    if not cluster.is_cpu or cluster.peak_flops or facts.layers < 1 or mc.extra_seq:
+        return None
+    import torch
+
+    from ..distributed.precision import precision_plan
+    from .cpu_timing import rank_threads, time_block
+
+    dtype = precision_plan(recipe.distributed.precision).compute_dtype
+    return time_block(facts, recipe, kind=mc.kind, seq=seq, micro_batch=mb,
+                      dtype=dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32,
+                      threads=rank_threads(recipe, cluster.gpus_per_node))
+
+
 def speed_estimate(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, rules: ByteRules, seq: int,
-                   mb: int) -> dict:
+                   mb: int, *, timed: bool = True) -> dict:
     d, t = recipe.distributed, recipe.training
     fwd, train = training_flops_per_token(facts, mc, seq, d.activation_checkpointing)
     if recipe.objective.kind in ("dpo", "ipo"):
@@ -135,11 +151,25 @@ def speed_estimate(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts
            "comm_bytes_per_rank": comm, "comm_what": comm_what, "bandwidth_gbps": gbps,
            "link": "inter-node" if cluster.nodes > 1 else "intra-node", "comm_s": comm_s, "offload_s": off_s,
            "offload_what": off_what}
-    if peak:
+    timing = _cpu_block_timing(recipe, cluster, facts, mc, seq, mb) if timed else None
+    if timing is not None:
+        compute_s = timing.step_compute_s(layers=facts.layers, layers_with_grad=mc.layers_with_grad,
+                                          checkpointing=d.activation_checkpointing,
+                                          accumulation=t.gradient_accumulation_steps)
+        out.update(compute_source=f"timed one {facts.cls_name} block on this CPU ({timing.threads} thread(s) per "
+                                  f"rank): forward {timing.forward_s:.3g} s, forward + backward {timing.train_s:.3g} "
+                                  f"s, head + loss {timing.head_s:.3g} s"
+                                  + (f", nf4 dequantisation {timing.dequant_s:.3g} s" if timing.dequant_s else ""),
+                   block_timing=dataclasses.asdict(timing))
+        # The same cores run the gloo copies and the compute: they add up rather than overlap.
+        step_s = compute_s + comm_s + off_s
+        out.update(compute_s=compute_s, step_s=step_s, tokens_per_s=cluster.world * tokens_rank / step_s,
+                   tokens_per_s_per_rank=tokens_rank / step_s)
+    elif peak:
         compute_s = tokens_rank * train / (peak * cluster.mfu)
         if mc.kind == "qlora":
             compute_s *= QLORA_COMPUTE_FACTOR
-        step_s = max(compute_s, comm_s) + off_s
+        step_s = (compute_s + comm_s if cluster.is_cpu else max(compute_s, comm_s)) + off_s
         out.update(compute_s=compute_s, step_s=step_s, tokens_per_s=cluster.world * tokens_rank / step_s,
                    tokens_per_s_per_rank=tokens_rank / step_s)
     else:

@@ -1,7 +1,8 @@
 """The plan of one recipe on one cluster: every row of memory per rank, the totals, whether it fits (device and host
 memory), the speed, and the largest micro-batch that fits.
 
-Total per rank = resident state + max(forward/backward transients, optimizer-step transients, the final save) +
+Total per rank = resident state + max(forward/backward transients, optimizer-step transients, the final save, QLoRA's
+quantiser while loading) +
 runtime (see memory.py); on a CPU "cluster" the offloaded state lives in the same memory and is added to it.
 """
 
@@ -15,7 +16,8 @@ from .activations import activation_bytes, logits_bytes
 from .cluster import NO_BF16, Cluster
 from .constants import GIB, MAX_MICRO_BATCH, PRECISION_BYTES
 from .counting import MethodCounts, method_counts
-from .memory import ByteRules, Row, buffer_bytes, byte_rules, per_rank, runtime_row, save_row, state_bytes
+from .memory import (ByteRules, Row, buffer_bytes, byte_rules, per_rank, quantise_row, runtime_row, save_row,
+                     state_bytes)
 from .model import ModelFacts, analyze_model
 from .speed import speed_estimate
 
@@ -42,6 +44,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     max_micro_batch: Optional[int] = None
     save: float = 0.0   # the final save's transient on the device (rank 0; memory.save_row)
+    load: float = 0.0   # QLoRA's quantiser at load time (memory.quantise_row)
 
     @property
     def margin_gib(self) -> float:
@@ -60,12 +63,13 @@ class Plan:
 
 
 def make_plan(recipe, cluster: Cluster, *, facts: Optional[ModelFacts] = None,
-              micro_batch: Optional[int] = None, find_max: bool = True) -> Plan:
-    """Memory per rank and speed for `recipe` on `cluster`."""
+              micro_batch: Optional[int] = None, find_max: bool = True, timed: bool = True) -> Plan:
+    """Memory per rank and speed for `recipe` on `cluster`. `timed=False`: on a CPU cluster, the step time from
+    FLOPs at the MFU instead of timing one block here (cpu_timing.py; for callers that want the memory only)."""
     facts = facts or analyze_model(recipe)
     mc = method_counts(facts, recipe)
     mb = micro_batch or recipe.training.micro_batch_size
-    plan = _plan(recipe, cluster, facts, mc, mb)
+    plan = _plan(recipe, cluster, facts, mc, mb, timed=timed)
     if find_max:
         plan.max_micro_batch = largest_micro_batch(recipe, cluster, facts, mc)
     return plan
@@ -75,7 +79,7 @@ def _attention_is_eager(recipe) -> bool:
     return recipe.model.attn_implementation == "eager"
 
 
-def _plan(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, mb: int) -> Plan:
+def _plan(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, mb: int, *, timed: bool = True) -> Plan:
     d, t = recipe.distributed, recipe.training
     spec = spec_for(d.strategy)
     rules = byte_rules(d.strategy, d.precision, t.optimizer)
@@ -89,6 +93,7 @@ def _plan(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, mb: int
     step = sum(r.device for r in rows if r.phase == "step")
     runtime = sum(r.device for r in rows if r.phase == "runtime")
     save = sum(r.device for r in rows if r.phase == "save")
+    load = sum(r.device for r in rows if r.phase == "load")
     cpu_state = sum(r.cpu for r in rows if r.phase in ("resident", "step"))
     cpu_save = sum(r.cpu for r in rows if r.phase == "save")
     host_rss = sum(r.cpu for r in rows if r.phase == "runtime")
@@ -96,7 +101,7 @@ def _plan(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, mb: int
     load_peak = 0.0
     if spec.memory.builds_whole_model_on_host and mc.kind != "qlora" and not cluster.is_cpu:
         load_peak = facts.total * PRECISION_BYTES[d.precision][0]
-    device_total = resident + max(fwd_bwd, step, save) + runtime
+    device_total = resident + max(fwd_bwd, step, save, load) + runtime
     if cluster.is_cpu:  # offloaded state lives in the same memory
         device_total += cpu_state
         cpu_per_rank = device_total
@@ -106,9 +111,10 @@ def _plan(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, mb: int
     cpu_fits = None
     if cluster.cpu_memory_gib is not None and not cluster.is_cpu:
         cpu_fits = cpu_per_rank * cluster.gpus_per_node <= cluster.cpu_memory_gib * GIB
-    speed = speed_estimate(recipe, cluster, facts, mc, rules, seq, seq_rows)
+    speed = speed_estimate(recipe, cluster, facts, mc, rules, seq, seq_rows, timed=timed)
     return Plan(recipe, cluster, facts, mc, mb, seq, rows, acts, device_total, fwd_bwd, step, resident,
-                cpu_per_rank, load_peak, fits, cpu_fits, speed, _notes(recipe, cluster, mc, spec), save=save)
+                cpu_per_rank, load_peak, fits, cpu_fits, speed, _notes(recipe, cluster, mc, spec), save=save,
+                load=load)
 
 
 def _rows(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, rules: ByteRules, spec: BackendSpec,
@@ -150,6 +156,9 @@ def _rows(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, rules: 
                     phase="fwd_bwd"))
     rows += buffer_bytes(facts, mc, rules, recipe, cluster)
     rows.append(save_row(mc, rules, cluster, spec))
+    quantise = quantise_row(mc, cluster)
+    if quantise is not None:
+        rows.append(quantise)
     rows.append(runtime_row(cluster))
     return rows, acts
 
@@ -187,7 +196,7 @@ def largest_micro_batch(recipe, cluster: Cluster, facts: ModelFacts, mc: Optiona
     mc = mc or method_counts(facts, recipe)
 
     def fits(mb: int) -> bool:
-        p = _plan(recipe, cluster, facts, mc, mb)
+        p = _plan(recipe, cluster, facts, mc, mb, timed=False)  # (memory only: no block timed per candidate)
         return p.fits and p.cpu_fits is not False
 
     if not fits(1):
