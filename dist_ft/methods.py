@@ -54,7 +54,8 @@ def apply_method(model: torch.nn.Module, recipe: Recipe, *, model_path: str | No
         return model
     import peft
 
-    task = peft.TaskType.CAUSAL_LM if recipe.model.task == "causal_lm" else peft.TaskType.SEQ_CLS
+    task = {"causal_lm": peft.TaskType.CAUSAL_LM, "seq2seq_lm": peft.TaskType.SEQ_2_SEQ_LM,
+            "sequence_classification": peft.TaskType.SEQ_CLS}[recipe.model.task]
     save = list(m.modules_to_save) or None
     if m.kind in ("lora", "qlora"):
         if m.kind == "qlora":

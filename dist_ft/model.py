@@ -163,8 +163,9 @@ class ModelBuilder:
         self.load_report = None  # weights.LoadReport, once the weights are bound
 
     def _auto_class(self):
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-        return AutoModelForCausalLM if self.recipe.model.task == "causal_lm" else AutoModelForSequenceClassification
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+        return {"causal_lm": AutoModelForCausalLM, "seq2seq_lm": AutoModelForSeq2SeqLM,
+                "sequence_classification": AutoModelForSequenceClassification}[self.recipe.model.task]
 
     def config(self):
         from transformers import AutoConfig

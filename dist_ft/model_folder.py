@@ -4,9 +4,12 @@ before a process group or a model exists), from config.json and the tokenizer al
 - every token id the data pipeline can produce (the tokenizer's vocabulary and added tokens, the EOS it appends,
   the pad id it fills batches with) is a row of the model's embedding (config vocab_size): else the first forward
   ends in "IndexError: index out of range in self";
-- the special tokens the data format needs: an EOS for a causal LM (each sample ends with one, so that the model
-  learns to stop); a chat template for chat and sharegpt data, and one that renders a conversation;
-- data.max_length within the model's positions (max_position_embeddings).
+- the special tokens the data format needs: an EOS for a causal LM or an encoder-decoder (each sample or answer ends
+  with one, so that the model learns to stop); a chat template for chat and sharegpt data, and one that renders a
+  conversation (not for an encoder-decoder, whose encoder reads the turns as plain lines);
+- data.max_length within the model's positions (max_position_embeddings);
+- model.task against the architecture: seq2seq_lm needs an encoder-decoder (config.json is_encoder_decoder), and
+  causal_lm cannot take one.
 
     from dist_ft.model_folder import model_folder_problems
     model_folder_problems(recipe)  # [] when the folder fits
@@ -25,12 +28,12 @@ _CHAT_FORMATS = ("chat", "sharegpt")
 
 def _folder(recipe: Recipe) -> Path | None:
     """The local folder behind model.path, without converting anything (None: not there yet)."""
-    from .assets import ALIASES, cache_root, is_alias
+    from .assets import ALIASES, BUILT_ON_FIRST_USE, cache_root, is_alias
 
     name = recipe.model.path
     if not is_alias(name):
         return Path(name)
-    if name == "smollm2-135m-instruct":  # converted from GGUF on first use; checked once it has been
+    if name in BUILT_ON_FIRST_USE:  # converted from GGUF (or built) on first use; checked once it has been
         folder = cache_root() / "models" / name
         return folder if (folder / ".complete").exists() else None
     try:
@@ -55,7 +58,7 @@ def model_folder_problems(recipe: Recipe, tok=None) -> list[str]:
         config = _text_config(json.loads((folder / "config.json").read_text(encoding="utf-8")))
     except (OSError, ValueError) as exc:
         return [f"{where}: config.json is not readable JSON ({exc}); restore it from the model's source"]
-    problems = []
+    problems = _task_problems(recipe, config, where)
     positions = next((config[k] for k in _POSITION_KEYS if isinstance(config.get(k), int)), None)
     if positions is not None and recipe.data.max_length > positions:
         problems.append(f"data.max_length: {recipe.data.max_length} is beyond the model's {positions} positions "
@@ -70,6 +73,20 @@ def model_folder_problems(recipe: Recipe, tok=None) -> list[str]:
     problems += _id_problems(tok, config.get("vocab_size"), where)
     problems += _format_problems(recipe, tok, where)
     return problems
+
+
+def _task_problems(recipe: Recipe, config: dict, where: str) -> list[str]:
+    """seq2seq_lm needs an encoder-decoder folder, and a causal LM cannot be one (a classifier can: BART's)."""
+    enc_dec = bool(config.get("is_encoder_decoder"))
+    task = recipe.model.task
+    if task == "seq2seq_lm" and not enc_dec:
+        return [f"model.task: seq2seq_lm needs an encoder-decoder model (T5, BART, ...), and {where} is not one "
+                f"(config.json model_type {config.get('model_type')!r}, no is_encoder_decoder); use causal_lm for a "
+                "decoder-only model"]
+    if task == "causal_lm" and enc_dec:
+        return [f"model.task: {where} is an encoder-decoder model ({config.get('model_type')!r}); set model.task: "
+                "seq2seq_lm"]
+    return []
 
 
 def _id_problems(tok, rows, where: str) -> list[str]:
@@ -96,10 +113,13 @@ def _format_problems(recipe: Recipe, tok, where: str) -> list[str]:
     problems = []
     d = recipe.data
     formats = {source_format(d, s) for s in data_sources(d) + eval_sources(d)}
-    if recipe.model.task == "causal_lm" and tok.eos_token_id is None and formats - {"classification"}:
-        problems.append(f"{where}: the tokenizer has no EOS token, which every causal-LM sample ends with (so that "
-                        "the model learns to stop); set eos_token in the folder's tokenizer_config.json to the "
-                        "model's end-of-text token")
+    if recipe.model.task in ("causal_lm", "seq2seq_lm") and tok.eos_token_id is None \
+            and formats - {"classification"}:
+        problems.append(f"{where}: the tokenizer has no EOS token, which every {recipe.model.task} sample (or answer) "
+                        "ends with (so that the model learns to stop); set eos_token in the folder's "
+                        "tokenizer_config.json to the model's end-of-text token")
+    if recipe.model.task == "seq2seq_lm":  # conversations go to the encoder as plain "role: content" lines
+        return problems
     chat = sorted(formats & set(_CHAT_FORMATS))
     if not chat:
         return problems

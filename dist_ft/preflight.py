@@ -104,8 +104,9 @@ def model_problems(recipe: Recipe) -> list[str]:
         return [f"model.path: {problem}"] if problem else model_folder_problems(recipe)
     p = Path(path)
     if not p.is_dir():
-        return [f"model.path: {path} is not a local folder or a built-in alias (smollm2-135m-instruct, "
-                "minilm-l6-v2); models are never downloaded at run time"]
+        from .assets import ALIASES
+        return [f"model.path: {path} is not a local folder or a built-in alias ({', '.join(ALIASES)}); models are "
+                "never downloaded at run time"]
     if not (p / "config.json").is_file():
         return [f"model.path: {path} has no config.json; point it at a Hugging Face model folder"]
     return model_folder_problems(recipe)  # tokenizer ids within the embedding, special tokens, positions

@@ -2,6 +2,7 @@
 
     python -m dist_ft.testing /tmp/tiny-llama --arch llama
     python -m dist_ft.testing /tmp/llama-130m --arch llama --size 130m
+    python -m dist_ft.testing /tmp/tiny-t5 --arch t5        # encoder-decoders: t5, bart (model.task: seq2seq_lm)
 
 The tokenizer is a small byte-level BPE trained in a second on CPython's own docs, with a ChatML chat template,
 so that every data format (chat included) works against these models exactly as against a real one.
@@ -19,6 +20,7 @@ SIZES = {
     # name: (hidden, layers, heads, kv_heads, intermediate)
     "tiny": (64, 2, 4, 2, 128),
     "small": (128, 4, 4, 2, 256),
+    "mini": (256, 4, 4, 4, 1024),      # the t5-mini-random alias's encoder and decoder (assets.py)
     "130m": (768, 12, 12, 12, 2048),   # ~130M parameters with a 32k vocabulary, Llama-shaped
     "1.1b": (2048, 22, 32, 4, 5632),   # TinyLlama's dimensions
 }
@@ -44,11 +46,14 @@ def make_tokenizer(out: Path, vocab_size: int = 512):
 
 
 def make_model(out: str | Path, *, arch: str = "llama", size: str = "tiny", vocab_size: int | None = None,
-               num_labels: int | None = None, seed: int = 0, tokenizer_from: str | Path | None = None) -> Path:
-    """Write a random model folder (config, safetensors weights, tokenizer) and return its path."""
+               num_labels: int | None = None, seed: int = 0, tokenizer_from: str | Path | None = None,
+               dropout: float = 0.0) -> Path:
+    """Write a random model folder (config, safetensors weights, tokenizer) and return its path. `dropout`: an
+    encoder-decoder's (T5 and BART have it on by default; off here, so that runs on any number of ranks can be
+    compared step by step)."""
     import torch
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GPT2Config,
-                              LlamaConfig, Qwen2Config)
+    from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+                              AutoTokenizer, BartConfig, GPT2Config, LlamaConfig, Qwen2Config, T5Config)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,10 +76,21 @@ def make_model(out: str | Path, *, arch: str = "llama", size: str = "tiny", voca
                           tie_word_embeddings=True, **common)
     elif arch == "gpt2":
         cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=inter, n_positions=2048, **common)
+    elif arch == "t5":  # T5's conventions: the decoder starts from the pad token; input and output embeddings tied
+        cfg = T5Config(d_model=hidden, d_kv=hidden // heads, d_ff=inter, num_layers=layers, num_decoder_layers=layers,
+                       num_heads=heads, relative_attention_num_buckets=16, decoder_start_token_id=tok.pad_token_id,
+                       dropout_rate=dropout, **common)
+    elif arch == "bart":  # BART's: the decoder starts from EOS
+        cfg = BartConfig(d_model=hidden, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=heads,
+                         decoder_attention_heads=heads, encoder_ffn_dim=inter, decoder_ffn_dim=inter,
+                         max_position_embeddings=1024, decoder_start_token_id=tok.eos_token_id,
+                         forced_eos_token_id=None, dropout=dropout, **common)
     else:
-        raise ValueError(f"unknown arch {arch!r}: llama, qwen2 or gpt2")
+        raise ValueError(f"unknown arch {arch!r}: llama, qwen2, gpt2, t5 or bart")
     torch.manual_seed(seed)
-    if num_labels:
+    if arch in ("t5", "bart"):
+        model = AutoModelForSeq2SeqLM.from_config(cfg)
+    elif num_labels:
         cfg.num_labels = num_labels
         model = AutoModelForSequenceClassification.from_config(cfg)
     else:
@@ -86,7 +102,7 @@ def make_model(out: str | Path, *, arch: str = "llama", size: str = "tiny", voca
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out")
-    p.add_argument("--arch", default="llama", choices=["llama", "qwen2", "gpt2"])
+    p.add_argument("--arch", default="llama", choices=["llama", "qwen2", "gpt2", "t5", "bart"])
     p.add_argument("--size", default="tiny", choices=list(SIZES))
     p.add_argument("--vocab-size", type=int, default=None)
     p.add_argument("--num-labels", type=int, default=None)

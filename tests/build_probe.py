@@ -43,7 +43,8 @@ def main() -> int:
             recipe_file.write_text(json.dumps({
                 "output_dir": str(out / f"run-{i}"), "overwrite_output_dir": True,
                 "model": {"path": path, "task": task, "num_labels": num_labels},
-                "data": {"format": "classification" if task == "sequence_classification" else "text"},
+                "data": {"format": {"sequence_classification": "classification",
+                                    "seq2seq_lm": "instruction"}.get(task, "text")},
                 "method": {"kind": a.method},
                 "distributed": {"strategy": a.strategy}}))
         torch.distributed.barrier()

@@ -27,6 +27,7 @@ def _cross_checks(r: Recipe) -> list[str]:
         p.append("training.early_stopping_patience: needs periodic evaluation; set training.eval_every > 0")
     if r.data.eval is None and r.data.eval_fraction == 0 and r.training.eval_every:
         p.append("training.eval_every: no evaluation data; set data.eval or data.eval_fraction > 0")
+    p += _seq2seq_checks(r)
     p += _method_checks(r)
     p += _objective_checks(r)
     p += _eval_checks(r)
@@ -45,6 +46,34 @@ def _cross_checks(r: Recipe) -> list[str]:
             and r.distributed.precision == "fp32":
         p.append(f"model.attn_implementation: {r.model.attn_implementation} needs bf16 or fp16 weights; set "
                  "distributed.precision to bf16-mixed, or use sdpa")
+    return p
+
+
+SEQ2SEQ_METHODS = ("full", "lora")  # what seq2seq_lm is tested with (tests/test_seq2seq.py)
+
+
+def _seq2seq_checks(r: Recipe) -> list[str]:
+    """What an encoder-decoder (model.task: seq2seq_lm) needs: prompt/answer data, unpacked, and the methods it is
+    tested with."""
+    if r.model.task != "seq2seq_lm":
+        return []
+    p, d = [], r.data
+    formats = sorted({source_format(d, s) for s in data_sources(d)} - set(PROMPT_FORMATS))
+    if formats:
+        p.append(f"data.format: model.task seq2seq_lm reads a prompt (the encoder's input) and an answer (the "
+                 f"decoder's targets); {', '.join(formats)} data has no such pair: use "
+                 + ", ".join(PROMPT_FORMATS))
+    if d.packing:
+        p.append("data.packing: an encoder-decoder's prompt and answer are two sequences, which are not packed; set "
+                 "data.packing: false")
+    if d.streaming:
+        p.append("data.streaming: seq2seq_lm data is read in memory; set data.streaming: false")
+    if r.method.kind not in SEQ2SEQ_METHODS:
+        p.append(f"method.kind: {r.method.kind} is not supported with model.task seq2seq_lm yet; use "
+                 + " or ".join(SEQ2SEQ_METHODS))
+    if r.training.neftune_alpha is not None:
+        p.append("training.neftune_alpha: NEFTune is not supported with model.task seq2seq_lm yet (an encoder-decoder "
+                 "shares one embedding between encoder and decoder inputs); remove it")
     return p
 
 

@@ -22,7 +22,7 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = Non
     return field(default=default, metadata=meta)
 
 
-Task = Literal["causal_lm", "sequence_classification"]
+Task = Literal["causal_lm", "sequence_classification", "seq2seq_lm"]
 DataFormat = Literal["text", "instruction", "alpaca", "chat", "sharegpt", "classification", "preference",
                      "unpaired_preference"]
 PREFERENCE_FORMATS = ("preference", "unpaired_preference")  # pairs (or labelled answers) of a preference objective
@@ -38,8 +38,10 @@ AttnImpl = Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attentio
 @dataclass
 class ModelConfig:
     path: str = _f("smollm2-135m-instruct", "A local Hugging Face model folder, or a built-in alias "
-                   "(smollm2-135m-instruct, minilm-l6-v2).")
-    task: Task = _f("causal_lm", "What the model learns: next-token prediction or sequence classification.")
+                   "(smollm2-135m-instruct, minilm-l6-v2, t5-mini-random).")
+    task: Task = _f("causal_lm", "What the model learns: next-token prediction (causal_lm), sequence classification, "
+                    "or an encoder-decoder's answer to its input (seq2seq_lm: T5, BART; the prompt is the encoder's "
+                    "input, the answer the decoder's targets).")
     num_labels: Optional[int] = _f(None, "Number of classes for sequence_classification (None: taken from the "
                                    "data's labels).", ge=2)
     attn_implementation: AttnImpl = _f("auto", "Attention kernel; auto picks flash-attention on capable GPUs, "

@@ -250,6 +250,8 @@ def collate(items: list, pad_id: int) -> dict[str, torch.Tensor]:
             mask[i, : len(e.input_ids)] = 1
         labels = torch.tensor([int(e.labels[0]) for e in items], dtype=torch.long)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if isinstance(items[0], Example) and items[0].seq2seq:
+        return _collate_seq2seq(items, pad_id)
     desirable = None
     if isinstance(items[0], Example) and items[0].split:
         if items[0].desirable >= 0:  # KTO: which rows' completions are desirable (the first half of the rows)
@@ -277,6 +279,23 @@ def collate(items: list, pad_id: int) -> dict[str, torch.Tensor]:
     if desirable is not None:
         out["desirable"] = desirable
     return out
+
+
+def _collate_seq2seq(items: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """An encoder-decoder's micro-batch: the encoder inputs padded with pad_id and masked, the decoder labels padded
+    with IGNORE. The model makes its decoder inputs from the labels (shifted right, its start token first);
+    decoder_attention_mask marks the real label positions (and tells count_targets that every one is a target)."""
+    S, T = max(len(e.input_ids) for e in items), max(len(e.labels) for e in items)
+    ids = torch.full((len(items), S), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), S), dtype=torch.long)
+    labels = torch.full((len(items), T), IGNORE, dtype=torch.long)
+    decoder_mask = torch.zeros((len(items), T), dtype=torch.long)
+    for i, e in enumerate(items):
+        ids[i, :len(e.input_ids)] = torch.from_numpy(e.input_ids.astype(np.int64))
+        mask[i, :len(e.input_ids)] = 1
+        labels[i, :len(e.labels)] = torch.from_numpy(e.labels.astype(np.int64))
+        decoder_mask[i, :len(e.labels)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "decoder_attention_mask": decoder_mask}
 
 
 def _collate_packed_pairs(rows: list[PackedRow], ids: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -319,4 +338,6 @@ def count_targets(batch: dict[str, torch.Tensor]) -> int:
     labels = batch["labels"]
     if labels.dim() == 1:
         return int(labels.numel())
+    if "decoder_attention_mask" in batch:  # an encoder-decoder's labels: every one is predicted, the first too
+        return int((labels != IGNORE).sum())
     return int((labels[:, 1:] != IGNORE).sum())

@@ -23,10 +23,11 @@ from ..assets import cache_root, file_lock
 from ..config import Recipe, data_sources, eval_sources, source_format
 from .formats import Example, FormatSpec, FormatStats, int_label, tokenize_records
 from .quality import QualityReport, balance, clean, dedup, ignored_fields, ignored_fix, record_text
+from .seq2seq import tokenize_seq2seq
 from .sources import DataError, resolve_source
 from .table import ExampleTable
 
-CACHE_VERSION = "7"  # 7: a desirable column (KTO); 6: a split column (preference pairs); 5: a conversation opening with an assistant turn no longer trains on its header
+CACHE_VERSION = "8"  # 8: a seq2seq column (encoder-decoder examples); 7: a desirable column (KTO); 6: a split column (preference pairs); 5: a conversation opening with an assistant turn no longer trains on its header
 
 
 @dataclass
@@ -91,7 +92,7 @@ def _spec(recipe: Recipe, fmt: str, columns, label_names=None, num_labels=None) 
     return FormatSpec(format=fmt, max_length=d.max_length, too_long=d.too_long, columns=dataclasses.asdict(columns),
                       system_prompt=d.system_prompt, use_chat_template=d.use_chat_template,
                       label_names=label_names or [], num_labels=num_labels, sharegpt_roles=roles,
-                      sharegpt_keys=(sg.role_key, sg.content_key))
+                      sharegpt_keys=(sg.role_key, sg.content_key), seq2seq=recipe.model.task == "seq2seq_lm")
 
 
 def _used_columns(fmt: str, columns) -> list[str]:
@@ -216,6 +217,7 @@ def cache_key(recipe: Recipe, tok) -> str:
                  if k not in ("packing", "packing_strategy")},  # packing happens at load
         "seed": recipe.seed,
         "num_labels": recipe.model.num_labels,
+        "task": recipe.model.task,  # the same records give other examples to an encoder-decoder
         "tokenizer": tokenizer_fingerprint(tok),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -237,6 +239,11 @@ def prepare_data(recipe: Recipe, tok, *, use_cache: bool = True, log=print) -> P
     return prepared
 
 
+def tokenize_part(tok, records: list[dict], spec: FormatSpec, source: str) -> tuple[list[Example], FormatStats]:
+    """A source's records as examples: an encoder-decoder's (seq2seq.py) or everyone else's (formats.py)."""
+    return (tokenize_seq2seq if spec.seq2seq else tokenize_records)(tok, records, spec, source)
+
+
 def _tokenize(recipe: Recipe, tok, log) -> PreparedData:
     d = recipe.data
     parts, eval_parts, report = _collect(recipe, log)
@@ -248,13 +255,13 @@ def _tokenize(recipe: Recipe, tok, log) -> PreparedData:
     train_stats, eval_stats = FormatStats(), FormatStats()
     for i, p in enumerate(parts):
         spec = _spec(recipe, p.fmt, p.columns, label_names, num_labels)
-        ex, st = tokenize_records(tok, p.train, spec, p.name)
+        ex, st = tokenize_part(tok, p.train, spec, p.name)
         train += ex
         train_src += [i] * len(ex)
         _add_stats(train_stats, st)
         log(f"[data] train {p.name}: {st.summary()}")
         if eval_parts is None:
-            ex, st = tokenize_records(tok, p.eval, spec, f"{p.name} (held-out {d.eval_fraction:.0%})")
+            ex, st = tokenize_part(tok, p.eval, spec, f"{p.name} (held-out {d.eval_fraction:.0%})")
             evals += ex
             eval_src += [i] * len(ex)
             _add_stats(eval_stats, st)
@@ -262,7 +269,7 @@ def _tokenize(recipe: Recipe, tok, log) -> PreparedData:
     if eval_parts is not None:
         eval_names = [p.name for p in eval_parts]
         for i, p in enumerate(eval_parts):
-            ex, st = tokenize_records(tok, p.eval, _spec(recipe, p.fmt, p.columns, label_names, num_labels), p.name)
+            ex, st = tokenize_part(tok, p.eval, _spec(recipe, p.fmt, p.columns, label_names, num_labels), p.name)
             evals += ex
             eval_src += [i] * len(ex)
             _add_stats(eval_stats, st)

@@ -13,6 +13,9 @@
 - unpaired_preference (KTO): a prompt, one completion and whether it is desirable; stored like a pair whose second
   sequence is the prompt with the previous record's completion (the mismatched sample of KTO's KL estimate).
 
+For an encoder-decoder (model.task: seq2seq_lm) the instruction, alpaca, chat and sharegpt formats give two
+sequences instead of one: seq2seq.py.
+
 Templates are rendered to text and tokenized once; the split between prompt and answer is found by rendering the
 conversation up to each assistant turn, which only needs the template to render prefixes of a conversation as
 prefixes of its text. A template that does not is refused with a clear error instead of a silently wrong mask.
@@ -40,6 +43,8 @@ class Example:
     # own sequence, then the mismatched one, with `desirable` 1 or 0 (-1: not such an example).
     split: int = 0
     desirable: int = -1
+    # An encoder-decoder's example: input_ids are the encoder's input, labels the decoder's targets (another length).
+    seq2seq: bool = False
 
 
 @dataclass
@@ -73,6 +78,7 @@ class FormatSpec:
     num_labels: int | None = None
     sharegpt_roles: dict = field(default_factory=dict)  # speaker name -> user | assistant | system
     sharegpt_keys: tuple[str, str] = ("from", "value")  # a turn's speaker and text keys
+    seq2seq: bool = False  # model.task seq2seq_lm: prompt to the encoder, answer to the decoder (seq2seq_example)
 
 
 ALPACA_PROMPT = "{instruction}\n\n{input}"  # the user turn of an alpaca record whose input is not empty

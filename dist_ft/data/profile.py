@@ -18,8 +18,8 @@ import numpy as np
 
 from ..config import Recipe, data_sources
 from .batching import pack, unpair
-from .dataset import _collect, _read_columns, _spec, _used_columns
-from .formats import IGNORE, Example, tokenize_records
+from .dataset import _collect, _read_columns, _spec, _used_columns, tokenize_part
+from .formats import IGNORE, Example
 from .quality import QualityReport, exact_duplicates, ignored_fields, ignored_fix, near_duplicates, record_text
 from .streaming import StreamingRows, _records, list_shards
 
@@ -30,6 +30,10 @@ def render(tok, ex: Example, limit: int = 400) -> str:
     """The sample's text with the tokens that carry a loss in [[...]]."""
     if ex.is_classification:
         return tok.decode(ex.input_ids.tolist(), skip_special_tokens=False)[:limit] + f"  -> label {int(ex.labels[0])}"
+    if ex.seq2seq:  # the encoder's input, then the decoder's labels (all of them targets)
+        text = (tok.decode(ex.input_ids.tolist(), skip_special_tokens=False) + "  -> [["
+                + tok.decode(ex.labels.tolist(), skip_special_tokens=False) + "]]")
+        return text if len(text) <= limit else text[:limit] + " ..."
     out, inside, buf = [], False, []
 
     def flush():
@@ -87,7 +91,7 @@ def data_report(recipe: Recipe, tok, out_dir: Path, log=print) -> dict:
                 from .dataset import _label_names
                 label_names, num_labels = _label_names([r for q in parts for r in q.train], d.columns.label,
                                                        recipe.model.num_labels)
-            ex, st = tokenize_records(tok, p.train, _spec(recipe, p.fmt, p.columns, label_names, num_labels), p.name)
+            ex, st = tokenize_part(tok, p.train, _spec(recipe, p.fmt, p.columns, label_names, num_labels), p.name)
             examples += ex
             cols = _used_columns(p.fmt, p.columns)
             records_for_dups += [(r, cols) for r in p.train]
@@ -110,7 +114,8 @@ def data_report(recipe: Recipe, tok, out_dir: Path, log=print) -> dict:
         rep["tokens"] = {"samples": int(len(lengths)), "mean": float(lengths.mean()),
                          "p50": int(np.percentile(lengths, 50)), "p95": int(np.percentile(lengths, 95)),
                          "max": int(lengths.max()), "at_max_length": int((lengths >= d.max_length).sum())}
-        if not examples[0].is_classification and "pairs" not in rep and "unpaired" not in rep:
+        if not (examples[0].is_classification or examples[0].seq2seq) and "pairs" not in rep \
+                and "unpaired" not in rep:
             rows = pack(examples, d.max_length, d.packing_strategy)
             rep["packing"] = {"rows": len(rows), "samples_per_row": round(len(examples) / max(1, len(rows)), 2),
                               "fill": round(float(lengths.sum()) / (len(rows) * d.max_length), 3),

@@ -18,15 +18,17 @@ import numpy as np
 
 from .formats import Example
 
-COLUMNS = ("ids", "labels", "starts", "label_starts", "cls", "split", "desirable")
+COLUMNS = ("ids", "labels", "starts", "label_starts", "cls", "split", "desirable", "seq2seq")
 
 
 class ExampleTable(Sequence):
     def __init__(self, ids: np.ndarray, labels: np.ndarray, starts: np.ndarray, label_starts: np.ndarray,
-                 cls: np.ndarray, split: np.ndarray, desirable: np.ndarray, rows: np.ndarray | None = None):
+                 cls: np.ndarray, split: np.ndarray, desirable: np.ndarray, seq2seq: np.ndarray,
+                 rows: np.ndarray | None = None):
         self.ids, self.labels, self.starts, self.label_starts, self.cls = ids, labels, starts, label_starts, cls
         self.split = split  # a preference pair's chosen length (Example.split), 0 for everything else
         self.desirable = desirable  # int8: Example.desirable (KTO), -1 for everything else
+        self.seq2seq = seq2seq  # bool: an encoder-decoder's example (labels are the decoder's, of their own length)
         self.rows = rows  # a selection (subset, reorder) of the stored examples; None: all, in order
 
     @classmethod
@@ -41,7 +43,8 @@ class ExampleTable(Sequence):
         return cls(flat(ids), flat(labels), starts(ids), starts(labels),
                    np.asarray([e.is_classification for e in examples], np.bool_),
                    np.asarray([e.split for e in examples], np.int32),
-                   np.asarray([e.desirable for e in examples], np.int8))
+                   np.asarray([e.desirable for e in examples], np.int8),
+                   np.asarray([e.seq2seq for e in examples], np.bool_))
 
     @classmethod
     def load(cls, folder: Path, stem: str, *, in_memory: bool = False) -> ExampleTable:
@@ -56,7 +59,7 @@ class ExampleTable(Sequence):
         n = len(table.cls)
         if len(table.starts) != n + 1 or len(table.label_starts) != n + 1 or table.starts[-1] != len(table.ids) \
                 or table.label_starts[-1] != len(table.labels) or len(table.split) != n \
-                or len(table.desirable) != n:
+                or len(table.desirable) != n or len(table.seq2seq) != n:
             raise ValueError(f"{folder}: the {stem} columns disagree on their lengths; delete the folder "
                              "(the data is tokenized again on the next run)")
         return table
@@ -86,13 +89,13 @@ class ExampleTable(Sequence):
         a, b = int(self.starts[k]), int(self.starts[k + 1])
         c, d = int(self.label_starts[k]), int(self.label_starts[k + 1])
         return Example(self.ids[a:b], self.labels[c:d], bool(self.cls[k]), int(self.split[k]),
-                       int(self.desirable[k]))
+                       int(self.desirable[k]), bool(self.seq2seq[k]))
 
     def select(self, indices) -> ExampleTable:
         """The examples at `indices` (of this table), sharing its columns."""
         indices = np.asarray(indices, np.int64)
         return ExampleTable(self.ids, self.labels, self.starts, self.label_starts, self.cls, self.split,
-                            self.desirable, indices if self.rows is None else self.rows[indices])
+                            self.desirable, self.seq2seq, indices if self.rows is None else self.rows[indices])
 
     def lengths(self) -> np.ndarray:
         """Tokens per example, read from the offsets alone (no token page is touched)."""

@@ -71,7 +71,10 @@ def evaluate(strategy, examples: list[Example], *, micro_batch: int, pad_id: int
 
 def prompt_and_reference(example: Example) -> tuple[np.ndarray, np.ndarray] | None:
     """The prompt (tokens before the first loss-bearing token) and the reference answer (the first contiguous run
-    of loss-bearing tokens) of an instruction or chat example; None for one without a prompt."""
+    of loss-bearing tokens) of an instruction or chat example; None for one without a prompt. An encoder-decoder's
+    example: its encoder input and its labels."""
+    if example.seq2seq:
+        return example.input_ids, example.labels
     target = np.flatnonzero(example.labels != IGNORE)
     if len(target) == 0 or target[0] == 0:
         return None
@@ -100,6 +103,8 @@ def generate_answers(strategy, examples: list[Example], tok, *, max_new_tokens: 
     strategy.train(False)
     answers: list[tuple[int, str]] = []
     eos = tok.eos_token_id
+    # An encoder-decoder's output is the decoder's sequence alone: its start token, then the answer.
+    skip = 1 if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else None
     with torch.random.fork_rng(devices=[topo.device] if topo.device.type == "cuda" else []):
         for r in range(rounds):
             index = mine[r] if r < len(mine) else None
@@ -113,7 +118,7 @@ def generate_answers(strategy, examples: list[Example], tok, *, max_new_tokens: 
                                      eos_token_id=None, pad_token_id=tok.pad_token_id, **kwargs)
             if index is None:
                 continue  # a dummy round that kept this rank in step with the others
-            new = out[0, ids.shape[1]:].tolist()
+            new = out[0, skip if skip is not None else ids.shape[1]:].tolist()
             if eos is not None and eos in new:
                 new = new[:new.index(eos)]
             answers.append((index, tok.decode(new, skip_special_tokens=True).strip()))

@@ -16,8 +16,8 @@ _SELECTS_POSITIONS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref
 
 
 def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logits the loss needs and their targets, both flat: [N, vocab] and [N] for a causal LM, [B, classes]
-    and [B] for a classifier.
+    """The logits the loss needs and their targets, both flat: [N, vocab] and [N] for a causal LM and an
+    encoder-decoder (its decoder's positions), [B, classes] and [B] for a classifier.
 
     A causal LM's head runs only at positions whose next token is a target. In instruction data the prompt (system
     text, question) is most of each row and carries no target, and the head is the widest matrix multiply of a
@@ -30,6 +30,9 @@ def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
     labels = batch["labels"]
     if labels.dim() == 1:  # one label per sample
         return model(**inputs).logits, labels
+    if "decoder_attention_mask" in batch:  # an encoder-decoder: logits at every decoder position, labels unshifted
+        logits = model(**inputs, decoder_input_ids=decoder_inputs(model, labels)).logits
+        return logits.reshape(-1, logits.size(-1)), labels.reshape(-1)
     # Shift the labels rather than the logits: slicing [B, T, V] logits would copy the largest activation.
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     if selects_positions(model):
@@ -80,6 +83,17 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     while isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
     return model
+
+
+def decoder_inputs(model: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """An encoder-decoder's decoder inputs, made by the model itself from the labels (T5's `_shift_right`, BART's
+    `shift_tokens_right`: the start token, then the labels shifted right, IGNORE as padding), as transformers'
+    DataCollatorForSeq2Seq makes them. Not by passing `labels` to the forward: the model would then also compute its
+    own mean loss over every logit, which the summed loss here would throw away."""
+    inner = _unwrapped(model)
+    if getattr(inner, "active_peft_config", None) is not None:
+        inner = inner.get_base_model()
+    return inner.prepare_decoder_input_ids_from_labels(labels=labels)
 
 
 def attention_implementation(model: torch.nn.Module) -> str:
