@@ -51,7 +51,7 @@ def trim_before_blocks(model) -> list:
     before each transformer block's forward (again in the backward's recompute under activation checkpointing)
     keeps it at what one block holds. Only where the training memory is host memory: on GPUs the caching allocator
     owns the device memory and this would only cost time. Returns the hook handles."""
-    from .distributed.fsdp.strategy import transformer_blocks
+    from .blocks import transformer_blocks
 
     try:
         blocks = transformer_blocks(model)

@@ -93,10 +93,11 @@ def test_exact_resume(tmp_path, tiny_llama, straight, strategy, method):
     assert len(start) == 2 and start[0]["run_id"] == start[1]["run_id"]  # the telemetry run id carries over
 
 
-# CI time: ZeRO-3's 2-to-1 in the slow suite (its 1-to-2 converts through the same universal path and stays), and
-# DDP's (replicated: its 1-to-2 stays).
+# CI time: ZeRO-3's 2-to-1 in the slow suite (its 1-to-2 converts through the same universal path and stays), DDP's
+# (replicated: its 1-to-2 stays) and FSDP2's (its 1-to-2 reshards through the same distributed checkpoint and stays).
 @pytest.mark.parametrize("strategy,direction", [
-    pytest.param(s, d, marks=pytest.mark.slow) if (s, d) in (("zero3", "2to1"), ("ddp", "2to1")) else (s, d)
+    pytest.param(s, d, marks=pytest.mark.slow) if (s, d) in (("zero3", "2to1"), ("ddp", "2to1"), ("fsdp", "2to1"))
+    else (s, d)
     for s in ("ddp", "fsdp", "zero3") for d in ("2to1", "1to2")]
     + [("zero2", "2to1")])  # ZeRO-2 converts through the same universal path as ZeRO-3
 def test_world_size_change(tmp_path, tiny_llama, straight, strategy, direction):
@@ -232,8 +233,10 @@ def test_export_round_trip(tmp_path, tiny_llama, strategy):
     assert res.returncode == 2 and "not empty" in res.stderr
 
 
-# CI time: DDP's case in the slow suite (the sharded strategies' gathers are what can go wrong; DDP holds it whole).
-@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp", "zero3"])
+# CI time: DDP's and FSDP2's cases in the slow suite (ZeRO-3's gathered export stays: the sharded gather is what can
+# go wrong, and FSDP2's gathers run in every final save of the CI suite).
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow),
+                                      pytest.param("fsdp", marks=pytest.mark.slow), "zero3"])
 def test_export_lora_adapter_and_merge(tmp_path, tiny_llama, strategy):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

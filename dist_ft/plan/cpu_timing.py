@@ -91,7 +91,7 @@ def _time(facts, recipe, *, kind, seq, micro_batch, dtype, threads) -> Optional[
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0.0, 0.02)
-        from ..distributed.fsdp.strategy import transformer_blocks
+        from ..blocks import transformer_blocks
         block = transformer_blocks(model)[0]
         args, kwargs = _block_inputs(model, block, seq, micro_batch)
         full = kind in ("full", "partial")

@@ -18,23 +18,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
+from ...blocks import transformer_blocks
 from ..activation_checkpointing import enable_activation_checkpointing
 from ..precision import PrecisionPlan
 from ..strategy import OptimizerFactory, Strategy
-
-
-def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    names: set[str] = set()
-    for m in model.modules():
-        names.update(getattr(m, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if blocks:
-        return blocks
-    for m in model.modules():
-        if isinstance(m, torch.nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1:
-            return list(m)
-    raise ValueError(f"{type(model).__name__}: no transformer blocks found to shard (no _no_split_modules and no "
-                     "ModuleList of identical blocks); use distributed.strategy: ddp or zero3")
 
 
 def shard_mesh(world: int, group: int | None, device_type: str):
