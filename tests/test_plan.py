@@ -503,3 +503,25 @@ def test_qlora_counts_the_quantiser_at_load():
     lora = P.make_plan(load_recipe(None, ["model.path=builtin:llama-3-8b", "method.kind=lora"]), cluster(8),
                        find_max=False)
     assert "quantise" not in rows(lora) and lora.load == 0
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_an_encoder_decoder_is_planned_as_one(tmp_path, arch):
+    """model.task seq2seq_lm: the plan builds the encoder-decoder with its LM head (not a classifier), counts
+    every parameter once, both stacks' blocks, and logits over the vocabulary."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    from dist_ft.testing import make_model
+
+    folder = make_model(tmp_path / arch, arch=arch)
+    recipe = load_recipe(None, [f"model.path={folder}", "model.task=seq2seq_lm", "method.kind=full",
+                                "data.format=instruction", "data.max_length=32", "training.micro_batch_size=2"])
+    plan = P.make_plan(recipe, cluster(2), find_max=False)
+    config = AutoConfig.from_pretrained(folder)
+    reference = AutoModelForSeq2SeqLM.from_config(config)
+    assert plan.facts.cls_name == type(reference).__name__
+    assert plan.facts.total == sum(p.numel() for p in reference.parameters())  # (tied ones once)
+    encoder = getattr(config, "num_layers", None) or config.encoder_layers
+    decoder = getattr(config, "num_decoder_layers", None) or config.decoder_layers
+    assert plan.facts.layers == encoder + decoder
+    assert f"2x32x{config.vocab_size}" in rows(plan)["logits"].detail

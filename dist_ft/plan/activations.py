@@ -22,7 +22,7 @@ stream (fp32 under DDP autocast, whose embedding output stays fp32; the compute 
 from __future__ import annotations
 
 from .constants import LOGITS_LOSS_BYTES
-from .model import ModelFacts
+from .model import LM_TASKS, ModelFacts
 
 
 def activation_bytes(facts: ModelFacts, *, seq: int, micro_batch: int, e: float, r: float, eager: bool,
@@ -37,7 +37,7 @@ def activation_bytes(facts: ModelFacts, *, seq: int, micro_batch: int, e: float,
     scores = ((4 + e) * a * seq + (a * seq if facts.dropout_attn > 0 else 0)) if eager else 0
     lora = (e + 1) * lora_dropped + e * lora_rank                    # dropped input + mask, rank-r intermediate
     per_layer = 2 * norm_in + attn + mlp + masks + scores + lora     # bytes per token per block
-    head = (norm_in + r * h) if facts.task == "causal_lm" else r * h  # final norm and the head's input
+    head = (norm_in + r * h) if facts.task in LM_TASKS else r * h  # final norm and the head's input
     g = layers_with_grad
     no_ac = tokens * (g * per_layer + head)
     ac = tokens * (g * r * h + (per_layer if g else 0) + head)
@@ -51,6 +51,6 @@ def logits_bytes(facts: ModelFacts, *, seq: int, micro_batch: int, e: float) -> 
     positions with a target (train/loss.py's forward_logits), so this counts the worst micro-batch, every position
     a target: instruction data, whose prompts carry none, holds less. Classification uses torch's cross-entropy on
     fp32 logits."""
-    if facts.task == "causal_lm":
+    if facts.task in LM_TASKS:
         return micro_batch * seq * facts.vocab * e
     return micro_batch * seq * max(facts.num_labels, 1) * (e + LOGITS_LOSS_BYTES)

@@ -54,6 +54,7 @@ BUILTIN_MODELS: dict[str, dict] = {
 BUILTIN_ALIASES = {"meta-llama-3-8b": "llama-3-8b", "meta-llama-3-70b": "llama-3-70b", "llama-3-405b": "llama-3.1-405b",
                    "meta-llama-3.1-405b": "llama-3.1-405b", "qwen2.5-7b": "qwen2.5-7b",
                    "mistral-7b": "mistral-7b-v0.1", "smollm2-135m-instruct": "smollm2-135m"}
+LM_TASKS = ("causal_lm", "seq2seq_lm")  # tasks whose head is the output embedding over the vocabulary
 LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3", "olmo2", "granite")
 
 
@@ -176,7 +177,7 @@ def analyze_model(recipe) -> ModelFacts:
 def _meta_model(recipe) -> tuple[Any, Any, str, int]:
     """(the model built on the meta device, its config, where the config came from, the number of labels)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     config, source = resolve_config(recipe)
     config.use_cache = False
@@ -186,7 +187,8 @@ def _meta_model(recipe) -> tuple[Any, Any, str, int]:
         config.num_labels = num_labels
         if getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = 0
-    auto = AutoModelForCausalLM if recipe.model.task == "causal_lm" else AutoModelForSequenceClassification
+    auto = {"causal_lm": AutoModelForCausalLM, "seq2seq_lm": AutoModelForSeq2SeqLM}.get(
+        recipe.model.task, AutoModelForSequenceClassification)
     with torch.device("meta"):
         model = auto.from_config(config, attn_implementation="eager",
                                  trust_remote_code=recipe.model.trust_remote_code)
@@ -206,7 +208,7 @@ def _ends(model, text, task: str) -> _Ends:
 
     tied = bool(getattr(text, "tie_word_embeddings", False))
     inp = model.get_input_embeddings()
-    out = model.get_output_embeddings() if task == "causal_lm" else None
+    out = model.get_output_embeddings() if task in LM_TASKS else None
     if tied and inp is not None and out is not None and out.weight is not inp.weight:
         out.weight = inp.weight
     tied = bool(inp is not None and out is not None and out.weight is inp.weight)
@@ -249,7 +251,7 @@ def _param_infos(model, ends: _Ends, task: str) -> tuple[list[ParamInfo], dict[s
             unit = f"block:{blk}"
         elif is_embed and not ends.tied:
             unit = "embed"
-        elif is_head and not ends.tied and task == "causal_lm":
+        elif is_head and not ends.tied and task in LM_TASKS:
             unit = "head"
         else:
             unit = "root"
@@ -271,7 +273,10 @@ def _facts(recipe, model, config, text, source: str, num_labels: int, params: li
     act = str(getattr(text, "hidden_act", "") or getattr(text, "hidden_activation", "") or "")
     return ModelFacts(
         path=recipe.model.path, source=source, cls_name=type(model).__name__, config=config,
-        task=recipe.model.task, params=params, linears=linears, hidden=hidden, layers=text.num_hidden_layers,
+        task=recipe.model.task, params=params, linears=linears, hidden=hidden,
+        # An encoder-decoder's blocks are its encoder's and its decoder's (T5's num_hidden_layers counts the first).
+        layers=(len({p.block for p in params if p.block is not None}) if recipe.model.task == "seq2seq_lm"
+                else text.num_hidden_layers),
         heads=heads, kv_heads=getattr(text, "num_key_value_heads", None) or heads, head_dim=head_dim,
         intermediate=getattr(text, "intermediate_size", None) or 4 * hidden, vocab=text.vocab_size,
         num_labels=num_labels, gated=act in ("silu", "swiglu", "gelu_pytorch_tanh") or model_type in LLAMA_LIKE,

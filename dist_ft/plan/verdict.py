@@ -18,7 +18,7 @@ from .constants import GIB, MAX_MICRO_BATCH, PRECISION_BYTES
 from .counting import MethodCounts, method_counts
 from .memory import (ByteRules, Row, buffer_bytes, byte_rules, per_rank, quantise_row, runtime_row, save_row,
                      state_bytes)
-from .model import ModelFacts, analyze_model
+from .model import LM_TASKS, ModelFacts, analyze_model
 from .speed import speed_estimate
 
 
@@ -149,9 +149,9 @@ def _rows(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, rules: 
                     if d.activation_checkpointing else f"{acts['layers']} blocks (with AC: {other / GIB:.2f})"))
     rows.append(Row("activations", "activations", ac_detail, use, phase="fwd_bwd"))
     lg = logits_bytes(facts, seq=seq, micro_batch=mb, e=rules.compute)
-    width = facts.vocab if facts.task == "causal_lm" else max(facts.num_labels, 1)
+    width = facts.vocab if facts.task in LM_TASKS else max(facts.num_labels, 1)
     per_logit = lg / max(mb * seq * width, 1)
-    held = "the loss gradient, written over the output" if facts.task == "causal_lm" else "output + loss"
+    held = "the loss gradient, written over the output" if facts.task in LM_TASKS else "output + loss"
     rows.append(Row("logits", "logits + loss", f"{mb}x{seq}x{width} x {per_logit:g} B ({held})", lg,
                     phase="fwd_bwd"))
     rows += buffer_bytes(facts, mc, rules, recipe, cluster)
