@@ -45,20 +45,24 @@ class Trimmer:
             release_freed()
 
 
-def trim_before_blocks(model) -> list:
+def trim_before_blocks(model, device) -> str | None:
     """A CPU run's per-block transients (gathered shards, dequantised weights, activations) are freed into the
     same heaps, so a step's resident set would otherwise climb toward the sum of what the blocks ever held; trimming
     before each transformer block's forward (again in the backward's recompute under activation checkpointing)
     keeps it at what one block holds. Only where the training memory is host memory: on GPUs the caching allocator
-    owns the device memory and this would only cost time. Returns the hook handles."""
+    owns the device memory and this would only cost time. Returns why nothing was hooked, or None."""
     from .blocks import transformer_blocks
 
+    if getattr(device, "type", "cpu") != "cpu":
+        return f"distributed.host_memory_trim: blocks applies to CPU devices only; ignored on {device.type}"
     try:
         blocks = transformer_blocks(model)
     except ValueError:
-        return []
+        return f"distributed.host_memory_trim: blocks: {type(model).__name__} has no transformer blocks to trim before"
 
     def trim(module, args) -> None:  # (a pre-hook that returned a value would replace the block's inputs)
         release_freed()
 
-    return [b.register_forward_pre_hook(trim) for b in blocks]
+    for b in blocks:
+        b.register_forward_pre_hook(trim)
+    return None

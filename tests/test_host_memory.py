@@ -72,13 +72,13 @@ def test_blocks_mode_trims_before_each_block_forward(monkeypatch, tiny_llama):
     calls = []
     monkeypatch.setattr(host_memory, "release_freed", lambda: calls.append(1) or True)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    handles = host_memory.trim_before_blocks(model)
+    assert host_memory.trim_before_blocks(model, torch.device("cpu")) is None
     layers = model.config.num_hidden_layers
-    assert len(handles) == layers
     model(input_ids=torch.tensor([[5, 6, 7]]))
     assert len(calls) == layers
-    for h in handles:
-        h.remove()
+    assert "CPU devices only" in host_memory.trim_before_blocks(model, torch.device("meta"))
+    model(input_ids=torch.tensor([[5, 6, 7]]))
+    assert len(calls) == 2 * layers  # nothing more hooked for another device
 
 
 def test_blocks_mode_trains_what_the_default_trains(tmp_path, tiny_llama):

@@ -111,14 +111,11 @@ def _cpu_block_timing(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCou
     """On a CPU cluster without --peak-tflops: one block of the model timed here (cpu_timing.py), else None."""
     if not cluster.is_cpu or cluster.peak_flops or facts.layers < 1 or mc.extra_seq:
         return None
-    import torch
-
     from ..distributed.precision import precision_plan
     from .cpu_timing import rank_threads, time_block
 
-    dtype = precision_plan(recipe.distributed.precision).compute_dtype
     return time_block(facts, recipe, kind=mc.kind, seq=seq, micro_batch=mb,
-                      dtype=dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32,
+                      dtype=precision_plan(recipe.distributed.precision).compute_dtype,
                       threads=rank_threads(recipe, cluster.gpus_per_node))
 
 
@@ -152,23 +149,21 @@ def speed_estimate(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts
            "link": "inter-node" if cluster.nodes > 1 else "intra-node", "comm_s": comm_s, "offload_s": off_s,
            "offload_what": off_what}
     timing = _cpu_block_timing(recipe, cluster, facts, mc, seq, mb) if timed else None
-    if timing is not None:
-        compute_s = timing.step_compute_s(layers=facts.layers, layers_with_grad=mc.layers_with_grad,
-                                          checkpointing=d.activation_checkpointing,
-                                          accumulation=t.gradient_accumulation_steps)
-        out.update(compute_source=f"timed one {facts.cls_name} block on this CPU ({timing.threads} thread(s) per "
-                                  f"rank): forward {timing.forward_s:.3g} s, forward + backward {timing.train_s:.3g} "
-                                  f"s, head + loss {timing.head_s:.3g} s"
-                                  + (f", nf4 dequantisation {timing.dequant_s:.3g} s" if timing.dequant_s else ""),
-                   block_timing=dataclasses.asdict(timing))
-        # The same cores run the gloo copies and the compute: they add up rather than overlap.
-        step_s = compute_s + comm_s + off_s
-        out.update(compute_s=compute_s, step_s=step_s, tokens_per_s=cluster.world * tokens_rank / step_s,
-                   tokens_per_s_per_rank=tokens_rank / step_s)
-    elif peak:
-        compute_s = tokens_rank * train / (peak * cluster.mfu)
-        if mc.kind == "qlora":
-            compute_s *= QLORA_COMPUTE_FACTOR
+    if timing is not None or peak:
+        if timing is not None:
+            compute_s = timing.step_compute_s(layers=facts.layers, layers_with_grad=mc.layers_with_grad,
+                                              checkpointing=d.activation_checkpointing,
+                                              accumulation=t.gradient_accumulation_steps)
+            out.update(compute_source=f"timed one {facts.cls_name} block on this CPU ({timing.threads} thread(s) "
+                                      f"per rank): forward {timing.forward_s:.3g} s, forward + backward "
+                                      f"{timing.train_s:.3g} s, head + loss {timing.head_s:.3g} s"
+                                      + (f", nf4 dequantisation {timing.dequant_s:.3g} s" if timing.dequant_s else ""),
+                       block_timing=dataclasses.asdict(timing))
+        else:
+            compute_s = tokens_rank * train / (peak * cluster.mfu)
+            if mc.kind == "qlora":
+                compute_s *= QLORA_COMPUTE_FACTOR
+        # On a CPU the same cores run the gloo copies and the compute: they add up rather than overlap.
         step_s = (compute_s + comm_s if cluster.is_cpu else max(compute_s, comm_s)) + off_s
         out.update(compute_s=compute_s, step_s=step_s, tokens_per_s=cluster.world * tokens_rank / step_s,
                    tokens_per_s_per_rank=tokens_rank / step_s)

@@ -138,11 +138,9 @@ class Trainer:
         self.strategy.setup(self.builder, make_optimizer(r))
         release_freed()  # what loading freed between the kept shards (host_memory.py)
         if r.distributed.host_memory_trim == "blocks":
-            if self.topo.device.type == "cpu":
-                trim_before_blocks(self.strategy.unwrap())
-            else:
-                self.log("[dist_ft] distributed.host_memory_trim: blocks applies to CPU devices only; ignored on "
-                         f"{self.topo.device.type}")
+            skipped = trim_before_blocks(self.strategy.unwrap(), self.topo.device)
+            if skipped:
+                self.log(f"[dist_ft] {skipped}")
         self.counts = count_parameters(self.strategy.unwrap())
         self.log(f"[weights] {self.builder.load_report.describe()}")
         self.log(f"[dist_ft] {self.counts.describe()}")
