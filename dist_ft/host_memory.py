@@ -48,9 +48,12 @@ class Trimmer:
 def trim_before_blocks(model, device) -> str | None:
     """A CPU run's per-block transients (gathered shards, dequantised weights, activations) are freed into the
     same heaps, so a step's resident set would otherwise climb toward the sum of what the blocks ever held; trimming
-    before each transformer block's forward (again in the backward's recompute under activation checkpointing)
-    keeps it at what one block holds. Only where the training memory is host memory: on GPUs the caching allocator
-    owns the device memory and this would only cost time. Returns why nothing was hooked, or None."""
+    before each transformer block's forward and before its backward keeps it at what one block holds. The backward
+    needs its own trigger: transformers' activation checkpointing recomputes a block by calling its `forward`
+    directly, so module hooks do not run again there (measured on a 1.1B QLoRA step: the resident set climbed by
+    580 MiB through a backward trimmed only in forwards). Only where the training memory is host memory: on GPUs
+    the caching allocator owns the device memory and this would only cost time. Returns why nothing was hooked, or
+    None."""
     from .blocks import transformer_blocks
 
     if getattr(device, "type", "cpu") != "cpu":
@@ -63,6 +66,21 @@ def trim_before_blocks(model, device) -> str | None:
     def trim(module, args) -> None:  # (a pre-hook that returned a value would replace the block's inputs)
         release_freed()
 
+    def trim_before_backward(module, args, output) -> None:
+        # The gradient of a block's output arrives just before the block's backward (its recompute included).
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        if getattr(hidden, "requires_grad", False):
+            hidden.register_hook(_trim_on_grad)
+
+    # ... and once as the model's forward starts: the previous step's backward tail (the head and embeddings,
+    # reduce-scatters, the optimizer step) leaves its own freed memory before the embeddings are gathered.
+    model.register_forward_pre_hook(trim)
     for b in blocks:
         b.register_forward_pre_hook(trim)
+        b.register_forward_hook(trim_before_backward)
     return None
+
+
+def _trim_on_grad(grad):
+    release_freed()
+    return None  # the gradient unchanged

@@ -64,7 +64,7 @@ def test_the_loader_trims_every_256_mib_it_reads(monkeypatch, tiny_llama):
     assert calls == [] and w.trimmer.pending >= nbytes
 
 
-def test_blocks_mode_trims_before_each_block_forward(monkeypatch, tiny_llama):
+def test_blocks_mode_trims_before_each_block_forward_and_backward(monkeypatch, tiny_llama):
     from transformers import AutoModelForCausalLM
 
     from dist_ft import host_memory
@@ -72,13 +72,25 @@ def test_blocks_mode_trims_before_each_block_forward(monkeypatch, tiny_llama):
     calls = []
     monkeypatch.setattr(host_memory, "release_freed", lambda: calls.append(1) or True)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    # transformers' checkpointing recomputes a block by calling its forward, past the module hooks: the backward
+    # trims must come from somewhere else (the block output's gradient hook)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
     assert host_memory.trim_before_blocks(model, torch.device("cpu")) is None
     layers = model.config.num_hidden_layers
-    model(input_ids=torch.tensor([[5, 6, 7]]))
-    assert len(calls) == layers
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert len(calls) == 1 + layers  # the model's start, then each block
+    calls.clear()
+    out = model(input_ids=ids, labels=ids)
+    assert len(calls) == 1 + layers
+    out.loss.backward()
+    assert len(calls) == 1 + 2 * layers  # and before each block's backward
     assert "CPU devices only" in host_memory.trim_before_blocks(model, torch.device("meta"))
-    model(input_ids=torch.tensor([[5, 6, 7]]))
-    assert len(calls) == 2 * layers  # nothing more hooked for another device
+    calls.clear()
+    model(input_ids=ids)
+    assert len(calls) == 1 + layers  # nothing more hooked for another device
 
 
 def test_blocks_mode_trains_what_the_default_trains(tmp_path, tiny_llama):

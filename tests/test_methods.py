@@ -303,3 +303,22 @@ def test_qlora_gradients_survive_an_evaluation(tmp_path, tiny_llama):
     assert first_layer and all(fresh[n].abs().sum() > 0 for n in first_layer)
     for n in fresh:
         assert torch.allclose(fresh[n], after_eval[n], atol=1e-5, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("precision, unquantised", [("bf16-true", torch.bfloat16), ("bf16-mixed", torch.float32)])
+def test_qlora_keeps_the_unquantised_weights_in_the_precision_asked(tmp_path, tiny_llama, precision, unquantised):
+    """QLoRA's weights that are not quantised (embeddings, head, norms): 16-bit in bf16-true, as the recipe asked
+    (peft's fp32 preparation doubled their memory and their FSDP2 all-gathers); fp32 under mixed precision, which
+    keeps every weight in fp32 (peft's prepare_model_for_kbit_training)."""
+    pytest.importorskip("bitsandbytes")
+    from dist_ft.model import ModelBuilder, load_tokenizer
+    recipe = _recipe(tiny_llama, tmp_path / "out", "qlora", distributed={"precision": precision})
+    tok = load_tokenizer(tiny_llama)
+    model = ModelBuilder(recipe, tiny_llama, num_labels=None, label_names=[], pad_token_id=tok.pad_token_id,
+                         dtype=torch.bfloat16, attn_implementation="sdpa").build()
+    base = model.get_base_model()
+    quantised = [n for n, p in base.named_parameters() if type(p).__name__ == "Params4bit"]
+    others = {n: p.dtype for n, p in base.named_parameters() if type(p).__name__ != "Params4bit" and "lora_" not in n}
+    assert quantised and "model.embed_tokens.weight" in others  # (tied to the head in this tiny model)
+    assert set(others.values()) == {unquantised}, others
+    assert all(not p.requires_grad for n, p in base.named_parameters() if "lora_" not in n)

@@ -66,7 +66,8 @@ def time_block(facts, recipe, *, kind: str, seq: int, micro_batch: int, dtype: t
                threads: int) -> Optional[BlockTiming]:
     """None when the model cannot be timed this way (too large, no layer count, a build that fails)."""
     d = recipe.distributed
-    key = (facts.path, facts.task, kind, seq, micro_batch, dtype, threads, d.activation_checkpointing)
+    key = (facts.path, facts.task, kind, seq, micro_batch, dtype, threads, d.activation_checkpointing,
+           d.host_memory_trim)
     if key not in _CACHE:
         _CACHE[key] = _time(facts, recipe, kind=kind, seq=seq, micro_batch=micro_batch, dtype=dtype,
                             threads=threads) if facts.task == "causal_lm" else None
@@ -92,6 +93,7 @@ def _time(facts, recipe, *, kind, seq, micro_batch, dtype, threads) -> Optional[
             for p in model.parameters():
                 p.normal_(0.0, 0.02)
         from ..blocks import transformer_blocks
+        from ..host_memory import release_freed
         block = transformer_blocks(model)[0]
         args, kwargs = _block_inputs(model, block, seq, micro_batch)
         full = kind in ("full", "partial")
@@ -102,9 +104,16 @@ def _time(facts, recipe, *, kind, seq, micro_batch, dtype, threads) -> Optional[
             with torch.no_grad():
                 block(*args, **kwargs)
 
+        # distributed.host_memory_trim: blocks returns a block's freed memory before its forward and before its
+        # backward (dist_ft/host_memory.py): the trims and the page faults that refill what they returned are part
+        # of the step, so the timed training block does the same.
+        trim = release_freed if recipe.distributed.host_memory_trim == "blocks" else (lambda: None)
+
         def train():
+            trim()
             x = args[0].detach().requires_grad_(True)
             out = block(x, *args[1:], **kwargs)
+            trim()
             (out[0] if isinstance(out, tuple) else out).float().sum().backward()
 
         hidden = torch.randn(micro_batch, seq, facts.hidden, dtype=dtype)
