@@ -8,6 +8,9 @@
 - `t5-mini-random`: a T5-shaped encoder-decoder (8.4M parameters) with seeded *random* weights and a byte-level BPE
   tokenizer, built once under the cache: no package on PyPI or Debian ships real T5 or BART weights (the T5
   packages there download them from the hub at run time), so the seq2seq recipe trains this one from scratch.
+- `vit-small-random`: a ViT image classifier (0.8M parameters: width 128, 4 layers, 16x16 inputs in 4x4 patches)
+  with seeded *random* weights and its image processor: PyPI's vision packages (torchvision, timm) download their
+  pretrained weights at run time and no Debian package ships any, so the digits recipe trains this from scratch.
 
 We locate installed files through `importlib.metadata`, never by importing those packages.
 """
@@ -120,9 +123,26 @@ def _t5_mini_random() -> Path:
     return out
 
 
-ALIASES = {"smollm2-135m-instruct": _smollm2, "minilm-l6-v2": _minilm, "t5-mini-random": _t5_mini_random}
+def _vit_small_random() -> Path:
+    out = cache_root() / "models" / "vit-small-random"
+    if (out / ".complete").exists():
+        return out
+    with file_lock(out.with_suffix(".lock")):
+        if not (out / ".complete").exists():
+            from .testing import make_image_model
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            make_image_model(tmp, arch="vit", size="small", image_size=16, seed=0)
+            (tmp / ".complete").write_text("ok\n")
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+    return out
+
+
+ALIASES = {"smollm2-135m-instruct": _smollm2, "minilm-l6-v2": _minilm, "t5-mini-random": _t5_mini_random,
+           "vit-small-random": _vit_small_random}
 # Aliases made on first use into the cache (converted or built): their folder is there once `.complete` is.
-BUILT_ON_FIRST_USE = ("smollm2-135m-instruct", "t5-mini-random")
+BUILT_ON_FIRST_USE = ("smollm2-135m-instruct", "t5-mini-random", "vit-small-random")
 
 
 def is_alias(name: str) -> bool:

@@ -7,10 +7,16 @@ from __future__ import annotations
 import torch
 
 
+# Models whose _no_split_modules are finer than a useful unit: ResNet names every conv layer and shortcut, but its
+# unit of compute (and of sharding, checkpointing, partial fine-tuning) is the stage.
+_COARSER_UNITS = {"ResNetConvLayer": "ResNetStage", "ResNetShortCut": "ResNetStage"}
+
+
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     names: set[str] = set()
     for m in model.modules():
         names.update(getattr(m, "_no_split_modules", None) or [])
+    names = {_COARSER_UNITS.get(n, n) for n in names}
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if blocks:
         return blocks

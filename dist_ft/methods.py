@@ -54,6 +54,8 @@ def apply_method(model: torch.nn.Module, recipe: Recipe, *, model_path: str | No
         return model
     import peft
 
+    if recipe.model.task == "image_classification":
+        return _image_lora(model, recipe)
     task = {"causal_lm": peft.TaskType.CAUSAL_LM, "seq2seq_lm": peft.TaskType.SEQ_2_SEQ_LM,
             "sequence_classification": peft.TaskType.SEQ_CLS}[recipe.model.task]
     save = list(m.modules_to_save) or None
@@ -81,6 +83,46 @@ def apply_method(model: torch.nn.Module, recipe: Recipe, *, model_path: str | No
         cfg = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=m.prompt.num_virtual_tokens)
     else:
         raise ValueError(f"method.kind: {m.kind!r} is not supported")
+    return peft.get_peft_model(model, cfg)
+
+
+def image_head_modules(model: torch.nn.Module) -> list[str]:
+    """The top-level modules of an image classifier outside its base model: the head (ViT's and ResNet's
+    `classifier`)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return [n for n, _ in model.named_children() if n != prefix]
+
+
+def image_lora_targets(model: torch.nn.Module, targets) -> list[str] | str:
+    """LoRA's target modules on an image classifier: "all-linear" is every nn.Linear outside the head (ViT's query,
+    key, value, attention output and MLP), named by full path so that the head is never adapted; a list is given to
+    peft as it is (peft also adapts nn.Conv2d: ResNet's `convolution`)."""
+    if targets != "all-linear":
+        return targets
+    head = tuple(image_head_modules(model))
+    names = [n for n, mod in model.named_modules()
+             if isinstance(mod, torch.nn.Linear) and not n.split(".")[0] in head]
+    if not names:
+        from .config import RecipeError
+        convs = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if isinstance(mod, torch.nn.Conv2d)})
+        raise RecipeError([f"method.lora.target_modules: {type(model).__name__} has no linear layer outside its "
+                           "head, so all-linear adapts nothing; name its convolutions (peft's LoRA adapts "
+                           f"nn.Conv2d), e.g. method.lora.target_modules: [{', '.join(convs[:3])}]"])
+    return names
+
+
+def _image_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
+    """LoRA on an image classifier: peft's generic PeftModel (no task type: peft has none for images), the head
+    trained in full beside the adapter, as peft's SEQ_CLS does for a text classifier's."""
+    import peft
+
+    m = recipe.method
+    if m.kind != "lora":
+        raise ValueError(f"method.kind: {m.kind!r} is not supported for image_classification")
+    save = sorted(set(m.modules_to_save) | set(image_head_modules(model)))
+    cfg = peft.LoraConfig(r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
+                          target_modules=image_lora_targets(model, m.lora.target_modules),
+                          use_rslora=m.lora.use_rslora, use_dora=m.lora.use_dora, modules_to_save=save)
     return peft.get_peft_model(model, cfg)
 
 
@@ -123,7 +165,10 @@ def _head_and_embedding_names(model: torch.nn.Module) -> tuple[set[str], set[str
             out = getattr(model, attr, None) or out
     if out is not None:
         head = {ids[id(p)] for p in out.parameters() if id(p) in ids}
-    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    try:
+        inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except NotImplementedError:  # a convolutional stem (ResNet's embedder) is not an embedding transformers names
+        inp = None
     if inp is not None:
         emb = {ids[id(p)] for p in inp.parameters() if id(p) in ids}
     return head, emb

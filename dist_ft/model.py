@@ -52,6 +52,14 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool = False):
     return tok
 
 
+def load_image_processor(path: Path):
+    """The model folder's image processor (preprocessor_config.json): how its images are resized and normalised.
+    Saved with every checkpoint and final/ where a text model saves its tokenizer."""
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(path)
+
+
 # Files that hold weights, not the tokenizer or the model's code: left out of the tokenizer's fingerprint.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".npz", ".onnx")
 
@@ -160,18 +168,22 @@ class ModelBuilder:
         self.num_labels, self.label_names, self.pad_token_id = num_labels, label_names, pad_token_id
         self.attn = attn_implementation
         self.created: set[str] = set()  # parameters the recipe creates (set when the model is built)
+        # An image classifier's head from the folder, replaced (its classes are not the data's): canonical names.
+        self.replaced_head: set[str] = set()
         self.load_report = None  # weights.LoadReport, once the weights are bound
 
     def _auto_class(self):
-        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+        from transformers import (AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSeq2SeqLM,
+                                  AutoModelForSequenceClassification)
         return {"causal_lm": AutoModelForCausalLM, "seq2seq_lm": AutoModelForSeq2SeqLM,
-                "sequence_classification": AutoModelForSequenceClassification}[self.recipe.model.task]
+                "sequence_classification": AutoModelForSequenceClassification,
+                "image_classification": AutoModelForImageClassification}[self.recipe.model.task]
 
     def config(self):
         from transformers import AutoConfig
 
         kwargs = {}
-        if self.recipe.model.task == "sequence_classification":
+        if self.recipe.model.task in ("sequence_classification", "image_classification"):
             id2label = dict(enumerate(self.label_names)) if self.label_names else None
             kwargs = dict(num_labels=self.num_labels, id2label=id2label,
                           label2id={n: i for i, n in (id2label or {}).items()} or None)
@@ -187,7 +199,7 @@ class ModelBuilder:
         """The folder's weights, bound to `model` (built by `build_meta`) and audited: every parameter comes from the
         checkpoint or is one the recipe creates, else WeightsError. The audit is kept in `self.load_report`."""
         from .weights import ModelWeights
-        weights = ModelWeights(self.path, seed=self.recipe.seed,
+        weights = ModelWeights(self.path, seed=self.recipe.seed, skip=self.replaced_head,
                                init_std=getattr(self.config(), "initializer_range", 0.02)).bind(model)
         self.load_report = weights.audit(model, self.created)
         from .quantized import QuantizingWeights, is_packed_4bit
@@ -203,13 +215,24 @@ class ModelBuilder:
         base_names = {canonical_name(n) for n, _ in model.named_parameters()}
         created = set()
         prefix = getattr(model, "base_model_prefix", "")
-        if self.recipe.model.task == "sequence_classification" and prefix and hasattr(model, prefix):
+        task = self.recipe.model.task
+        if task in ("sequence_classification", "image_classification") and prefix and hasattr(model, prefix):
             created = {n for n in base_names if not n.startswith(prefix + ".")}
+            if task == "image_classification" and not self._folder_head_fits():
+                self.replaced_head = created
         model = apply_method(model, self.recipe, model_path=self.path)
         self.created = created | {canonical_name(n) for n, _ in model.named_parameters()} - base_names
         if self.recipe.training.neftune_alpha is not None:
             add_neftune(model, self.recipe.training.neftune_alpha)
         return model
+
+    def _folder_head_fits(self) -> bool:
+        """Whether the folder's classification head was trained on the data's classes (the same names, in the same
+        order); else it is replaced by a new one, seeded like every other created parameter."""
+        import json
+        config = json.loads((self.path / "config.json").read_text(encoding="utf-8"))
+        theirs = config.get("id2label") or {}
+        return [theirs.get(str(i)) for i in range(len(theirs))] == list(self.label_names)
 
     def build(self, *, quantize: bool = True) -> torch.nn.Module:
         """The whole model with its pretrained weights, on CPU (a quantised qlora base goes straight to this
@@ -219,6 +242,8 @@ class ModelBuilder:
         if quant is not None:
             device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
             kwargs = {"quantization_config": quant, "device_map": {"": device}}
+        if self.recipe.model.task == "image_classification":  # a head of other classes is replaced below
+            kwargs["ignore_mismatched_sizes"] = True
         model = self._auto_class().from_pretrained(
             self.path, config=self.config(), dtype=self.dtype, attn_implementation=self.attn,
             trust_remote_code=self.recipe.model.trust_remote_code, **kwargs)

@@ -59,6 +59,8 @@ def model_folder_problems(recipe: Recipe, tok=None) -> list[str]:
     except (OSError, ValueError) as exc:
         return [f"{where}: config.json is not readable JSON ({exc}); restore it from the model's source"]
     problems = _task_problems(recipe, config, where)
+    if recipe.model.task == "image_classification":  # no tokenizer: an image processor, and an image model
+        return problems + _image_problems(folder, config, where)
     positions = next((config[k] for k in _POSITION_KEYS if isinstance(config.get(k), int)), None)
     if positions is not None and recipe.data.max_length > positions:
         problems.append(f"data.max_length: {recipe.data.max_length} is beyond the model's {positions} positions "
@@ -103,6 +105,21 @@ def _id_problems(tok, rows, where: str) -> list[str]:
         return []
     # Name the special token the pipeline appends when it is the one beyond (it is the id that will be looked up).
     what, i = max(over.items(), key=lambda kv: (kv[1], not kv[0].startswith("the largest")))
+def _image_problems(folder: Path, config: dict, where: str) -> list[str]:
+    """image_classification needs an image model (one AutoModelForImageClassification builds) and the folder's image
+    processor, which says how its images are sized and normalised."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES as IMAGE_MODELS
+
+    kind = config.get("model_type")
+    if kind not in IMAGE_MODELS:
+        return [f"model.task: image_classification needs an image model (ViT, ResNet, ConvNeXt, ... any "
+                f"AutoModelForImageClassification), and {where} is a {kind!r} model; choose an image model's folder"]
+    if not (folder / "preprocessor_config.json").is_file():
+        return [f"{where}: no preprocessor_config.json; the folder needs its image processor (how images are "
+                "resized and normalised), saved with the model (image_processor.save_pretrained(folder))"]
+    return []
+
+
     return [f"{where}: the tokenizer has {len(tok)} tokens and {what} is id {i}, but the model's embedding has "
             f"{rows} rows (config.json vocab_size): training would end in 'index out of range' at the first forward; "
             f"use the tokenizer saved with the model, or resize the embedding to {max(over.values()) + 1} rows "

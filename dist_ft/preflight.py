@@ -69,6 +69,10 @@ def data_problems(recipe: Recipe) -> list[str]:
                 s.columns or d.columns) for i, s in enumerate(data_sources(d))]
     entries += [(f"data.eval[{i}]" if isinstance(d.eval, list) else "data.eval", s.path, source_format(d, s),
                  s.columns or d.columns) for i, s in enumerate(eval_sources(d))]
+    if recipe.model.task == "image_classification":  # a folder of class folders, or a file of images and labels
+        from .data.images import source_problem
+        return [f"{field}: {problem}" for field, spec, _, _ in entries for problem in [source_problem(spec)]
+                if problem]
     for field, spec, fmt, cols in entries:
         columns = dataclasses.asdict(cols)
         if d.streaming and field == "data.train":

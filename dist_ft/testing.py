@@ -3,6 +3,10 @@
     python -m dist_ft.testing /tmp/tiny-llama --arch llama
     python -m dist_ft.testing /tmp/llama-130m --arch llama --size 130m
     python -m dist_ft.testing /tmp/tiny-t5 --arch t5        # encoder-decoders: t5, bart (model.task: seq2seq_lm)
+    python -m dist_ft.testing /tmp/tiny-vit --arch vit      # image classifiers: vit, resnet (image_classification)
+
+Image classifiers get an image processor (preprocessor_config.json: resize to image_size, normalise to [-1, 1])
+instead of a tokenizer, and a head over --num-labels classes (2 by default) named class_0, class_1, ...
 
 The tokenizer is a small byte-level BPE trained in a second on CPython's own docs, with a ChatML chat template,
 so that every data format (chat included) works against these models exactly as against a real one.
@@ -55,6 +59,8 @@ def make_model(out: str | Path, *, arch: str = "llama", size: str = "tiny", voca
     from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
                               AutoTokenizer, BartConfig, GPT2Config, LlamaConfig, Qwen2Config, T5Config)
 
+    if arch in IMAGE_ARCHS:
+        return make_image_model(out, arch=arch, size=size, num_labels=num_labels, seed=seed, dropout=dropout)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer_from is not None:
@@ -99,10 +105,43 @@ def make_model(out: str | Path, *, arch: str = "llama", size: str = "tiny", voca
     return out
 
 
+IMAGE_ARCHS = ("vit", "resnet")
+
+
+def make_image_model(out: str | Path, *, arch: str = "vit", size: str = "tiny", num_labels: int | None = None,
+                     image_size: int = 16, seed: int = 0, dropout: float = 0.0) -> Path:
+    """A random image classifier folder: config, safetensors weights, and the image processor. ViT: patches of 4
+    pixels, SIZES' hidden width, layers, heads and MLP width. ResNet: basic blocks, one per stage, a stage per
+    layer of SIZES (widths 16, 32, 64, ...), a 16-wide stem."""
+    import torch
+    from transformers import AutoModelForImageClassification, ResNetConfig, ViTConfig
+    from transformers import ViTImageProcessorPil  # (the plain ViTImageProcessor's torchvision backend is absent here)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    hidden, layers, heads, _, inter = SIZES[size]
+    n = num_labels or 2
+    labels = {"id2label": {i: f"class_{i}" for i in range(n)}, "label2id": {f"class_{i}": i for i in range(n)}}
+    if arch == "vit":
+        cfg = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=inter, image_size=image_size, patch_size=4, num_channels=3,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, **labels)
+    elif arch == "resnet":
+        cfg = ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16 * 2 ** i for i in range(layers)],
+                           depths=[1] * layers, layer_type="basic", **labels)
+    else:
+        raise ValueError(f"unknown image arch {arch!r}: {' or '.join(IMAGE_ARCHS)}")
+    torch.manual_seed(seed)
+    AutoModelForImageClassification.from_config(cfg).save_pretrained(out, safe_serialization=True)
+    ViTImageProcessorPil(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3,
+                      image_std=[0.5] * 3).save_pretrained(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out")
-    p.add_argument("--arch", default="llama", choices=["llama", "qwen2", "gpt2", "t5", "bart"])
+    p.add_argument("--arch", default="llama", choices=["llama", "qwen2", "gpt2", "t5", "bart", *IMAGE_ARCHS])
     p.add_argument("--size", default="tiny", choices=list(SIZES))
     p.add_argument("--vocab-size", type=int, default=None)
     p.add_argument("--num-labels", type=int, default=None)

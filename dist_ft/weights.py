@@ -46,6 +46,31 @@ def _index(folder: Path) -> dict[str, Path]:
         return {k: single for k in fh.keys()}
 
 
+def _renamed_keys(model: torch.nn.Module, files: dict[str, Path]) -> dict[str, str]:
+    """Checkpoint keys under the names the model has for them, where transformers renames keys as it loads: its
+    modules were renamed after the checkpoints were written (transformers 5's ViT: `encoder.layer.N.attention.
+    attention.query` is `layers.N.attention.q_proj`), and save_pretrained writes the old names back. Renamings only;
+    a model whose loading also converts tensors (splits, merges) is not mapped here, and its unmatched parameters
+    are reported by `audit`."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without conversion mappings loads checkpoints under their own names
+        return {}
+    if not hasattr(model, "config") or not hasattr(model, "base_model_prefix"):
+        return {}
+    transforms = get_model_conversion_mapping(model, add_legacy=False)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    if not renamings or len(renamings) != len(transforms):
+        return {}
+    out = {}
+    for key in files:
+        new = rename_source_key(key, renamings, [])[0]
+        if new != key and new not in files:
+            out[new] = key
+    return out
+
+
 class WeightsError(ValueError):
     """The model folder does not give the model the recipe builds: tensors that are neither in the checkpoint nor
     created by the recipe, or of the wrong shape."""
@@ -81,8 +106,11 @@ class ModelWeights:
     parameters (an output embedding tied to the input one) are found under any of their names.
     """
 
-    def __init__(self, folder: Path, *, seed: int, init_std: float = 0.02, prefix: str = ""):
+    def __init__(self, folder: Path, *, seed: int, init_std: float = 0.02, prefix: str = "",
+                 skip: set[str] | frozenset = frozenset()):
         self.folder = Path(folder)
+        self.skip = set(skip)  # canonical names whose checkpoint tensors are not used (a replaced head)
+        self._renamed: dict[str, str] = {}  # the model's name -> the checkpoint's, where transformers renames on load
         self.files = _index(self.folder)
         self.seed = seed
         self.init_std = init_std
@@ -98,6 +126,7 @@ class ModelWeights:
         for name, p in model.named_parameters(remove_duplicate=False):
             groups.setdefault(id(p), []).append(canonical_name(name))
         self._aliases = {n: names for names in groups.values() if len(names) > 1 for n in names}
+        self._renamed = _renamed_keys(base, self.files)
         return self
 
     def _candidates(self, c: str) -> list[str]:
@@ -111,10 +140,14 @@ class ModelWeights:
 
     def _lookup(self, name: str) -> str | None:
         c = canonical_name(name)
+        if c in self.skip:
+            return None
         for alias in [c] + [a for a in self._aliases.get(c, ()) if a != c]:
             for candidate in self._candidates(alias):
                 if candidate in self.files:
                     return candidate
+                if candidate in self._renamed:
+                    return self._renamed[candidate]
         return None
 
     def has(self, name: str) -> bool:

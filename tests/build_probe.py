@@ -44,6 +44,7 @@ def main() -> int:
                 "output_dir": str(out / f"run-{i}"), "overwrite_output_dir": True,
                 "model": {"path": path, "task": task, "num_labels": num_labels},
                 "data": {"format": {"sequence_classification": "classification",
+                                    "image_classification": "classification",
                                     "seq2seq_lm": "instruction"}.get(task, "text")},
                 "method": {"kind": a.method},
                 "distributed": {"strategy": a.strategy}}))

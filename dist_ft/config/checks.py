@@ -16,8 +16,9 @@ def _cross_checks(r: Recipe) -> list[str]:
     p = []
     if r.model.task == "sequence_classification" and r.data.format != "classification":
         p.append("data.format: model.task is sequence_classification, so data.format must be classification")
-    if r.data.format == "classification" and r.model.task != "sequence_classification":
-        p.append("model.task: data.format is classification, so model.task must be sequence_classification")
+    if r.data.format == "classification" and r.model.task not in CLASSIFIER_TASKS:
+        p.append("model.task: data.format is classification, so model.task must be sequence_classification (text) "
+                 "or image_classification (images)")
     if r.data.packing and r.data.format == "classification":
         p.append("data.packing: packing applies to causal_lm data; set it to false for classification")
     if r.training.warmup_steps > r.training.max_steps:
@@ -28,6 +29,7 @@ def _cross_checks(r: Recipe) -> list[str]:
     if r.data.eval is None and r.data.eval_fraction == 0 and r.training.eval_every:
         p.append("training.eval_every: no evaluation data; set data.eval or data.eval_fraction > 0")
     p += _seq2seq_checks(r)
+    p += _image_checks(r)
     p += _method_checks(r)
     p += _objective_checks(r)
     p += _eval_checks(r)
@@ -74,6 +76,49 @@ def _seq2seq_checks(r: Recipe) -> list[str]:
     if r.training.neftune_alpha is not None:
         p.append("training.neftune_alpha: NEFTune is not supported with model.task seq2seq_lm yet (an encoder-decoder "
                  "shares one embedding between encoder and decoder inputs); remove it")
+    return p
+
+
+CLASSIFIER_TASKS = ("sequence_classification", "image_classification")
+IMAGE_METHODS = ("full", "lora", "partial")  # what image_classification is tested with (test_image_classification.py)
+
+
+def _image_checks(r: Recipe) -> list[str]:
+    """What an image classifier (model.task: image_classification) needs: one source of images and labels, read in
+    memory, and the methods it is tested with."""
+    from .schema import AugmentConfig
+    if r.model.task != "image_classification":
+        return [] if r.data.augment == AugmentConfig() else [
+            f"data.augment: image augmentations apply to model.task image_classification (task is {r.model.task}); "
+            "remove data.augment"]
+    p, d = [], r.data
+    if d.format != "classification":
+        p.append("data.format: model.task image_classification reads an image and a label per record; set "
+                 "data.format: classification")
+    for name, value in (("data.train", d.train), ("data.eval", d.eval)):
+        if isinstance(value, list):
+            p.append(f"{name}: image_classification reads one source (a folder of class folders, or a file of "
+                     "images and labels), not a mixture; give one path")
+    if d.streaming:
+        p.append("data.streaming: images are read in memory; set data.streaming: false")
+    if d.packing:
+        p.append("data.packing: images are not sequences to pack; set data.packing: false")
+    if d.dedup != "none" or d.balance not in ("none", "class_weights"):
+        p.append(f"data.dedup / data.balance: not supported for images yet (dedup {d.dedup}, balance {d.balance}); "
+                 "set data.dedup: none and data.balance: none or class_weights")
+    if r.method.kind not in IMAGE_METHODS:
+        p.append(f"method.kind: {r.method.kind} is not supported with model.task image_classification; use "
+                 + ", ".join(IMAGE_METHODS))
+    if r.training.neftune_alpha is not None:
+        p.append("training.neftune_alpha: NEFTune adds noise to token embeddings, which an image model has none "
+                 "of; remove it")
+    if r.eval.forgetting is not None:
+        p.append("eval.forgetting: measures a language model's loss on general text; remove it for "
+                 "image_classification")
+    wanted = [m for m in r.eval.metrics if m not in ("accuracy", "f1", "confusion")]
+    if wanted:
+        p.append(f"eval.metrics: {', '.join(wanted)} score generated text; an image classifier reports accuracy, "
+                 "f1 and confusion")
     return p
 
 

@@ -22,7 +22,7 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = Non
     return field(default=default, metadata=meta)
 
 
-Task = Literal["causal_lm", "sequence_classification", "seq2seq_lm"]
+Task = Literal["causal_lm", "sequence_classification", "seq2seq_lm", "image_classification"]
 DataFormat = Literal["text", "instruction", "alpaca", "chat", "sharegpt", "classification", "preference",
                      "unpaired_preference"]
 PREFERENCE_FORMATS = ("preference", "unpaired_preference")  # pairs (or labelled answers) of a preference objective
@@ -38,12 +38,13 @@ AttnImpl = Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attentio
 @dataclass
 class ModelConfig:
     path: str = _f("smollm2-135m-instruct", "A local Hugging Face model folder, or a built-in alias "
-                   "(smollm2-135m-instruct, minilm-l6-v2, t5-mini-random).")
+                   "(smollm2-135m-instruct, minilm-l6-v2, t5-mini-random, vit-small-random).")
     task: Task = _f("causal_lm", "What the model learns: next-token prediction (causal_lm), sequence classification, "
                     "or an encoder-decoder's answer to its input (seq2seq_lm: T5, BART; the prompt is the encoder's "
-                    "input, the answer the decoder's targets).")
-    num_labels: Optional[int] = _f(None, "Number of classes for sequence_classification (None: taken from the "
-                                   "data's labels).", ge=2)
+                    "input, the answer the decoder's targets), or image classification (image_classification: ViT, "
+                    "ResNet, any AutoModelForImageClassification; data.format classification with an image column).")
+    num_labels: Optional[int] = _f(None, "Number of classes for sequence or image classification (None: taken "
+                                   "from the data's labels).", ge=2)
     attn_implementation: AttnImpl = _f("auto", "Attention kernel; auto picks flash-attention on capable GPUs, "
                                        "SDPA elsewhere.")
     trust_remote_code: bool = _f(False, "Run the model folder's own Python code. Off unless you trust the folder.")
@@ -52,6 +53,9 @@ class ModelConfig:
 @dataclass
 class DataColumns:
     text: str = _f("text", "Column holding the text (format: text, classification).")
+    image: str = _f("image", "Column holding the image (model.task image_classification): a file path, relative to "
+                    "the data file's folder, or the image file's bytes (a {bytes, path} struct, as datasets' Image "
+                    "feature writes parquet, works too).")
     prompt: str = _f("prompt", "Column holding the instruction (format: instruction).")
     response: str = _f("response", "Column holding the answer (format: instruction).")
     messages: str = _f("messages", "Column holding the list of {role, content} turns (format: chat).")
@@ -97,6 +101,13 @@ class CleanConfig:
 
 
 @dataclass
+class AugmentConfig:
+    max_shift: int = _f(0, "Shift each training image by up to N pixels each way (after the image processor; "
+                        "uncovered pixels 0, the normalised mean). 0: off.", ge=0)
+    flip: bool = _f(False, "Mirror each training image left-right with probability 1/2 (not for digits or text).")
+
+
+@dataclass
 class DataConfig:
     train: Union[str, list[SourceConfig]] = _f(
         "builtin:wordnet-definitions", "Training data: a .jsonl/.json/.csv/.tsv/.parquet/.txt file, builtin:NAME "
@@ -132,6 +143,9 @@ class DataConfig:
     balance: Literal["none", "oversample", "undersample", "class_weights"] = _f(
         "none", "Classification: equalise class counts by repeating or dropping training records, or weight the "
         "loss by inverse class frequency.")
+    augment: AugmentConfig = _f(factory=AugmentConfig, help="Image augmentations (model.task image_classification), "
+                                "drawn from the seed and each sample's position in the run: the same on any number "
+                                "of ranks and after a resume.")
     streaming: bool = _f(False, "Read a large corpus (a folder or glob of .jsonl/.parquet shards) as a stream: "
                          "tokenized on the fly, each rank reading its own shards; needs data.eval.")
 

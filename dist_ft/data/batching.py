@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .formats import IGNORE, Example
+from .images import ImageExample
 from .table import ExampleTable
 
 
@@ -241,6 +242,9 @@ class BatchLayout:
 def collate(items: list, pad_id: int) -> dict[str, torch.Tensor]:
     """Pad a micro-batch to its longest member. Packed rows get no attention mask (position ids mark the
     samples) and their padding is one more sample of its own, so it attends to nothing real."""
+    if isinstance(items[0], ImageExample):  # images: the processor's pixel values (all one size) and class indices
+        return {"pixel_values": torch.from_numpy(np.stack([e.pixel_values for e in items])),
+                "labels": torch.tensor([e.label for e in items], dtype=torch.long)}
     if isinstance(items[0], Example) and items[0].is_classification:
         T = max(len(e.input_ids) for e in items)
         ids = torch.full((len(items), T), pad_id, dtype=torch.long)
@@ -341,3 +345,15 @@ def count_targets(batch: dict[str, torch.Tensor]) -> int:
     if "decoder_attention_mask" in batch:  # an encoder-decoder's labels: every one is predicted, the first too
         return int((labels != IGNORE).sum())
     return int((labels[:, 1:] != IGNORE).sum())
+
+
+def count_inputs(batch: dict[str, torch.Tensor]) -> int:
+    """What a micro-batch feeds the model, as throughput counts it: tokens (padding included), or images."""
+    if "pixel_values" in batch:
+        return int(batch["pixel_values"].shape[0])
+    return int(batch["input_ids"].numel())
+
+
+def useful_size(row) -> int:
+    """A row's real content, as throughput counts it: its tokens (never the padding), or 1 for an image."""
+    return 1 if isinstance(row, ImageExample) else len(row.input_ids)

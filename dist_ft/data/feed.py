@@ -1,6 +1,6 @@
 """The training samples a rank reads at each global sample position, whatever their origin: one source in memory,
-a mixture of sources sampled by weight, or a stream of shards. The trainer asks `rows(position, count)` and
-never knows which.
+a mixture of sources sampled by weight, or a stream of shards; images augmented by their position. The trainer asks
+`rows(position, count)` and never knows which.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import numpy as np
 
 from .batching import MixtureOrder, SampleOrder, pack
 from .dataset import PreparedData
+from .images import ImageExample, augment
 from .streaming import StreamingRows
 
 
@@ -29,6 +30,11 @@ class TrainFeed:
             return
         parts = data.train_by_source()
         self.packed = None
+        # Images are augmented by their global position (images.augment): the same on any number of ranks and
+        # after a resume, with no generator state to save.
+        a = d.augment
+        self.augment = (recipe.seed, a.max_shift, a.flip) if recipe.model.task == "image_classification" and \
+            (a.max_shift or a.flip) else None
         if d.packing:
             # A preference pair packs whole (its chosen and rejected sequences side by side, each a sample of its
             # own): rows of twice max_length, as an unpacked pair is two rows of up to max_length.
@@ -63,6 +69,10 @@ class TrainFeed:
             return self.stream.take(count), None
         indices = self.order.rows(start, count)
         rows = [self.table[i] for i in indices]
+        if self.augment is not None:
+            seed, max_shift, flip = self.augment
+            rows = [ImageExample(augment(r.pixel_values, seed=seed, position=start + k, max_shift=max_shift,
+                                         flip=flip), r.label) for k, r in enumerate(rows)]
         if self.packed is None:
             return rows, indices
         row_offsets = np.cumsum([0] + [len(p) for p in self.packed])

@@ -17,11 +17,12 @@ from .. import faults
 from ..assets import resolve_model_path
 from ..config import Recipe, RecipeError
 from ..data.dataset import forgetting_examples, prepare_data
+from ..data.images import channels_of, prepare_images
 from ..distributed import watchdog
 from ..distributed.launchers import launcher_problems
 from ..distributed.rendezvous import PatientWait, open_store
 from ..distributed.topology import init_distributed, read_ranks, shutdown
-from ..model import LazyTokenizer
+from ..model import LazyTokenizer, load_image_processor
 from ..preflight import preflight
 from .trainer import Trainer, TrainResult
 
@@ -35,8 +36,10 @@ def run_training(recipe: Recipe, *, source: str = "recipe") -> TrainResult:
     if conflicts:
         raise RecipeError(conflicts, source)
     model_path = resolve_model_path(recipe.model.path)
-    # Loaded when first used: a run whose tokens come from the cache never needs it in memory.
-    tok = LazyTokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
+    # Loaded when first used: a run whose tokens come from the cache never needs it in memory. An image classifier's
+    # counterpart is the folder's image processor (saved with checkpoints where a tokenizer would be).
+    tok = load_image_processor(model_path) if recipe.model.task == "image_classification" else \
+        LazyTokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
     # 2. Tokenize before the process group exists, each rank as long as it takes: peers wait for each other on the
     # launcher's store, as long as each is alive (rendezvous.py), never in a collective that would time out.
     rank, world = read_ranks()[:2]
@@ -47,7 +50,10 @@ def run_training(recipe: Recipe, *, source: str = "recipe") -> TrainResult:
     def prepare():
         faults.inject("slow-data", 0, rank)
         faults.inject("hang-data", 0, rank)
-        data = prepare_data(recipe, tok, log=(lambda m: None) if quiet else print)
+        log = (lambda m: None) if quiet else print
+        if recipe.model.task == "image_classification":  # images, processed in memory on each rank (images.py)
+            return prepare_images(recipe, tok, channels=channels_of(model_path), log=log), []
+        data = prepare_data(recipe, tok, log=log)
         return data, forgetting_examples(recipe, tok) if recipe.eval.forgetting else []
 
     data, forgetting = waits.patient("data preparation", prepare)

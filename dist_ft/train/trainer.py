@@ -25,7 +25,7 @@ from .. import faults
 from ..checkpoint.manager import CheckpointManager
 from ..checkpoint.store import TrainerState
 from ..config import Recipe, dump_recipe, recipe_to_dict
-from ..data.batching import BatchLayout, collate
+from ..data.batching import BatchLayout, collate, count_inputs, useful_size
 from ..data.feed import TrainFeed, memory_table
 from ..distributed import watchdog
 from ..distributed.precision import precision_plan
@@ -267,7 +267,7 @@ class Trainer:
         self.scheduler.step()
         dt = time.perf_counter() - t0
         signals.step_took(dt)
-        tokens = sum(int(mb["input_ids"].numel()) for mb in micro)
+        tokens = sum(count_inputs(mb) for mb in micro)  # (images, for an image classifier)
         global_tokens, global_useful, stops = all_reduce_sum([tokens, useful, signals.flag()], topo.device)
         self.losses.append(loss)
         self.skip_guard(step, result)
@@ -300,7 +300,7 @@ class Trainer:
                 # on exactly where the run stopped.
                 start, count = self.layout.micro_positions(0, m, self.topo.rank)
                 rows, which = self.feed.take(self.state.samples_seen + start, count)
-                useful += sum(len(r.input_ids) for r in rows)  # real tokens: padded or packed, never the padding
+                useful += sum(map(useful_size, rows))  # real tokens: padded or packed, never the padding
                 micro.append(collate(rows, self.data.pad_token_id))
                 indices.append(which)
             return micro, useful, indices if self.feed.stream is None else None
