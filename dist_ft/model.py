@@ -226,6 +226,17 @@ class ModelBuilder:
             add_neftune(model, self.recipe.training.neftune_alpha)
         return model
 
+    def _attention(self) -> str:
+        """The attention implementation to ask for: an image model without attention (ResNet) refuses sdpa in
+        transformers, and has no attention to run, so it is asked for eager."""
+        if self.recipe.model.task != "image_classification" or self.attn != "sdpa":
+            return self.attn
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES as NAMES
+        name = NAMES.get(self.config().model_type, "")
+        cls = getattr(transformers, name if isinstance(name, str) else name[0], None)
+        return self.attn if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
+
     def _folder_head_fits(self) -> bool:
         """Whether the folder's classification head was trained on the data's classes (the same names, in the same
         order); else it is replaced by a new one, seeded like every other created parameter."""
@@ -245,7 +256,7 @@ class ModelBuilder:
         if self.recipe.model.task == "image_classification":  # a head of other classes is replaced below
             kwargs["ignore_mismatched_sizes"] = True
         model = self._auto_class().from_pretrained(
-            self.path, config=self.config(), dtype=self.dtype, attn_implementation=self.attn,
+            self.path, config=self.config(), dtype=self.dtype, attn_implementation=self._attention(),
             trust_remote_code=self.recipe.model.trust_remote_code, **kwargs)
         model = self._apply_method(model)
         # from_pretrained loaded what the checkpoint has (mapping names as weights.py does); the rest is what the
@@ -272,7 +283,7 @@ class ModelBuilder:
             context.enter_context(init_empty_weights(include_buffers=False))
             context.enter_context(set_quantized_state())
         with context if context is not None else init_empty_weights(include_buffers=False):
-            model = self._auto_class().from_config(self.config(), dtype=self.dtype, attn_implementation=self.attn,
+            model = self._auto_class().from_config(self.config(), dtype=self.dtype, attn_implementation=self._attention(),
                                                    trust_remote_code=self.recipe.model.trust_remote_code)
         if getattr(model.config, "tie_word_embeddings", False) or getattr(
                 model.config.get_text_config(), "tie_word_embeddings", False):
@@ -282,7 +293,20 @@ class ModelBuilder:
             from .quantized import replace_with_packed_4bit
             replace_with_packed_4bit(model, self.recipe)
             keep_4bit_weights_trainable(model)
+        if self.recipe.model.task == "image_classification":
+            self._load_buffers(model)
         return self._apply_method(model)
+
+    def _load_buffers(self, model: torch.nn.Module) -> None:
+        """The checkpoint's buffers into a meta-built model, whose buffers are made on CPU with their initial values:
+        BatchNorm's running statistics (ResNet) are state the forward reads, not values the model rebuilds."""
+        from .weights import ModelWeights
+        weights = ModelWeights(self.path, seed=self.recipe.seed).bind(model)
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                if buf.device.type != "meta" and weights.has(name):
+                    n = buf.shape[0] if buf.dim() else 0
+                    buf.copy_(weights.rows(name, buf.shape, 0, n, buf.dtype))
 
 
 def keep_4bit_weights_trainable(model: torch.nn.Module) -> int:

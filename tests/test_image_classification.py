@@ -269,6 +269,26 @@ def test_fsdp_units_are_vit_layers_and_resnet_stages(tiny_vit, tiny_resnet, tmp_
         assert found == want
 
 
+def test_meta_build_reads_batchnorm_statistics(tiny_resnet, tmp_path):
+    """FSDP2's and ZeRO-3's path builds on meta: ResNet's running statistics come from the checkpoint all the same."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "resnet"
+    shutil.copytree(tiny_resnet, folder)
+    state = load_file(folder / "model.safetensors")
+    stats = [k for k in state if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) > 10
+    for i, k in enumerate(stats):
+        state[k] = torch.full_like(state[k], 0.5 + i)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    model = _builder(recipe_from_dict(_recipe_dict(folder, tmp_path / "r")), folder, ["a", "b"]).build_meta()
+    buffers = dict(model.named_buffers())
+    for i, k in enumerate(stats):
+        assert torch.equal(buffers[k], torch.full_like(buffers[k], 0.5 + i)), k
+
+
 def test_head_is_adapted_and_the_rest_equals_from_pretrained(tiny_vit, tmp_path):
     """The folder's head has 3 classes (class_0..2); digits have 10: a new head, seeded, on every build path."""
     from transformers import AutoModelForImageClassification
