@@ -25,3 +25,14 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
             return list(m)
     raise ValueError(f"{type(model).__name__}: no transformer blocks found to shard (no _no_split_modules and no "
                      "ModuleList of identical blocks); use distributed.strategy: ddp or zero3")
+
+
+def input_embeddings(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The model's input embedding module, or None: a convolutional model (ResNet's stem) has none that transformers
+    names, and its `get_input_embeddings` raises NotImplementedError."""
+    if not hasattr(model, "get_input_embeddings"):
+        return None
+    try:
+        return model.get_input_embeddings()
+    except NotImplementedError:
+        return None

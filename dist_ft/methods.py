@@ -165,10 +165,8 @@ def _head_and_embedding_names(model: torch.nn.Module) -> tuple[set[str], set[str
             out = getattr(model, attr, None) or out
     if out is not None:
         head = {ids[id(p)] for p in out.parameters() if id(p) in ids}
-    try:
-        inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    except NotImplementedError:  # a convolutional stem (ResNet's embedder) is not an embedding transformers names
-        inp = None
+    from .blocks import input_embeddings
+    inp = input_embeddings(model)  # (None for a convolutional stem: ResNet's)
     if inp is not None:
         emb = {ids[id(p)] for p in inp.parameters() if id(p) in ids}
     return head, emb

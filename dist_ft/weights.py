@@ -193,7 +193,7 @@ class ModelWeights:
             if list(sl.get_shape()) != list(shape):
                 raise ValueError(f"{path.name}: tensor {key} has shape {sl.get_shape()} but the model expects "
                                  f"{list(shape)}; the model folder does not match its config")
-            t = sl[start:stop] if len(shape) else sl[:]
+            t = sl[start:stop] if len(shape) else fh.get_tensor(key)  # (a 0-d slice cannot be taken)
             out = t.to(dtype, copy=True)  # owns its memory once the mapping is gone
         self.trimmer.read(t.numel() * t.element_size())
         return out

@@ -57,13 +57,14 @@ def save_units(model: torch.nn.Module) -> list[SaveUnit]:
 
 def _unit_prefixes(model: torch.nn.Module) -> list[tuple[str, str]]:
     """(module name + ".", unit) for the blocks and the embeddings, as shard_model wraps them."""
+    from ..blocks import input_embeddings
     from ..distributed.fsdp.strategy import transformer_blocks
     try:
         blocks = transformer_blocks(model)
     except ValueError:  # no repeated blocks: the embeddings and one unit for the rest
         blocks = []
     unit_of = {id(b): f"block:{i}" for i, b in enumerate(blocks)}
-    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    inp = input_embeddings(model)
     outp = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if inp is not None:
         unit_of.setdefault(id(inp), "embed")

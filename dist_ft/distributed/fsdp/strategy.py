@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from ...blocks import transformer_blocks
+from ...blocks import input_embeddings, transformer_blocks
 from ..activation_checkpointing import enable_activation_checkpointing
 from ..precision import PrecisionPlan
 from ..strategy import OptimizerFactory, Strategy
@@ -57,7 +57,7 @@ def shard_model(model: torch.nn.Module, *, precision: PrecisionPlan, offload: st
         fully_shard(block, **kwargs)
     # Untied input and output embeddings get units of their own (as in torchtitan): with a large vocabulary
     # they are the biggest tensors, and in the root unit they would stay gathered for the whole step.
-    inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
+    inp, outp = input_embeddings(model), model.get_output_embeddings()
     if inp is not None and outp is not None and inp.weight is not outp.weight:
         fully_shard(inp, **kwargs)
         fully_shard(outp, **kwargs)
