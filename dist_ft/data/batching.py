@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from .formats import IGNORE, Example
-from .images import ImageExample
 from .table import ExampleTable
 
 
@@ -242,7 +241,7 @@ class BatchLayout:
 def collate(items: list, pad_id: int) -> dict[str, torch.Tensor]:
     """Pad a micro-batch to its longest member. Packed rows get no attention mask (position ids mark the
     samples) and their padding is one more sample of its own, so it attends to nothing real."""
-    if isinstance(items[0], ImageExample):  # images: the processor's pixel values (all one size) and class indices
+    if hasattr(items[0], "pixel_values"):  # images (images.ImageExample): pixel values, all one size, and classes
         return {"pixel_values": torch.from_numpy(np.stack([e.pixel_values for e in items])),
                 "labels": torch.tensor([e.label for e in items], dtype=torch.long)}
     if isinstance(items[0], Example) and items[0].is_classification:
@@ -356,4 +355,4 @@ def count_inputs(batch: dict[str, torch.Tensor]) -> int:
 
 def useful_size(row) -> int:
     """A row's real content, as throughput counts it: its tokens (never the padding), or 1 for an image."""
-    return 1 if isinstance(row, ImageExample) else len(row.input_ids)
+    return 1 if hasattr(row, "pixel_values") else len(row.input_ids)
