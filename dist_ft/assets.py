@@ -8,7 +8,7 @@
 - `t5-mini-random`: a T5-shaped encoder-decoder (8.4M parameters) with seeded *random* weights and a byte-level BPE
   tokenizer, built once under the cache: no package on PyPI or Debian ships real T5 or BART weights (the T5
   packages there download them from the hub at run time), so the seq2seq recipe trains this one from scratch.
-- `vit-small-random`: a ViT image classifier (0.8M parameters: width 128, 4 layers, 16x16 inputs in 4x4 patches)
+- `vit-small-random`: a ViT image classifier (0.54M parameters: width 128, 4 layers, 16x16 inputs in 4x4 patches)
   with seeded *random* weights and its image processor: PyPI's vision packages (torchvision, timm) download their
   pretrained weights at run time and no Debian package ships any, so the digits recipe trains this from scratch.
 
