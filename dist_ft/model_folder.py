@@ -91,20 +91,6 @@ def _task_problems(recipe: Recipe, config: dict, where: str) -> list[str]:
     return []
 
 
-def _id_problems(tok, rows, where: str) -> list[str]:
-    if not isinstance(rows, int):
-        return []
-    ids = {"the largest token id": max(len(tok), max(tok.get_vocab().values(), default=-1) + 1) - 1}
-    for name in ("eos", "pad", "bos"):
-        i = getattr(tok, f"{name}_token_id", None)
-        if isinstance(i, int):
-            ids[f"its {name.upper()} token ({getattr(tok, f'{name}_token')!r}, appended by the data pipeline)"
-                if name != "bos" else f"its BOS token ({tok.bos_token!r})"] = i
-    over = {what: i for what, i in ids.items() if i >= rows}
-    if not over:
-        return []
-    # Name the special token the pipeline appends when it is the one beyond (it is the id that will be looked up).
-    what, i = max(over.items(), key=lambda kv: (kv[1], not kv[0].startswith("the largest")))
 def _image_problems(folder: Path, config: dict, where: str) -> list[str]:
     """image_classification needs an image model (one AutoModelForImageClassification builds) and the folder's image
     processor, which says how its images are sized and normalised."""
@@ -120,6 +106,20 @@ def _image_problems(folder: Path, config: dict, where: str) -> list[str]:
     return []
 
 
+def _id_problems(tok, rows, where: str) -> list[str]:
+    if not isinstance(rows, int):
+        return []
+    ids = {"the largest token id": max(len(tok), max(tok.get_vocab().values(), default=-1) + 1) - 1}
+    for name in ("eos", "pad", "bos"):
+        i = getattr(tok, f"{name}_token_id", None)
+        if isinstance(i, int):
+            ids[f"its {name.upper()} token ({getattr(tok, f'{name}_token')!r}, appended by the data pipeline)"
+                if name != "bos" else f"its BOS token ({tok.bos_token!r})"] = i
+    over = {what: i for what, i in ids.items() if i >= rows}
+    if not over:
+        return []
+    # Name the special token the pipeline appends when it is the one beyond (it is the id that will be looked up).
+    what, i = max(over.items(), key=lambda kv: (kv[1], not kv[0].startswith("the largest")))
     return [f"{where}: the tokenizer has {len(tok)} tokens and {what} is id {i}, but the model's embedding has "
             f"{rows} rows (config.json vocab_size): training would end in 'index out of range' at the first forward; "
             f"use the tokenizer saved with the model, or resize the embedding to {max(over.values()) + 1} rows "
