@@ -74,7 +74,21 @@ def model_folder_problems(recipe: Recipe, tok=None) -> list[str]:
                                "needs the tokenizer files saved with the model (tokenizer.json, tokenizer_config.json)"]
     problems += _id_problems(tok, config.get("vocab_size"), where)
     problems += _format_problems(recipe, tok, where)
+    problems += _fused_loss_problems(recipe, config, where)
     return problems
+
+
+def _fused_loss_problems(recipe: Recipe, config: dict, where: str) -> list[str]:
+    """training.fused_loss returns the loss in place of the head's output: a model that transforms that output
+    (soft-capping, scaling) before returning it cannot fuse."""
+    from .train.fused_loss import LOGIT_TRANSFORMS
+
+    if not recipe.training.fused_loss:
+        return []
+    found = [k for k in LOGIT_TRANSFORMS if config.get(k) not in (None, 1, 1.0)]
+    return [f"training.fused_loss: {where} transforms its logits after the head (config.json {found[0]}: "
+            f"{config[found[0]]}), which the fused loss does not reproduce; set training.fused_loss: false"] \
+        if found else []
 
 
 def _task_problems(recipe: Recipe, config: dict, where: str) -> list[str]:

@@ -32,6 +32,7 @@ def _cross_checks(r: Recipe) -> list[str]:
     p += _image_checks(r)
     p += _method_checks(r)
     p += _objective_checks(r)
+    p += _fused_loss_checks(r)
     p += _eval_checks(r)
     p += _data_checks(r)
     if r.method.kind in ("lora", "qlora") and isinstance(r.method.lora.target_modules, list) \
@@ -268,4 +269,22 @@ def _objective_checks(r: Recipe) -> list[str]:
                      f"method.kind is {r.method.kind}: use reference: precomputed (or auto)")
     elif o.reference != "auto":
         p.append(f"objective.reference: {o.kind} needs no reference policy; remove it")
+    return p
+
+
+def _fused_loss_checks(r: Recipe) -> list[str]:
+    """training.fused_loss fuses a causal LM's output head with its token cross-entropy (train/fused_loss.py);
+    whether the model's own head allows it is checked once it is built."""
+    if not r.training.fused_loss:
+        return []
+    p = []
+    if r.model.task != "causal_lm":
+        p.append(f"training.fused_loss: fuses a causal LM's output head with its token loss; model.task "
+                 f"{r.model.task} has none to fuse: set it to false")
+    if r.objective.kind != "sft":
+        p.append(f"training.fused_loss: objective.kind {r.objective.kind} scores whole sequences from the logits, "
+                 "which the fused loss never forms (SFT only for now): set it to false")
+    if r.method.kind in ("prompt_tuning", "prefix_tuning"):
+        p.append(f"training.fused_loss: method.kind {r.method.kind} shifts the positions the fused head is given: "
+                 "set it to false")
     return p

@@ -235,6 +235,10 @@ class TrainingConfig:
                                         "row length, d the hidden size) to the input embeddings in training "
                                         "forwards only, never in evaluation or generation; the paper uses 5, 10, "
                                         "15 (None: off).", gt=0.0)
+    fused_loss: bool = _f(False, "Compute a causal LM's output head and cross-entropy together over chunks of "
+                          "target rows, forward and backward, so the [targets x vocab] logits and their gradient "
+                          "never exist whole (Liger Kernel's fused linear cross-entropy): the step's largest "
+                          "tensor on 128k+ vocabularies. SFT, plain linear heads.")
 
 
 @dataclass

@@ -25,7 +25,7 @@ compares strategy names. The modules, each importing only from those above it:
 
 from __future__ import annotations
 
-from .activations import activation_bytes, logits_bytes
+from .activations import activation_bytes, fused_loss_bytes, logits_bytes
 from .cluster import GPU_CHOICES, GPU_MEMORY_GIB, NO_BF16, Cluster, make_cluster
 from .command import add_parser, cmd_plan, main
 from .compare import compare, recommend, variants
@@ -55,7 +55,7 @@ __all__ = [
     # counting.py
     "MethodCounts", "lora_targets", "lora_param_count", "method_counts",
     # activations.py, memory.py, speed.py
-    "activation_bytes", "logits_bytes", "ByteRules", "byte_rules", "Row", "state_bytes", "deepspeed_buckets",
+    "activation_bytes", "logits_bytes", "fused_loss_bytes", "ByteRules", "byte_rules", "Row", "state_bytes", "deepspeed_buckets",
     "buffer_bytes", "runtime_row", "training_flops_per_token", "comm_bytes", "offload_cost", "speed_estimate",
     # verdict.py (_plan: one plan without the micro-batch search, for tests)
     "Plan", "make_plan", "_plan", "largest_micro_batch",

@@ -54,3 +54,15 @@ def logits_bytes(facts: ModelFacts, *, seq: int, micro_batch: int, e: float) -> 
     if facts.task in LM_TASKS:
         return micro_batch * seq * facts.vocab * e
     return micro_batch * seq * max(facts.num_labels, 1) * (e + LOGITS_LOSS_BYTES)
+
+
+def fused_loss_bytes(facts: ModelFacts, *, seq: int, micro_batch: int, e: float, device_type: str) -> float:
+    """training.fused_loss (train/fused_loss.py): one chunk of logits (e bytes) and their fp32 log-probabilities,
+    the gradient for the head's input (one row of `hidden` per target, e bytes) and each row's fp32 log-sum-exp. A
+    head that trains gets its gradient as it would unfused (counted with the gradients). No [targets, vocab]
+    tensor."""
+    from ..train.fused_loss import chunk_rows
+
+    tokens = micro_batch * seq
+    rows = min(chunk_rows(device_type=device_type, vocab=facts.vocab), tokens)
+    return rows * facts.vocab * (e + 4) + tokens * (facts.hidden * e + 4)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..distributed.spec import BackendSpec, spec_for
-from .activations import activation_bytes, logits_bytes
+from .activations import activation_bytes, fused_loss_bytes, logits_bytes
 from .cluster import NO_BF16, Cluster
 from .constants import GIB, MAX_MICRO_BATCH, PRECISION_BYTES
 from .counting import MethodCounts, method_counts
@@ -148,12 +148,18 @@ def _rows(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, rules: 
                  + (f"AC: {acts['layers']} block inputs + 1 block (no AC: {other / GIB:.2f})"
                     if d.activation_checkpointing else f"{acts['layers']} blocks (with AC: {other / GIB:.2f})"))
     rows.append(Row("activations", "activations", ac_detail, use, phase="fwd_bwd"))
-    lg = logits_bytes(facts, seq=seq, micro_batch=mb, e=rules.compute)
-    width = facts.vocab if facts.task in LM_TASKS else max(facts.num_labels, 1)
-    per_logit = lg / max(mb * seq * width, 1)
-    held = "the loss gradient, written over the output" if facts.task in LM_TASKS else "output + loss"
-    rows.append(Row("logits", "logits + loss", f"{mb}x{seq}x{width} x {per_logit:g} B ({held})", lg,
-                    phase="fwd_bwd"))
+    if recipe.training.fused_loss and facts.task == "causal_lm":
+        lg = fused_loss_bytes(facts, seq=seq, micro_batch=mb, e=rules.compute,
+                              device_type="cpu" if cluster.is_cpu else "cuda")
+        rows.append(Row("logits", "logits + loss", "fused: one chunk of logits + the head input's gradient "
+                        f"(no {mb}x{seq}x{facts.vocab})", lg, phase="fwd_bwd"))
+    else:
+        lg = logits_bytes(facts, seq=seq, micro_batch=mb, e=rules.compute)
+        width = facts.vocab if facts.task in LM_TASKS else max(facts.num_labels, 1)
+        per_logit = lg / max(mb * seq * width, 1)
+        held = "the loss gradient, written over the output" if facts.task in LM_TASKS else "output + loss"
+        rows.append(Row("logits", "logits + loss", f"{mb}x{seq}x{width} x {per_logit:g} B ({held})", lg,
+                        phase="fwd_bwd"))
     rows += buffer_bytes(facts, mc, rules, recipe, cluster)
     rows.append(save_row(mc, rules, cluster, spec))
     quantise = quantise_row(mc, cluster)

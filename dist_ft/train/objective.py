@@ -35,10 +35,13 @@ class SFT:
     """Next-token cross-entropy on the target tokens (step.py)."""
     kind = "sft"
 
+    def __init__(self, fused_loss: bool = False):
+        self.fused_loss = fused_loss
+
     def step(self, strategy, micro_batches, max_grad_norm, class_weights=None, *, overflow: bool = False,
              indices=None):
         loss, n_targets, result = train_step(strategy, micro_batches, max_grad_norm, class_weights,
-                                             overflow=overflow)
+                                             overflow=overflow, fused_loss=self.fused_loss)
         return loss, n_targets, result, {}
 
 
@@ -135,5 +138,5 @@ class Preference:
 
 def make_objective(recipe):
     kind = recipe.objective.kind
-    return SFT() if kind == "sft" else KTO(recipe.objective, recipe.method.kind) if kind == "kto" else \
+    return SFT(recipe.training.fused_loss) if kind == "sft" else KTO(recipe.objective, recipe.method.kind) if kind == "kto" else \
         Preference(recipe.objective, recipe.method.kind)

@@ -6,10 +6,13 @@ import math
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from ..data.batching import count_targets
+from ..data.formats import IGNORE
 from ..distributed.strategy import Strategy
-from .loss import forward_logits, loss_sum
+from .fused_loss import head_loss
+from .loss import attention_implementation, attention_inputs, forward_logits, loss_sum
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -19,14 +22,31 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def training_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                      class_weights: torch.Tensor | None = None, *, fused: bool = False) -> torch.Tensor:
+    """A training micro-batch's summed loss (its gradient ready for the backward). fused (training.fused_loss): a
+    causal LM's head and cross-entropy computed together over chunks of target rows (fused_loss.py), so the
+    [targets, vocab] logits never exist whole; otherwise the logits at target positions, then `loss_sum` with the
+    gradient written over them (they are not read again)."""
+    if fused and batch["labels"].dim() == 2 and "decoder_attention_mask" not in batch:
+        batch = attention_inputs(batch, attn_implementation=attention_implementation(model))
+        targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
+        keep = targets != IGNORE
+        with head_loss(model, targets[keep]):
+            return model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=keep).logits
+    logits, targets = forward_logits(model, batch)
+    return loss_sum(logits, targets, class_weights, reuse_logits=True)
+
+
 def train_step(strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]], max_grad_norm: float | None,
-               class_weights: torch.Tensor | None = None, *, overflow: bool = False):
+               class_weights: torch.Tensor | None = None, *, overflow: bool = False, fused_loss: bool = False):
     """One optimizer step over this rank's micro-batches.
 
     The loss is normalised by the number of target tokens in the whole global batch (all micro-steps, all ranks),
     so every token weighs the same however the batch is split. Backends average gradients over ranks, so each
     rank's sum is scaled by world_size / global_targets. Gradients are synchronised on the last micro-step only.
     `overflow` (fault injection, tests) makes this rank's gradients non-finite, as an fp16 overflow does.
+    `fused_loss` (training.fused_loss): the head and the loss computed together, never the whole logits.
     """
     topo = strategy.topo
     local_targets = sum(count_targets(mb) for mb in micro_batches)
@@ -37,10 +57,7 @@ def train_step(strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]],
         mb = {k: v.to(topo.device, non_blocking=True) for k, v in mb.items()}
         with strategy.sync_context(sync=i == len(micro_batches) - 1):
             with strategy.forward_context():
-                logits, targets = forward_logits(strategy.model, mb)
-            # The gradient is written over the logits: they are not read again.
-            total = loss_sum(logits, targets, class_weights, reuse_logits=True)
-            del logits
+                total = training_loss_sum(strategy.model, mb, class_weights, fused=fused_loss)
             strategy.backward(total * scale)
         local_loss += float(total.detach())
     result = strategy.step(max_grad_norm)

@@ -144,6 +144,15 @@ class Trainer:
         self.counts = count_parameters(self.strategy.unwrap())
         self.log(f"[weights] {self.builder.load_report.describe()}")
         self.log(f"[dist_ft] {self.counts.describe()}")
+        if r.training.fused_loss:
+            from .fused_loss import why_not_fusable
+            why = why_not_fusable(self.strategy.unwrap())
+            if why:
+                from ..config import RecipeError
+                raise RecipeError([f"training.fused_loss: this model's head cannot be fused: {why}; set "
+                                   "training.fused_loss: false"])
+            self.log("[method] fused loss: the output head and the cross-entropy run together over chunks of "
+                     "target rows (no [targets x vocab] logits)")
         if r.training.neftune_alpha is not None:  # (the hook itself is added as the model is built: model.py)
             self.log(f"[method] NEFTune: noise alpha {r.training.neftune_alpha:g} on the input embeddings, training "
                      "forwards only")
