@@ -33,6 +33,7 @@ def _cross_checks(r: Recipe) -> list[str]:
     p += _method_checks(r)
     p += _objective_checks(r)
     p += _fused_loss_checks(r)
+    p += _compile_checks(r)
     p += _eval_checks(r)
     p += _data_checks(r)
     if r.method.kind in ("lora", "qlora") and isinstance(r.method.lora.target_modules, list) \
@@ -287,4 +288,19 @@ def _fused_loss_checks(r: Recipe) -> list[str]:
     if r.method.kind in ("prompt_tuning", "prefix_tuning"):
         p.append(f"training.fused_loss: method.kind {r.method.kind} shifts the positions the fused head is given: "
                  "set it to false")
+    return p
+
+
+def _compile_checks(r: Recipe) -> list[str]:
+    """training.compile (distributed/compile.py): per-block compile before DDP or FSDP2 wraps the model."""
+    if not r.training.compile:
+        return []
+    p = []
+    if r.distributed.strategy not in ("ddp", "fsdp"):
+        p.append(f"training.compile: distributed.strategy {r.distributed.strategy} is not supported: DeepSpeed "
+                 "gathers ZeRO-3 parameters in module hooks and owns its engine's forward, which per-block compile "
+                 "would have to trace; use ddp or fsdp, or set training.compile: false")
+    if r.method.kind == "qlora":
+        p.append("training.compile: method.kind qlora is not supported: bitsandbytes' 4-bit weights are not "
+                 "traceable by torch.compile; set training.compile: false")
     return p

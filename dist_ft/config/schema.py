@@ -239,6 +239,8 @@ class TrainingConfig:
                           "target rows, forward and backward, so the [targets x vocab] logits and their gradient "
                           "never exist whole (Liger Kernel's fused linear cross-entropy): the step's largest "
                           "tensor on 128k+ vocabularies. SFT, plain linear heads.")
+    compile: bool = _f(False, "torch.compile each transformer block before the backend wraps or shards the model "
+                       "(ddp, fsdp); compile time is reported apart from step time.")
 
 
 @dataclass

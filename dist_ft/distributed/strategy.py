@@ -50,6 +50,18 @@ class Strategy(ABC):
         self.grad_mask: list[torch.nn.Parameter] = []
 
     # ------------------------------------------------------------------------------------------------ setup
+    def compile_blocks(self, model: torch.nn.Module) -> None:
+        """training.compile: each transformer block compiled before the backend wraps or shards `model`
+        (compile.py); backends that support it call this at that point of their setup."""
+        if self.recipe is None or not self.recipe.training.compile:
+            return
+        from ..config import RecipeError
+        from .compile import compile_blocks, why_not_compilable
+        why = why_not_compilable(self.topo.device)
+        if why:
+            raise RecipeError([f"training.compile: {why}"])
+        compile_blocks(model)
+
     @abstractmethod
     def setup(self, builder, make_optimizer: OptimizerFactory) -> None:
         """Build the model through `builder` (model.ModelBuilder: `build()` whole, or `build_meta()` plus

@@ -28,6 +28,7 @@ from ..config import Recipe, dump_recipe, recipe_to_dict
 from ..data.batching import BatchLayout, collate, count_inputs, useful_size
 from ..data.feed import TrainFeed, memory_table
 from ..distributed import watchdog
+from ..distributed.compile import compile_seconds
 from ..distributed.precision import precision_plan
 from ..distributed.rendezvous import PatientWait
 from ..distributed.spec import make_strategy
@@ -266,6 +267,7 @@ class Trainer:
         """One optimizer step, logged; whether any rank was asked to stop."""
         t, s, topo = self.t, self.state, self.topo
         self.memory.start_step()  # GPU peaks per step, not since the model was loaded
+        compiled_before = compile_seconds() if t.compile else 0.0
         t0 = time.perf_counter()
         micro, useful, indices = self._micro_batches(step)
         loss, n_targets, result, extra = self.objective.step(self.strategy, micro, t.max_grad_norm,
@@ -286,6 +288,11 @@ class Trainer:
                                  global_batch=self.layout.global_batch, skipped_steps=s.skipped_steps,
                                  memory=self.memory.step())
             record.update(extra)  # a preference objective's rewards, margin and reward accuracy
+            if t.compile:  # compile time apart from step time (the first steps compile; later ones should not)
+                compiling = compile_seconds() - compiled_before
+                record.update(compile_s=compiling, step_time_without_compile=dt - compiling)
+                if compiling > 0.5:
+                    self.log(f"[compile] step {step}: {compiling:.1f} s of its {dt:.1f} s compiling")
             if self.peak:  # what this method computes (frozen weights get no weight gradients); HFU adds recompute
                 seq = tokens / max(1, sum(int(mb["input_ids"].shape[0]) for mb in micro))
                 model_flops, hardware_flops = step_flops_per_token(self.model_cfg, seq, self.method_flops)

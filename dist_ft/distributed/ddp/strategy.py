@@ -19,6 +19,7 @@ class DDPStrategy(Strategy):
             model = model.to(self.topo.device)
         if self.activation_checkpointing:
             enable_activation_checkpointing(model)
+        self.compile_blocks(model)
         self._module = model
         # Always wrapped, also on one rank: the same code path (and numerics) on 1 and N processes.
         kwargs = {"device_ids": [self.topo.device.index]} if self.topo.device.type == "cuda" else {}

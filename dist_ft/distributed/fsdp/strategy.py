@@ -107,6 +107,8 @@ class FSDP2Strategy(Strategy):
             model.requires_grad_(False)
         elif self.activation_checkpointing:
             enable_activation_checkpointing(model)
+        if not frozen:
+            self.compile_blocks(model)  # before sharding: FSDP2's per-block hooks stay outside the compiled code
         group = self.recipe.distributed.shard_group_size if self.recipe is not None else None
         shard_model(model, precision=self.precision, offload=offload, pin_memory=self.topo.device.type == "cuda",
                     mesh=shard_mesh(self.topo.world_size, group, self.topo.device.type))
