@@ -108,7 +108,8 @@ def test_refuses_what_it_cannot_fuse(tiny_llama, tmp_path):
     assert "training.fused_loss" in str(e.value)
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+# CI time: ZeRO-3's run in the slow suite (FSDP2's stays: both gather the head around its forward)
+@pytest.mark.parametrize("strategy", ["fsdp", pytest.param("zero3", marks=pytest.mark.slow)])
 def test_two_ranks_train_what_the_unfused_loss_trains(tmp_path, tiny_llama, strategy):
     """FSDP2 and ZeRO-3 gather the head around its forward: the fused head must see the whole weight. Full
     fine-tuning (the head trains too), 3 steps, losses equal to the unfused run's."""

@@ -292,14 +292,11 @@ def _fused_loss_checks(r: Recipe) -> list[str]:
 
 
 def _compile_checks(r: Recipe) -> list[str]:
-    """training.compile (distributed/compile.py): per-block compile before DDP or FSDP2 wraps the model."""
+    """training.compile (distributed/compile.py): per-block compile before the backend wraps the model (a backend
+    that cannot says so in its spec's refusals)."""
     if not r.training.compile:
         return []
     p = []
-    if r.distributed.strategy not in ("ddp", "fsdp"):
-        p.append(f"training.compile: distributed.strategy {r.distributed.strategy} is not supported: DeepSpeed "
-                 "gathers ZeRO-3 parameters in module hooks and owns its engine's forward, which per-block compile "
-                 "would have to trace; use ddp or fsdp, or set training.compile: false")
     if r.method.kind == "qlora":
         p.append("training.compile: method.kind qlora is not supported: bitsandbytes' 4-bit weights are not "
                  "traceable by torch.compile; set training.compile: false")

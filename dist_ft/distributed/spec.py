@@ -168,6 +168,8 @@ def requested(recipe) -> list[tuple[str, str]]:
         keys.append(("engine_config", "distributed.deepspeed_config"))
     if d.shard_group_size is not None:
         keys.append(("shard_group", "distributed.shard_group_size"))
+    if t.compile:
+        keys.append(("compile", "training.compile"))
     return keys
 
 

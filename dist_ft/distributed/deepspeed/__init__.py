@@ -7,9 +7,12 @@ def _zero(stage: int, shards: set, summary: str, refuses: dict, offloads: tuple,
     name = f"zero{stage}"
     unfreeze = (f"DeepSpeed fixes its trainable set when the engine is built, so {name} cannot unfreeze during "
                 "training; use ddp or fsdp")
+    compile_ = (f"{name} is not supported: DeepSpeed owns its engine's forward (and ZeRO-3 gathers parameters in "
+                "module hooks), which per-block compile would have to trace; use ddp or fsdp, or set "
+                "training.compile: false")
     return BackendSpec(
         name=name, summary=summary, strategy=f"{__name__}.strategy:DeepSpeedStrategy", shards=frozenset(shards),
-        refuses={"gradual_unfreeze": unfreeze, **refuses}, offloads=offloads, state_format="deepspeed",
+        refuses={"gradual_unfreeze": unfreeze, "compile": compile_, **refuses}, offloads=offloads, state_format="deepspeed",
         requires=("deepspeed", "deepspeed"), engine_config=True, zero_stage=stage, own_loss_scaler=True,
         accelerate_type="DEEPSPEED", launch_config=f"{name}.yaml", memory=memory, kwargs={"stage": stage})
 
