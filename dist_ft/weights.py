@@ -208,8 +208,9 @@ class ModelWeights:
         if ".lora_B." in c or ".lora_embedding_B." in c or c.endswith(".bias"):
             return torch.zeros(shape)
         if ".lora_A." in c or ".lora_embedding_A." in c:
-            # PEFT's default: kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-            bound = 1 / math.sqrt(shape[1] if len(shape) > 1 else shape[0])
+            # PEFT's default: kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in as torch
+            # counts it: in_features for a Linear's A, in_channels x kernel area for a convolution's (ResNet).
+            bound = 1 / math.sqrt(math.prod(shape[1:]) if len(shape) > 1 else shape[0])
             return (torch.rand(shape, generator=g) * 2 - 1) * bound
         if len(shape) == 1 and "norm" in c.lower():
             return torch.ones(shape)
