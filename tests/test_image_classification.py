@@ -455,7 +455,8 @@ def two_rank_runs(tmp_path_factory, tiny_vit):
     return get
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3", pytest.param("zero1", marks=pytest.mark.slow),
+                                      pytest.param("zero2", marks=pytest.mark.slow)])
 def test_two_ranks_match_one(reference_losses, two_rank_runs, strategy):
     out = two_rank_runs(strategy)
     losses = [r["loss"] for r in read_metrics(out)[0]]

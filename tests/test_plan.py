@@ -525,3 +525,12 @@ def test_an_encoder_decoder_is_planned_as_one(tmp_path, arch):
     decoder = getattr(config, "num_decoder_layers", None) or config.decoder_layers
     assert plan.facts.layers == encoder + decoder
     assert f"2x32x{config.vocab_size}" in rows(plan)["logits"].detail
+
+
+def test_an_image_classifier_gets_a_plain_refusal_not_a_traceback():
+    recipe = load_recipe(REPO / "configs" / "vit-digits.yaml")
+    with pytest.raises(P.PlanError, match="does not model image classifiers"):
+        P.analyze_model(recipe)
+    res = subprocess.run([sys.executable, "-m", "dist_ft", "plan", str(REPO / "configs" / "vit-digits.yaml")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert "does not model image classifiers" in res.stdout + res.stderr and "Traceback" not in res.stderr

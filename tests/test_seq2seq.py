@@ -358,7 +358,9 @@ def two_rank_runs(tmp_path_factory, tiny_t5, tiny_bart):
     ("t5", "ddp", "full"), ("t5", "fsdp", "full"), ("t5", "zero3", "full"),
     pytest.param("bart", "fsdp", "full", marks=pytest.mark.slow),
     pytest.param("t5", "fsdp", "lora", marks=pytest.mark.slow),
-    pytest.param("bart", "zero3", "lora", marks=pytest.mark.slow)])
+    pytest.param("bart", "zero3", "lora", marks=pytest.mark.slow),
+    pytest.param("t5", "zero1", "full", marks=pytest.mark.slow),
+    pytest.param("t5", "zero2", "full", marks=pytest.mark.slow)])
 def test_two_ranks_match_one(reference_losses, two_rank_runs, arch, strategy, method):
     out = two_rank_runs(arch, strategy, method)
     losses, ref = [r["loss"] for r in read_metrics(out)[0]], reference_losses(arch, method)

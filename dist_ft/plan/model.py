@@ -162,6 +162,12 @@ _FACTS_CACHE: dict[tuple, ModelFacts] = {}
 
 def analyze_model(recipe) -> ModelFacts:
     """Build the recipe's model on the meta device and record every parameter (tied ones once)."""
+    if recipe.model.task == "image_classification":
+        # Its activations go by image size and patches or feature maps, which the per-token formulas here do not
+        # model: said plainly rather than planned wrongly.
+        raise PlanError("dist-ft plan does not model image classifiers yet (model.task: image_classification): its "
+                        "activation and throughput formulas are per token; a short run reports the real peak memory "
+                        "per rank (metrics.jsonl peak_memory_mb, the [dist_ft] peak memory line)")
     key = (recipe.model.path, recipe.model.task, recipe.model.num_labels, recipe.model.trust_remote_code)
     if key in _FACTS_CACHE:
         return _FACTS_CACHE[key]
