@@ -161,7 +161,9 @@ def _rows(root):
     return json.loads((root / "trials.json").read_text())
 
 
-@pytest.mark.parametrize("method", ["random", pytest.param("grid", marks=pytest.mark.slow)])
+# CI time (~33 s): both in the slow suite; the killed sweep's test (CI) runs a sweep to its end too
+@pytest.mark.parametrize("method", [pytest.param("random", marks=pytest.mark.slow),
+                                    pytest.param("grid", marks=pytest.mark.slow)])
 def test_a_four_trial_sweep_finishes_and_its_best_recipe_checks(tmp_path, tiny_llama, method):
     recipe, sweep, root = _sweep_files(tmp_path, tiny_llama, method)
     res = run_cli("sweep", str(recipe), str(sweep), timeout=900)
@@ -201,6 +203,13 @@ def test_a_killed_sweep_resumes(tmp_path, tiny_llama):
     assert rows[0]["state"] == "complete" and rows[1]["state"] == "fail"
     assert sum(r["state"] == "complete" for r in rows) == 4 and len(rows) == 5
     assert "0 trial(s) done" not in res.stdout  # trial 0 was not run again
+    # and it ends as an uninterrupted sweep does (test_a_four_trial_sweep_..., slow): the best of the completed
+    # trials written as a recipe that checks, and the plots
+    done = [r for r in rows if r["state"] == "complete"]
+    best = min(done, key=lambda r: r["eval_loss"])
+    assert f"trial {best['trial']}" in (root / "best.yaml").read_text()
+    assert run_cli("check", str(root / "best.yaml")).returncode == 0
+    assert (root / "objective.png").stat().st_size > 0
 
 
 def test_a_bad_sweep_file_is_refused_with_every_problem(tmp_path, tiny_llama):

@@ -53,6 +53,11 @@ def load_trained(source: str | Path) -> tuple[torch.nn.Module, object]:
 
     kind, folder = resolve_source(Path(source))
     recipe = _recipe_for(kind, folder)
+    if recipe.model.task == "image_classification":  # (no tokenizer to pair it with: an image processor)
+        raise ckpt.CheckpointError(
+            f"{folder}: dist-ft export does not handle image classifiers yet; a finished run's final/ is already a "
+            "Hugging Face folder with its image processor (full and partial: AutoModelForImageClassification."
+            "from_pretrained; LoRA: peft's PeftModel.from_pretrained on the base)")
     state = {}
     if kind == "checkpoint":
         manifest = ckpt.read_manifest(folder)
