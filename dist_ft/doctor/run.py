@@ -8,7 +8,6 @@ group from the launcher's environment), so that what it finds is what the job wo
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
