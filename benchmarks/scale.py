@@ -32,16 +32,12 @@ SHAPES = {  # name: (hidden, layers, heads, kv_heads, intermediate, vocab): the 
 SHARD_BYTES = 2 * 1024 ** 3
 
 
-def write_random_llama(folder: Path, shape: str, seed: int = 0) -> Path:
-    """A Llama-shaped model folder with seeded random bf16 weights (norms 1), written tensor by tensor."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def llama_config(folder: Path, shape: str):
+    """The shape's config and a tokenizer, written to `folder` (all `dist-ft plan` reads)."""
+    from transformers import LlamaConfig
 
     from dist_ft.testing import make_tokenizer
 
-    if (folder / "model.safetensors.index.json").exists():
-        return folder
     folder.mkdir(parents=True, exist_ok=True)
     hidden, layers, heads, kv, inter, vocab = SHAPES[shape]
     tok = make_tokenizer(folder, 8000)
@@ -49,6 +45,19 @@ def write_random_llama(folder: Path, shape: str, seed: int = 0) -> Path:
                       num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab, max_position_embeddings=4096,
                       tie_word_embeddings=False, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, torch_dtype="bfloat16", use_cache=False)
+    cfg.save_pretrained(folder)
+    return cfg
+
+
+def write_random_llama(folder: Path, shape: str, seed: int = 0) -> Path:
+    """A Llama-shaped model folder with seeded random bf16 weights (norms 1), written tensor by tensor."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    if (folder / "model.safetensors.index.json").exists():
+        return folder
+    cfg = llama_config(folder, shape)
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(cfg)
     gen = torch.Generator().manual_seed(seed)
@@ -133,12 +142,25 @@ def main() -> int:
     ap.add_argument("--models", default="/tmp/dist-ft-scale-models")
     ap.add_argument("--out", default="/tmp/dist-ft-scale-runs")
     ap.add_argument("--simulate", action="store_true", help="only the simulated table (no run)")
+    ap.add_argument("--replan", action="store_true", help="only `dist-ft plan` again for the stored rows (after a "
+                    "change to the plan): their measured figures are kept")
     a = ap.parse_args()
     import yaml
 
     if a.simulate:
         doc = load_results()
         doc["simulated"] = simulate_table()
+        save_results(doc)
+        return 0
+    if a.replan:
+        doc = load_results()
+        for row in doc["runs"]:
+            folder = Path(a.out) / f"config-{row['shape']}"
+            llama_config(folder, row["shape"])
+            path = folder / "recipe.yaml"
+            path.write_text(yaml.safe_dump(recipe_for(folder, folder / "run", row["method"], row["strategy"], 2)))
+            row.update(plan_columns(plan_for(path), row["peak_mib_per_rank"]))
+            print(row, flush=True)
         save_results(doc)
         return 0
 
@@ -151,9 +173,7 @@ def main() -> int:
     path = out.parent / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe_for(model, out, a.method, a.strategy, steps=2)))
     log = out.parent / f"{name}.log"
-    plan = json.loads(subprocess.run([sys.executable, "-m", "dist_ft", "plan", str(path), "--nodes", "1",
-                                      "--gpus-per-node", "2", "--gpu", "cpu", "--json"], cwd=REPO,
-                                     capture_output=True, text=True, check=True).stdout)
+    plan = plan_for(path)
     cli = [sys.executable, "-m", "dist_ft", "launch", str(path), "--nproc-per-node", "2"]
     rc1, t1 = run(cli + ["training.stop_after_steps=1"], log)
     if rc1 != 0:
@@ -163,21 +183,33 @@ def main() -> int:
     steps = [r for r in records if "loss" in r and "step_time" in r]
     ends = [r for r in records if r.get("event") == "end"]
     resumed = [r for r in records if r.get("event") == "start" and r.get("resumed_from")]
-    peak = max(ends[-1]["peak_memory_mb"]) if ends else None
     row = {"shape": a.shape, "method": a.method, "strategy": a.strategy, "exit": [rc1, rc2],
            "resumed": bool(resumed), "seconds_per_step": [round(s["step_time"], 1) for s in steps],
-           "peak_mib_per_rank": ends[-1]["peak_memory_mb"] if ends else None,
-           "plan_gib_per_rank": plan.get("device_total_gib") or plan.get("total_gib"),
-           "plan_step_s": (plan.get("speed") or {}).get("step_s"), "wall_s": [round(t1), round(t2)],
-           "adapter_max_diff": adapter_matches(out, model, a.method) if rc2 == 0 else None}
-    if peak and row["plan_gib_per_rank"]:
-        row["measured_over_plan"] = round(peak / 1024 / row["plan_gib_per_rank"], 3)
+           "peak_mib_per_rank": ends[-1]["peak_memory_mb"] if ends else None, "wall_s": [round(t1), round(t2)],
+           "adapter_max_diff": adapter_matches(out, model, a.method) if rc2 == 0 else None,
+           **plan_columns(plan, ends[-1]["peak_memory_mb"] if ends else None)}
     print(json.dumps(row, indent=1))
     doc = load_results()
     doc["runs"] = [r for r in doc["runs"] if (r["shape"], r["method"], r["strategy"])
                    != (a.shape, a.method, a.strategy)] + [row]
     save_results(doc)
     return 0 if rc1 == rc2 == 0 else 1
+
+
+def plan_for(recipe: Path) -> dict:
+    return json.loads(subprocess.run([sys.executable, "-m", "dist_ft", "plan", str(recipe), "--nodes", "1",
+                                      "--gpus-per-node", "2", "--gpu", "cpu", "--json"], cwd=REPO,
+                                     capture_output=True, text=True, check=True).stdout)
+
+
+def plan_columns(plan: dict, peaks: list | None) -> dict:
+    speed = plan.get("speed") or {}
+    cols = {"plan_gib_per_rank": plan.get("device_total_gib") or plan.get("total_gib"),
+            "plan_step_s": speed.get("step_s"), "plan_compute_s": speed.get("compute_s"),
+            "plan_comm_s": speed.get("comm_s")}
+    if peaks and cols["plan_gib_per_rank"]:
+        cols["measured_over_plan"] = round(max(peaks) / 1024 / cols["plan_gib_per_rank"], 3)
+    return cols
 
 
 def load_results() -> dict:
@@ -217,15 +249,21 @@ def render(doc: dict) -> str:
              "## Real steps (2 processes, bf16-true, activation checkpointing)", "",
              "`benchmarks/scale.py --shape S --method M` (see its docstring): seeded random weights in a Llama-shaped "
              "folder, one step, a checkpoint, a resumed second step, final/'s adapter loaded with peft and compared "
-             "with the saved tensors.", "",
-             "| shape | method | strategy | exit (stop, resume) | s/step | peak MiB per rank | plan GiB per rank | "
-             "measured / plan | plan s/step | adapter max diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "with the saved tensors. The plan's step is its timed block's compute and gloo's collectives "
+             "(parameter all-gathers at FSDP2's unshard rate, benchmarks/results/unshard-rate.md), overlapped but for "
+             "a share of the shorter (dist_ft/plan/speed.py).", "",
+             "| shape | method | strategy | exit (stop, resume) | s/step | plan s/step (compute, comm) | "
+             "s/step measured / plan | peak MiB per rank | plan GiB per rank | memory measured / plan | "
+             "adapter max diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["runs"]:
+        plan_s = r.get("plan_step_s") or 0
+        split = f" ({r['plan_compute_s']:.3g}, {r['plan_comm_s']:.3g})" if r.get("plan_comm_s") is not None else ""
+        ratio = ", ".join(f"{x / plan_s:.2f}" for x in r["seconds_per_step"]) if plan_s else ""
         lines.append(f"| {r['shape']} | {r['method']} | {r['strategy']} | {r['exit']} | "
-                     f"{', '.join(map(str, r['seconds_per_step']))} | "
+                     f"{', '.join(map(str, r['seconds_per_step']))} | {plan_s:.3g}{split} | {ratio} | "
                      f"{', '.join(f'{x:,.0f}' for x in r['peak_mib_per_rank'] or [])} | "
                      f"{r['plan_gib_per_rank']:.2f} | {r.get('measured_over_plan', '')} | "
-                     f"{r['plan_step_s'] or 0:.3g} | {r['adapter_max_diff']} |")
+                     f"{r['adapter_max_diff']} |")
     if doc["simulated"]:
         lines += ["", "## Simulated scale (`benchmarks/scale.py --simulate`, `dist-ft plan --simulate`)", "",
                   "FSDP2, bf16-mixed: the real model on the meta device sharded by FSDP2's own wrap code under a fake "

@@ -29,8 +29,9 @@ from .activations import activation_bytes, fused_loss_bytes, logits_bytes
 from .cluster import GPU_CHOICES, GPU_MEMORY_GIB, NO_BF16, Cluster, make_cluster
 from .command import add_parser, cmd_plan, main
 from .compare import compare, recommend, variants
-from .constants import (ADAM_8BIT_BYTES, ADAM_8BIT_MIN_SIZE, CPU_ADAM_PARAMS_PER_S, CPU_GLOO_GBPS,
-                        CPU_PROCESS_RSS_GIB, CUDA_CONTEXT_GIB, CUDA_HOST_RSS_GIB, DDP_BUCKET_MIB, DEFAULT_MFU, DS_DEFAULTS, GIB,
+from .constants import (ADAM_8BIT_BYTES, ADAM_8BIT_MIN_SIZE, CPU_ADAM_PARAMS_PER_S, CPU_COMM_CONTENTION,
+                        CPU_GLOO_GBPS, CPU_PROCESS_RSS_GIB, CPU_UNSHARD_GBPS, CUDA_CONTEXT_GIB, CUDA_HOST_RSS_GIB,
+                        DDP_BUCKET_MIB, DEFAULT_MFU, DS_DEFAULTS, GIB,
                         INTER_NODE_GBPS, INTRA_NODE_GBPS, LOGITS_LOSS_BYTES, MAX_MICRO_BATCH, NCCL_BUFFERS_GIB,
                         PCIE_GBPS, PRECISION_BYTES, QLORA_COMPUTE_FACTOR, QUANT_CONSTANT_BYTES, PlanError)
 from .counting import MethodCounts, lora_param_count, lora_targets, method_counts
@@ -38,13 +39,14 @@ from .memory import ByteRules, Row, buffer_bytes, byte_rules, deepspeed_buckets,
 from .model import (_FACTS_CACHE, BUILTIN_ALIASES, BUILTIN_MODELS, LLAMA_LIKE, ModelFacts, ParamInfo, analyze_model,
                     resolve_config)
 from .render import plan_to_dict, render, render_comparison
-from .speed import comm_bytes, offload_cost, speed_estimate, training_flops_per_token
+from .speed import comm_bytes, comm_parts, offload_cost, speed_estimate, training_flops_per_token
 from .verdict import Plan, _plan, largest_micro_batch, make_plan
 
 __all__ = [
     # constants.py
     "GIB", "CUDA_CONTEXT_GIB", "NCCL_BUFFERS_GIB", "CPU_PROCESS_RSS_GIB", "CUDA_HOST_RSS_GIB", "DEFAULT_MFU",
-    "INTRA_NODE_GBPS", "INTER_NODE_GBPS", "PCIE_GBPS", "CPU_ADAM_PARAMS_PER_S", "QLORA_COMPUTE_FACTOR",
+    "INTRA_NODE_GBPS", "INTER_NODE_GBPS", "CPU_GLOO_GBPS", "CPU_UNSHARD_GBPS",
+    "CPU_COMM_CONTENTION", "PCIE_GBPS", "CPU_ADAM_PARAMS_PER_S", "QLORA_COMPUTE_FACTOR",
     "LOGITS_LOSS_BYTES", "ADAM_8BIT_BYTES", "ADAM_8BIT_MIN_SIZE", "DDP_BUCKET_MIB", "DS_DEFAULTS",
     "QUANT_CONSTANT_BYTES", "MAX_MICRO_BATCH", "PRECISION_BYTES", "PlanError",
     # cluster.py
@@ -56,7 +58,7 @@ __all__ = [
     "MethodCounts", "lora_targets", "lora_param_count", "method_counts",
     # activations.py, memory.py, speed.py
     "activation_bytes", "logits_bytes", "fused_loss_bytes", "ByteRules", "byte_rules", "Row", "state_bytes", "deepspeed_buckets",
-    "buffer_bytes", "runtime_row", "training_flops_per_token", "comm_bytes", "offload_cost", "speed_estimate",
+    "buffer_bytes", "runtime_row", "training_flops_per_token", "comm_bytes", "comm_parts", "offload_cost", "speed_estimate",
     # verdict.py (_plan: one plan without the micro-batch search, for tests)
     "Plan", "make_plan", "_plan", "largest_micro_batch",
     # compare.py, render.py, command.py

@@ -15,6 +15,15 @@ INTRA_NODE_GBPS = 300.0      # GB/s each rank moves within a node (NVLink, effec
 INTER_NODE_GBPS = 25.0       # GB/s each rank moves across nodes (200 Gb/s InfiniBand)
 CPU_GLOO_GBPS = 1.0          # GB/s a CPU rank moves over gloo between processes of one machine (dist-ft doctor on
 #                              the 2-core dev VM: 1.05 GB/s ping-pong, 0.82 GB/s all-reduce bus bandwidth)
+CPU_UNSHARD_GBPS = 0.23      # GB/s of parameters a CPU rank receives when FSDP2 unshards a block over gloo: the
+#                              all-gather into a freshly allocated buffer (page faults for large blocks) and the
+#                              copy-out into the parameters. benchmarks/unshard_rate.py on the 2-core dev VM, 2 ranks,
+#                              two runs: 0.22-0.27 for 98-605 MiB blocks (1.1B to 13B shapes), 0.38-0.40 for a 14 MiB
+#                              one; a raw all_gather into a preallocated buffer 0.45-0.69.
+CPU_COMM_CONTENTION = 0.2    # on a CPU, the share of the shorter of compute and communication that the longer does
+#                              not hide (gloo's threads share the cores). Fitted on the 7B LoRA FSDP2 row of
+#                              benchmarks/results/scale.md (64-66 s/step), checked on the 13B QLoRA row (92-98 s;
+#                              plan 97) and on a 1.1B LoRA run made afterwards (10.0-10.8 s; plan 10.6).
 PCIE_GBPS = 25.0             # GB/s host <-> device per GPU (PCIe Gen4 x16, effective)
 CPU_ADAM_PARAMS_PER_S = {"deepspeed": 1.0e9, "torch": 3.0e8}   # parameter updates per second per node, by the
 #                                                                 CPU optimizer a spec names (MemoryRules.cpu_optimizer)

@@ -12,7 +12,9 @@ DDP all-reduce 2 G; ZeRO-1/2 reduce-scatter of gradients + all-gather of the upd
 all-gather the parameters in forward and again in backward and reduce-scatter the gradients (FSDP here reduces in
 fp32: 2+2+4 B per parameter in bf16-mixed), at --intra-gbps within a node and --inter-gbps across nodes. Offload
 adds PCIe transfers and a CPU optimizer step. QLoRA's compute is multiplied by QLORA_COMPUTE_FACTOR
-(dequantisation). Step time = max(compute, communication) + offload (overlap assumed).
+(dequantisation). Step time = max(compute, communication) + offload (overlap assumed); on a CPU the parameter
+all-gathers run at CPU_UNSHARD_GBPS and CPU_COMM_CONTENTION of the shorter of compute and communication is added
+(the same cores run both).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Optional
 
 from ..distributed.spec import spec_for
 from .cluster import Cluster
-from .constants import CPU_ADAM_PARAMS_PER_S, PCIE_GBPS, QLORA_COMPUTE_FACTOR
+from .constants import (CPU_ADAM_PARAMS_PER_S, CPU_COMM_CONTENTION, CPU_UNSHARD_GBPS, PCIE_GBPS,
+                        QLORA_COMPUTE_FACTOR)
 from .counting import MethodCounts
 from .memory import ByteRules
 from .model import ModelFacts
@@ -47,27 +50,35 @@ def training_flops_per_token(facts: ModelFacts, mc: MethodCounts, seq: int, chec
 
 def comm_bytes(recipe, facts: ModelFacts, mc: MethodCounts, rules: ByteRules, world: int) -> tuple[float, str]:
     """Bytes each rank sends per optimizer step (ring collectives: (n-1)/n of the payload each)."""
+    gather, reduce, what = comm_parts(recipe, facts, mc, rules, world)
+    return gather + reduce, what
+
+
+def comm_parts(recipe, facts: ModelFacts, mc: MethodCounts, rules: ByteRules,
+               world: int) -> tuple[float, float, str]:
+    """(parameter all-gather bytes, gradient reduction bytes, what) per rank per optimizer step. Kept apart because
+    on a CPU the all-gathers run slower than the reductions (CPU_UNSHARD_GBPS says why)."""
     if world <= 1:
-        return 0.0, "one rank: no collectives"
+        return 0.0, 0.0, "one rank: no collectives"
     spec = spec_for(recipe.distributed.strategy)
     gas = recipe.training.gradient_accumulation_steps
     f = (world - 1) / world
     T = mc.n_trainable
     every = spec.memory.reduce_every_microstep
     if not spec.shards:
-        return 2 * f * T * rules.grads, "all-reduce of the gradients (2x)"
+        return 0.0, 2 * f * T * rules.grads, "all-reduce of the gradients (2x)"
     if "params" not in spec.shards:  # whole parameters on every rank: the updated ones are gathered after the step
         rs = f * T * rules.grads * (gas if every else 1)
-        return rs + f * T * rules.weights, "reduce-scatter grads" + (" every micro-step" if every
-                                                                     else "") + " + all-gather params"
+        return f * T * rules.weights, rs, "reduce-scatter grads" + (" every micro-step" if every else "") \
+            + " + all-gather params"
     # QLoRA's sharded base is gathered as stored: 4-bit codes (quantized.py), not compute-dtype weights.
     gathered = (mc.n_trainable + mc.n_frozen) * rules.compute \
         + mc.n_quantized * (mc.quant_bytes - mc.quant_constant_bytes)
     if every:
-        return gas * f * (2 * gathered + T * rules.grads), "per micro-step: all-gather fwd + bwd, " \
-                                                           "reduce-scatter grads"
-    return gas * f * 2 * gathered + f * T * rules.reduce, "per micro-step all-gather fwd + bwd (bf16); " \
-                                                                   "reduce-scatter grads (fp32) once"
+        return gas * f * 2 * gathered, gas * f * T * rules.grads, "per micro-step: all-gather fwd + bwd, " \
+                                                                    "reduce-scatter grads"
+    return gas * f * 2 * gathered, f * T * rules.reduce, "per micro-step all-gather fwd + bwd (bf16); " \
+                                                         "reduce-scatter grads (fp32) once"
 
 
 def offload_cost(recipe, mc: MethodCounts, rules: ByteRules, cluster: Cluster) -> tuple[float, str]:
@@ -129,9 +140,14 @@ def speed_estimate(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts
         train += 3 * fwd  # gradients), and the reference on both sequences
     peak, peak_source = _peak(cluster, d.precision)
     tokens_rank = mb * seq * t.gradient_accumulation_steps
-    comm, comm_what = comm_bytes(recipe, facts, mc, rules, cluster.world)
+    gather, reduce, comm_what = comm_parts(recipe, facts, mc, rules, cluster.world)
+    comm = gather + reduce
     gbps = cluster.inter_gbps if cluster.nodes > 1 else cluster.intra_gbps
     comm_s = comm / (gbps * 1e9) if comm else 0.0
+    if cluster.is_cpu and cluster.nodes == 1 and gather:
+        # Gathered parameters land in freshly allocated memory and are copied out into the parameters: on a CPU
+        # that costs more than the transfer itself (CPU_UNSHARD_GBPS).
+        comm_s = gather / (min(gbps, CPU_UNSHARD_GBPS) * 1e9) + reduce / (gbps * 1e9)
     group = d.shard_group_size
     if group and group < cluster.world and spec_for(d.strategy).memory.hybrid == "mesh" and cluster.nodes > 1:
         # HSDP: the shard group's collectives at the in-node bandwidth; across nodes only the all-reduce of each
@@ -163,8 +179,10 @@ def speed_estimate(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts
             compute_s = tokens_rank * train / (peak * cluster.mfu)
             if mc.kind == "qlora":
                 compute_s *= QLORA_COMPUTE_FACTOR
-        # On a CPU the same cores run the gloo copies and the compute: they add up rather than overlap.
-        step_s = (compute_s + comm_s if cluster.is_cpu else max(compute_s, comm_s)) + off_s
+        # On a CPU, gloo's transport threads run beside the compute (FSDP2 issues the next block's all-gather
+        # before it is needed) but on the same cores: a share of the shorter of the two adds to the longer.
+        overlap = max(compute_s, comm_s) + (CPU_COMM_CONTENTION * min(compute_s, comm_s) if cluster.is_cpu else 0.0)
+        step_s = overlap + off_s
         out.update(compute_s=compute_s, step_s=step_s, tokens_per_s=cluster.world * tokens_rank / step_s,
                    tokens_per_s_per_rank=tokens_rank / step_s)
     else:
