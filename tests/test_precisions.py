@@ -175,3 +175,77 @@ def test_overflow_fault_point(monkeypatch):
     faults.inject("overflow", 3, 1)  # carried out by the trainer, not by inject: nothing happens here
     monkeypatch.setenv("DIST_FT_FAULT", "overflow:4")
     assert faults.active("overflow", 4, 0) and faults.active("overflow", 4, 1)
+
+
+def _lora_model(path, *, dora=False):
+    import peft
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], use_dora=dora,
+                          init_lora_weights=False)  # B != 0: the adapters take part in the loss and its gradient
+    return peft.get_peft_model(model, cfg)
+
+
+def _loss_and_grads(model):
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_frozen_linears_in_the_compute_dtype_compute_what_autocast_computes(tiny_llama):
+    """bf16-mixed under DDP stores an adapter method's frozen Linear weights in bf16, the copy autocast makes of them
+    every step: the loss and every adapter gradient are bit-identical to autocast over the fp32 weights, the
+    tied embedding (and so the residual stream) stays fp32, and the frozen Linears take half the memory."""
+    from types import SimpleNamespace
+
+    from dist_ft.distributed.precision import frozen_linears_in_compute_dtype, precision_plan
+
+    lora = SimpleNamespace(kind="lora", lora=SimpleNamespace(use_dora=False))
+    ref, cast = _lora_model(tiny_llama), _lora_model(tiny_llama)
+    before = sum(p.numel() * p.element_size() for p in cast.parameters())
+    n = frozen_linears_in_compute_dtype(cast, precision_plan("bf16-mixed"), lora)
+    base_linears = [m for name, m in cast.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in name
+                    and m.weight is not cast.get_input_embeddings().weight]
+    assert n == len(base_linears) > 0 and all(m.weight.dtype == torch.bfloat16 for m in base_linears)
+    assert cast.get_input_embeddings().weight.dtype == torch.float32  # tied to the head in this tiny model
+    assert all(p.dtype == torch.float32 for p in cast.parameters() if p.requires_grad)
+    saved = sum(m.weight.numel() * 2 for m in base_linears)
+    assert before - sum(p.numel() * p.element_size() for p in cast.parameters()) == saved
+    (loss_ref, g_ref), (loss, g) = _loss_and_grads(ref), _loss_and_grads(cast)
+    assert torch.equal(loss, loss_ref) and g.keys() == g_ref.keys()
+    assert all(torch.equal(g[k], g_ref[k]) for k in g), max((g[k] - g_ref[k]).abs().max().item() for k in g)
+    # Where fp32 values are read (full and partial save the base; DoRA norms it) or there is no autocast: untouched.
+    for method, precision in [(SimpleNamespace(kind="full"), "bf16-mixed"), (SimpleNamespace(kind="partial"),
+                              "bf16-mixed"), (lora, "fp32"), (lora, "bf16-true"),
+                              (SimpleNamespace(kind="lora", lora=SimpleNamespace(use_dora=True)), "bf16-mixed")]:
+        model = _lora_model(tiny_llama, dora=getattr(getattr(method, "lora", None), "use_dora", False))
+        assert frozen_linears_in_compute_dtype(model, precision_plan(precision), method) == 0
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_ddp_bf16_mixed_lora_runs_on_two_ranks_with_the_frozen_base_in_bf16(tmp_path, tiny_llama):
+    """The same through `dist-ft launch` (DDP broadcasts and buckets a model of mixed dtypes): 2 ranks against 1
+    process with the whole global batch, both bf16-mixed LoRA, and the plan's parameter bytes as stored."""
+    from dist_ft import plan as P
+    from dist_ft.config import load_recipe
+
+    lora = {"kind": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}}
+    out1, p1 = _recipe(tmp_path, "one", tiny_llama, precision="bf16-mixed", micro=4, method=lora)
+    res = run_cli("train", str(p1))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out2, p2 = _recipe(tmp_path, "two", tiny_llama, precision="bf16-mixed", method=lora)
+    assert "frozen Linear weights stored in bfloat16" in _launch(p2).stdout
+    one, two = ([r["loss"] for r in read_metrics(o)[0]] for o in (out1, out2))
+    assert _worst(two, one) < 1e-3, (two, one)
+    recipe = load_recipe(p2, [])
+    plan = P.make_plan(recipe, P.make_cluster(nodes=1, gpus_per_node=2, gpu="cpu"), find_max=False, timed=False)
+    from dist_ft.model import ModelBuilder, load_tokenizer
+    from dist_ft.distributed.precision import frozen_linears_in_compute_dtype, precision_plan
+    model = ModelBuilder(recipe, tiny_llama, num_labels=None, label_names=[], pad_token_id=load_tokenizer(
+        tiny_llama).pad_token_id, dtype=torch.float32, attn_implementation="sdpa").build()
+    assert frozen_linears_in_compute_dtype(model, precision_plan("bf16-mixed"), recipe.method) > 0
+    stored = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert next(r for r in plan.rows if r.key == "parameters").device == stored

@@ -43,6 +43,9 @@ class MemoryRules:
     # bf16-mixed / fp16-mixed by autocast over the stored fp32 parameters (DDP): the embedding output, and so the
     # residual stream between blocks, stays in the parameters' dtype (else it is in the compute dtype).
     residual_in_param_dtype: bool = False
+    # Under autocast, an adapter method's frozen Linear weights are stored in the compute dtype, the copy autocast
+    # would make of them every step made once (precision.frozen_linears_in_compute_dtype; DDP).
+    frozen_linears_in_compute_dtype: bool = False
     # When the gradients are counted with the optimizer step rather than on top of the activations, because they
     # exist only from the backward to the step and grow as the backward frees activations: "always" (DDP and
     # FSDP2 set them to None after each step), "cpu" (on CPU only: ZeRO-3's released partitions count once

@@ -39,6 +39,7 @@ class MethodCounts:
     # Of quant_bytes, the quantisation constants: under FSDP2 they stay whole on every rank beside the sharded
     # packed weights (quantized.py), so they are not divided by the world size.
     quant_constant_bytes: float = 0.0
+    use_dora: bool = False              # DoRA reads its frozen base weights whole (they stay in the weights' dtype)
 
     @property
     def n_trainable(self) -> int:
@@ -110,7 +111,8 @@ def method_counts(facts: ModelFacts, recipe) -> MethodCounts:
         quantized, frozen, quant_bytes, quant_note = _qlora_base(facts, m.quant)
     constants = quant_bytes - (0.5 if m.quant.bits == 4 else 1.0) if kind == "qlora" else 0.0
     return MethodCounts(kind, adapters + copies, frozen, quantized, quant_bytes, quant_note, L, targets,
-                        lora_dropped=dropped, lora_rank=rank, extra_seq=extra_seq, quant_constant_bytes=constants)
+                        lora_dropped=dropped, lora_rank=rank, extra_seq=extra_seq, quant_constant_bytes=constants,
+                        use_dora=kind in ("lora", "qlora") and m.lora.use_dora)
 
 
 def _partial_counts(facts: ModelFacts, recipe) -> MethodCounts:

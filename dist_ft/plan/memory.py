@@ -137,6 +137,15 @@ def per_rank(params, world: int, split: str) -> float:
     return sum(-(-p.rows // world) * (p.numel // p.rows) if p.rows else p.numel / world for p in params)
 
 
+def frozen_in_compute_dtype(mc: MethodCounts, rules: ByteRules, strategy: str) -> list:
+    """The frozen Linear weights a backend stores in the compute dtype under autocast (DDP, adapter methods:
+    distributed/precision.frozen_linears_in_compute_dtype); an embedding tied to the head stays in fp32."""
+    if rules.weights == rules.compute or not spec_for(strategy).memory.frozen_linears_in_compute_dtype \
+            or mc.kind in ("full", "partial") or mc.use_dora:
+        return []
+    return [p for p in mc.frozen if p.linear and not p.embed]
+
+
 def state_bytes(mc: MethodCounts, rules: ByteRules, strategy: str, offload: str, world: int,
                 optimizer: str) -> list[Row]:
     """Parameters, gradients, optimizer state and master weights per rank: (device bytes, CPU bytes)."""
@@ -151,7 +160,9 @@ def state_bytes(mc: MethodCounts, rules: ByteRules, strategy: str, offload: str,
         return per_rank(params, n if what in spec.shards else 1, spec.memory.split)
 
     T_o = local(mc.trainable, "optimizer")
+    cast = frozen_in_compute_dtype(mc, rules, strategy)
     w_dev = (local(mc.trainable, "params") + local(mc.frozen, "params")) * rules.weights \
+        - local(cast, "params") * (rules.weights - rules.compute) \
         + local(mc.quantized, "params") * (mc.quant_bytes - mc.quant_constant_bytes) \
         + Q * mc.quant_constant_bytes  # the constants stay whole on every rank (quantized.py)
     g_dev = local(mc.trainable, "grads") * rules.grads
@@ -179,6 +190,8 @@ def state_bytes(mc: MethodCounts, rules: ByteRules, strategy: str, offload: str,
     if Q and shard_w < 1:
         q += f" (4-bit codes 1/{n}, constants whole)"
     frozen = f" ({F:,} frozen)" if F and T else ""
+    if cast:
+        frozen += f" ({sum(p.numel for p in cast):,} frozen Linear weights in {rules.compute:g} B, autocast's copy)"
     return [
         Row("parameters", "parameters", f"{rules.weights_note}{share(shard_w)}{frozen}{q}"
             + (" -> CPU" if w_cpu else ""), w_dev, w_cpu),
@@ -227,7 +240,9 @@ def _ddp_buffers(facts, mc: MethodCounts, rules: ByteRules, recipe, cluster, spe
     if rules.weights != rules.compute:  # autocast's bf16 copies of fp32 weights
         ac = recipe.distributed.activation_checkpointing
         train_lin = sum(p.numel for p in mc.trainable if p.linear)
-        frozen_lin = sum(p.numel for p in mc.frozen if p.linear and not (ac and p.block is not None))
+        stored = {id(p) for p in frozen_in_compute_dtype(mc, rules, recipe.distributed.strategy)}
+        frozen_lin = sum(p.numel for p in mc.frozen if p.linear and id(p) not in stored
+                         and not (ac and p.block is not None))
         rows.append(Row("autocast", "autocast copies", "16-bit copies of Linear weights kept for backward",
                         (train_lin + frozen_lin) * rules.compute, phase="fwd_bwd"))
     return rows

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from .compare import recommend
-from .constants import GIB, MAX_MICRO_BATCH
+from .constants import CPU_COMM_CONTENTION, GIB, MAX_MICRO_BATCH
 from .verdict import Plan
 
 
@@ -78,7 +78,8 @@ def _verdict_lines(plan: Plan) -> list[str]:
         lines.append(f"offload   {s['offload_s']:.3f} s per step ({s['offload_what']})")
     if s["step_s"] and s.get("compute_source"):
         lines.append(f"speed     compute {s['compute_s']:.3f} s ({s['compute_source']}); step {_sig(s['step_s'])} s "
-                     f"(compute + communication: the same cores run both); {_sig(s['tokens_per_s'])} tokens/s "
+                     f"(the longer of compute and communication + {CPU_COMM_CONTENTION:.0%} of the shorter: the same cores "
+                     f"run both); {_sig(s['tokens_per_s'])} tokens/s "
                      f"({_sig(s['tokens_per_s_per_rank'])} per rank)")
     elif s["step_s"]:
         lines.append(f"speed     compute {s['compute_s']:.3f} s at {c.mfu:.0%} MFU of {s['peak_flops'] / 1e12:.3g} "

@@ -148,6 +148,7 @@ def speed_estimate(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts
         # Gathered parameters land in freshly allocated memory and are copied out into the parameters: on a CPU
         # that costs more than the transfer itself (CPU_UNSHARD_GBPS).
         comm_s = gather / (min(gbps, CPU_UNSHARD_GBPS) * 1e9) + reduce / (gbps * 1e9)
+        comm_what += f"; the all-gathers at {min(gbps, CPU_UNSHARD_GBPS):g} GB/s (unsharding on a CPU), the rest"
     group = d.shard_group_size
     if group and group < cluster.world and spec_for(d.strategy).memory.hybrid == "mesh" and cluster.nodes > 1:
         # HSDP: the shard group's collectives at the in-node bandwidth; across nodes only the all-reduce of each

@@ -6,6 +6,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ..activation_checkpointing import enable_activation_checkpointing
+from ..precision import frozen_linears_in_compute_dtype
+from ..spec import spec_for
 from ..strategy import OptimizerFactory, Strategy
 
 
@@ -17,6 +19,9 @@ class DDPStrategy(Strategy):
         model = builder.build()
         if not is_quantized(model):  # a bitsandbytes base is placed by from_pretrained and refuses .to()
             model = model.to(self.topo.device)
+        self._cast = 0
+        if self.recipe is not None and spec_for(self.name).memory.frozen_linears_in_compute_dtype:
+            self._cast = frozen_linears_in_compute_dtype(model, self.precision, self.recipe.method)
         if self.activation_checkpointing:
             enable_activation_checkpointing(model)
         self.compile_blocks(model)
@@ -25,6 +30,13 @@ class DDPStrategy(Strategy):
         kwargs = {"device_ids": [self.topo.device.index]} if self.topo.device.type == "cuda" else {}
         self.model = DistributedDataParallel(model, **kwargs)
         self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+
+    def describe(self) -> str | None:
+        if not self._cast:
+            return None
+        dtype = str(self.precision.compute_dtype).removeprefix("torch.")
+        return (f"ddp: {self._cast} frozen Linear weights stored in {dtype}, the copy autocast would make of them "
+                "every step")
 
     def unwrap(self) -> torch.nn.Module:
         return self._module
