@@ -63,8 +63,10 @@ JOBS = {
 }
 
 
-def job_recipe(job: dict, *, model: str, strategy: str, steps: int, out: Path, packing: bool = False) -> dict:
-    """The demo recipe with the job's model, method, strategy and steps; evaluation reduced to the held-out loss."""
+def job_recipe(job: dict, *, model: str, strategy: str, steps: int, out: Path, packing: bool = False,
+               precision: str = "fp32") -> dict:
+    """The demo recipe with the job's model, method, strategy, precision and steps; evaluation reduced to the
+    held-out loss."""
     r = yaml.safe_load((REPO / "dist_ft" / "recipes" / "demo.yaml").read_text())
     r.update(output_dir=str(out), overwrite_output_dir=True, eval={"metrics": []})
     r["model"]["path"] = model
@@ -74,6 +76,7 @@ def job_recipe(job: dict, *, model: str, strategy: str, steps: int, out: Path, p
         r["method"] = {"kind": "full"}
     r["training"].update(max_steps=steps, learning_rate=job["lr"], warmup_steps=min(5, steps // 4))
     r["distributed"]["strategy"] = strategy
+    r["distributed"]["precision"] = precision
     return r
 
 
@@ -135,11 +138,11 @@ def write_job(rec, path: Path, job_dir: Path, *, pad_id: int, positions: int, **
     return job
 
 
-def matmul_peak(nproc: int, seconds: float = 3.0) -> float:
-    """fp32 matmul FLOP/s of one process of `nproc` running at once, 1 thread each (as the training runs)."""
+def matmul_peak(nproc: int, seconds: float = 3.0, dtype: str = "fp32") -> float:
+    """Matmul FLOP/s in `dtype` of one process of `nproc` running at once, 1 thread each (as the training runs)."""
     wait_for_quiet(QUIET_WAIT[0])
     code = ("from dist_ft.telemetry.flops import measured_cpu_peak; "
-            f"print(measured_cpu_peak(threads=1, seconds={seconds}))")
+            f"print(measured_cpu_peak(threads=1, seconds={seconds}, dtype={dtype!r}))")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
              for _ in range(nproc)]
     return statistics.mean(float(p.communicate()[0].split()[-1]) for p in procs)
@@ -207,23 +210,25 @@ def run_dist_ft(recipe: dict, work: Path, nproc: int, prefix: list[str] = ()) ->
             "peak_mb": end["peak_memory_mb"], **run}
 
 
-def run_raw(job_dir: Path, strategy: str, work: Path, nproc: int, name: str, prefix: list[str] = ()) -> dict:
+def run_raw(job_dir: Path, strategy: str, work: Path, nproc: int, name: str, prefix: list[str] = (),
+            precision: str = "fp32") -> dict:
     out = work / f"{name}.json"
     cmd = [*prefix, sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-port", _free_port(), str(REPO / "benchmarks" / "raw_loop.py"), "--job-dir", str(job_dir),
-           "--strategy", strategy, "--out", str(out)]
+           "--strategy", strategy, "--out", str(out), "--precision", precision]
     run = _run(cmd, work / f"{name}.log")
     return {**json.loads(out.read_text()), **run}
 
 
-def run_trl(job_dir: Path, packing: bool, work: Path, nproc: int, name: str) -> dict:
+def run_trl(job_dir: Path, packing: bool, work: Path, nproc: int, name: str, precision: str = "fp32") -> dict:
     out = work / f"{name}.json"
     script = [str(REPO / "benchmarks" / "trl_sft.py"), "--job-dir", str(job_dir), "--out", str(out),
-              "--output-dir", str(work / name), "--packing", "on" if packing else "off"]
+              "--output-dir", str(work / name), "--packing", "on" if packing else "off", "--precision", precision]
     # accelerate on CPU: --cpu starts ONE process and --multi_gpu alone starts N independent trainings; this
     # combination is the one that gives a real world size of N (trl_sft.py checks it).
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-           "--num_machines", "1", "--main_process_port", _free_port(), "--mixed_precision", "no",
+           "--num_machines", "1", "--main_process_port", _free_port(),
+           "--mixed_precision", "bf16" if precision == "bf16-mixed" else "no",
            "--dynamo_backend", "no", *script]
     run = _run(cmd, work / f"{name}.log", env={"ACCELERATE_USE_CPU": "1"})
     return {**json.loads(out.read_text()), **run}
@@ -232,10 +237,11 @@ def run_trl(job_dir: Path, packing: bool, work: Path, nproc: int, name: str) -> 
 def run_kind(kind: str, opt: dict, job: dict, job_dir: Path, work: Path, nproc: int, name: str, steps: int) -> dict:
     if kind == "dist_ft":
         return run_dist_ft(job_recipe(job, model=job["model_path"], strategy=opt["strategy"], steps=steps,
-                                      out=work / name, packing=opt.get("packing", False)), work, nproc)
+                                      out=work / name, packing=opt.get("packing", False),
+                                      precision=opt["precision"]), work, nproc)
     if kind == "raw":
-        return run_raw(job_dir, opt["strategy"], work, nproc, name)
-    return run_trl(job_dir, opt["packing"], work, nproc, name)
+        return run_raw(job_dir, opt["strategy"], work, nproc, name, precision=opt["precision"])
+    return run_trl(job_dir, opt["packing"], work, nproc, name, precision=opt["precision"])
 
 
 def summarise_run(run: dict, skip: int = 2) -> dict:
@@ -245,24 +251,45 @@ def summarise_run(run: dict, skip: int = 2) -> dict:
             "heldout_loss": run["heldout_loss"], "heldout_loss_before": run.get("heldout_loss_before")}
 
 
-def runners_for(job: dict) -> list[tuple[str, str, dict]]:
-    """(label, kind, options) in the order each round runs them."""
+def runners_for(job: dict, precisions: list[str] = ("fp32",)) -> list[tuple[str, str, dict]]:
+    """(label, kind, options) in the order each round runs them: dist_ft and the raw loop for every strategy and
+    precision, TRL in fp32 and bf16-mixed (TrainingArguments' bf16), the packed pair with one precision only."""
     out = []
-    for s in job["strategies"]:
-        suffix = f" {s}" if len(job["strategies"]) > 1 else ""
-        out += [(f"dist_ft{suffix}", "dist_ft", {"strategy": s}), (f"raw{suffix}", "raw", {"strategy": s})]
-    if job["trl"]:
-        s = job["strategies"][0]
-        out += [("trl", "trl", {"packing": False}), ("dist_ft packed", "dist_ft", {"strategy": s, "packing": True}),
-                ("trl packed", "trl", {"packing": True})]
+    for prec in precisions:
+        p = f" {prec}" if len(precisions) > 1 else ""
+        for s in job["strategies"]:
+            suffix = (f" {s}" if len(job["strategies"]) > 1 else "") + p
+            out += [(f"dist_ft{suffix}", "dist_ft", {"strategy": s, "precision": prec, "packing": False}),
+                    (f"raw{suffix}", "raw", {"strategy": s, "precision": prec, "packing": False})]
+        if job["trl"] and prec in ("fp32", "bf16-mixed"):
+            out.append((f"trl{p}", "trl", {"strategy": job["strategies"][0], "precision": prec, "packing": False}))
+    if job["trl"] and len(precisions) == 1:
+        s, prec = job["strategies"][0], precisions[0]
+        out += [("dist_ft packed", "dist_ft", {"strategy": s, "precision": prec, "packing": True}),
+                ("trl packed", "trl", {"strategy": s, "precision": prec, "packing": True})]
     return out
 
 
-def table(job: dict, runs: list[dict], *, peak_flops: float, flops_tok: float, nproc: int) -> tuple[str, list, dict]:
+def selected(only: str | None, kind: str, precision: str) -> bool:
+    """--only: runner kinds (dist_ft,raw,trl), each optionally for one precision (raw@bf16-mixed)."""
+    if not only:
+        return True
+    for item in only.split(","):
+        k, _, p = item.partition("@")
+        if k == kind and (not p or p == precision):
+            return True
+    return False
+
+
+def table(job: dict, runs: list[dict], *, peaks: dict, flops_tok: float, nproc: int) -> tuple[str, list, dict]:
+    """The comparison table and its targets. Each run carries its label, round, kind and options (strategy,
+    precision, packing); `peaks` maps "fp32"/"bf16" to the matmul FLOP/s per process measured in this invocation."""
     labels = list(dict.fromkeys(r["label"] for r in runs))
     by = collections.defaultdict(dict)  # label -> round -> summary
+    meta = {}
     for r in runs:
         by[r["label"]][r["round"]] = summarise_run(r)
+        meta[r["label"]] = {"kind": r["kind"], **r["opt"]}
     rounds = sorted({r["round"] for r in runs})
 
     def med(label, key):
@@ -272,49 +299,72 @@ def table(job: dict, runs: list[dict], *, peak_flops: float, flops_tok: float, n
         vals = [by[a][k][key] / by[b][k][key] for k in rounds if k in by[a] and k in by[b]]
         return statistics.median(vals) if vals else None
 
+    def find(kind, **want):
+        return next((lab for lab, m in meta.items() if m["kind"] == kind
+                     and all(m.get(k) == v for k, v in want.items())), None)
+
     rows = []
     for label in labels:
-        strat = label.split(" ")[-1] if len(job["strategies"]) > 1 and label.split(" ")[-1] in job["strategies"] \
-            else job["strategies"][0]
-        raw = f"raw {strat}" if len(job["strategies"]) > 1 else "raw"
+        m = meta[label]
+        peak = peaks["bf16" if m["precision"].startswith("bf16") else "fp32"]
         tps = med(label, "useful_tokens_per_s")
-        row = {"runner": label, "useful_tokens_per_s": tps, "s_per_step": med(label, "s_per_step"),
+        row = {"runner": label, **m, "useful_tokens_per_s": tps, "s_per_step": med(label, "s_per_step"),
                "peak_mb": med(label, "peak_mb"), "heldout_loss": med(label, "heldout_loss"),
-               "mfu": flops_tok * tps / (peak_flops * nproc),
+               "mfu": flops_tok * tps / (peak * nproc), "mfu_peak": peak,
                "tokens_per_s_rounds": [by[label][k]["useful_tokens_per_s"] for k in sorted(by[label])],
                "others_cpu_max": max(r.get("foreign_cpu", 0.0) for r in runs if r["label"] == label)}
-        if label.startswith("dist_ft"):  # each against its like: the raw loop (unpacked only), TRL packed or not
-            trl = "trl packed" if label.endswith("packed") else "trl"
-            row["x_raw"] = ratio(label, raw) if raw in by and not label.endswith("packed") else None
-            row["trl_like"], row["x_trl"] = (trl, ratio(label, trl)) if trl in by else (None, None)
+        if m["kind"] == "dist_ft":  # each against its like: the raw loop (unpacked only), TRL packed or not
+            raw = None if m["packing"] else find("raw", strategy=m["strategy"], precision=m["precision"])
+            trl = find("trl", precision=m["precision"], packing=m["packing"])
+            row["raw_like"], row["x_raw"] = (raw, ratio(label, raw)) if raw else (None, None)
+            row["trl_like"], row["x_trl"] = (trl, ratio(label, trl)) if trl else (None, None)
+            fp32 = None if m["precision"] == "fp32" or m["packing"] else \
+                find("dist_ft", strategy=m["strategy"], precision="fp32", packing=False)
+            row["fp32_like"], row["x_fp32"] = (fp32, ratio(label, fp32)) if fp32 else (None, None)
         rows.append(row)
     f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    several = len({r["precision"] for r in rows}) > 1
     lines = ["| runner | useful tokens/s | s / step | peak MiB / rank | held-out loss | MFU | dist_ft ÷ raw | "
-             "dist_ft ÷ TRL (same packing) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "dist_ft ÷ TRL (same packing) |" + (" dist_ft ÷ its fp32 |" if several else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if several else "")]
     for r in rows:
         lines.append(f"| {r['runner']} | {r['useful_tokens_per_s']:,.0f} | {r['s_per_step']:.2f} | {r['peak_mb']:,.0f} | "
                      f"{r['heldout_loss']:.4f} | {r['mfu']:.1%} | {f(r.get('x_raw'), '.3f')} | "
-                     f"{f(r.get('x_trl'), '.2f')} |")
+                     f"{f(r.get('x_trl'), '.2f')} |" + (f" {f(r.get('x_fp32'), '.2f')} |" if several else ""))
     # Targets.
     targets = []
     row = {r["runner"]: r for r in rows}
     for r in rows:
-        if not r["runner"].startswith("dist_ft"):
+        if r["kind"] != "dist_ft":
             continue
-        raw = row.get(r["runner"].replace("dist_ft", "raw"))
+        sixteen = r["precision"] != "fp32"
+        raw = row.get(r.get("raw_like"))
         if raw is not None and r["x_raw"] is not None:
             # Equal: within 1%. Peak RSS moves by a MiB or two with what BLAS keeps in its buffer pool.
-            ok = r["x_raw"] >= 0.95 and r["peak_mb"] <= raw["peak_mb"] * 1.01
-            targets.append(f"{r['runner']} ÷ raw loop >= 0.95 tokens/s at equal (within 1%) or lower peak memory: "
-                           f"{r['x_raw']:.3f}, {r['peak_mb']:,.0f} vs {raw['peak_mb']:,.0f} MiB -> "
+            want = 0.97 if sixteen else 0.95
+            ok = r["x_raw"] >= want and r["peak_mb"] <= raw["peak_mb"] * 1.01
+            targets.append(f"{r['runner']} ÷ {raw['runner']} >= {want} tokens/s at equal (within 1%) or lower peak "
+                           f"memory: {r['x_raw']:.3f}, {r['peak_mb']:,.0f} vs {raw['peak_mb']:,.0f} MiB -> "
                            f"{'met' if ok else 'NOT met'}")
         t, x = r.get("trl_like"), r.get("x_trl")
         if t is not None and x is not None:
+            want = 1.3 if sixteen else 1.25
             dloss = r["heldout_loss"] - row[t]["heldout_loss"]
-            ok = x >= 1.25 and dloss <= 0.02 and r["peak_mb"] < row[t]["peak_mb"]
-            targets.append(f"{r['runner']} ÷ {t} >= 1.25 useful tokens/s, held-out loss no worse (+0.02), lower "
+            ok = x >= want and dloss <= 0.02 and r["peak_mb"] < row[t]["peak_mb"]
+            targets.append(f"{r['runner']} ÷ {t} >= {want} useful tokens/s, held-out loss no worse (+0.02), lower "
                            f"peak memory: {x:.2f}x, loss {dloss:+.4f}, {r['peak_mb']:,.0f} vs "
                            f"{row[t]['peak_mb']:,.0f} MiB -> {'met' if ok else 'NOT met'}")
+        base, x = r.get("fp32_like"), r.get("x_fp32")
+        if base is not None and x is not None:
+            want = 2.5 if r["precision"] == "bf16-true" else 2.2
+            rel = abs(r["heldout_loss"] - row[base]["heldout_loss"]) / row[base]["heldout_loss"]
+            mem = r["precision"] != "bf16-mixed" or r["peak_mb"] <= row[base]["peak_mb"]
+            ceiling = peaks["bf16"] / peaks["fp32"]
+            targets.append(f"{r['runner']} ÷ {base} >= {want} useful tokens/s (this machine's bf16 ÷ fp32 matmul "
+                           f"peak, measured now: {ceiling:.2f}), held-out loss within 1%"
+                           + (", peak memory no higher" if r["precision"] == "bf16-mixed" else "")
+                           + f": {x:.2f}x, loss {rel:.2%} off, {r['peak_mb']:,.0f} vs {row[base]['peak_mb']:,.0f} MiB"
+                           f" -> {'met' if x >= want and rel <= 0.01 and mem else 'NOT met'}")
     noisy = max(r["others_cpu_max"] for r in rows)
     lines.append(f"\nOther processes on the machine took up to {noisy:.0%} of its cores during a run"
                  + (" (the figures above are disturbed)." if noisy > 0.1 else "."))
@@ -387,7 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--only", default=None, help="comma-separated runner kinds to run (dist_ft,raw,trl)")
+    p.add_argument("--only", default=None, help="comma-separated runner kinds to run (dist_ft,raw,trl), each "
+                   "optionally for one precision only (trl@bf16-mixed)")
+    p.add_argument("--precisions", default="fp32", help="comma-separated: fp32, bf16-mixed, bf16-true (job a and b; "
+                   "TRL runs fp32 and bf16-mixed; the packed runners only when one precision is asked)")
     p.add_argument("--profile", action="store_true", help="profile dist_ft and the raw loop with py-spy instead")
     p.add_argument("--quiet-wait", type=float, default=300.0, help="seconds to wait, before each run, for other "
                    "work on the machine to stop (it would slow one runner and not the others)")
@@ -426,21 +479,30 @@ def main(argv: list[str] | None = None) -> int:
                 f"# Where the time goes, job {key}\n\nCommand: `python benchmarks/compare.py {argv_text}`\n\n"
                 f"```\n{text}\n```\n")
             continue
-        peak = matmul_peak(nproc)
-        print(f"[compare] fp32 matmul: {peak / 1e9:.1f} GFLOP/s per process ({nproc} processes x 1 thread)",
-              flush=True)
+        precisions = a.precisions.split(",")
+        peaks = {"fp32": matmul_peak(nproc)}
+        if any(x.startswith("bf16") for x in precisions):
+            peaks["bf16"] = matmul_peak(nproc, dtype="bf16")
+        print("[compare] matmul: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peaks.items())
+              + f" GFLOP/s per process ({nproc} processes x 1 thread)", flush=True)
         from transformers import AutoConfig
 
         from dist_ft.assets import resolve_model_path
-        from dist_ft.telemetry.flops import flops_per_token
+        from dist_ft.telemetry.flops import MethodFlops, step_flops_per_token
         trained = [json.loads(x) for x in (job_dir / "train.jsonl").read_text().splitlines()[:a.steps * G]]
         mean_len = statistics.mean(len(x["input_ids"]) for x in trained)
-        flops_tok = flops_per_token(AutoConfig.from_pretrained(resolve_model_path(job["model_path"])), mean_len)
-        only = set(a.only.split(",")) if a.only else None
+        method = MethodFlops()  # full fine-tuning: PaLM's 6 N + 12 L d T
+        if job["method"] == "lora":  # a frozen base: no weight gradients but the adapters' (telemetry/flops.py)
+            from safetensors import safe_open
+            with safe_open(job_dir / "init_adapter.safetensors", "pt") as fh:
+                adapters = sum(fh.get_slice(k).get_shape()[0] * fh.get_slice(k).get_shape()[1] for k in fh.keys())
+            method = MethodFlops(grad_blocks=1.0, weight_grads=0.0, adapter_params=adapters)
+        flops_tok, _ = step_flops_per_token(AutoConfig.from_pretrained(resolve_model_path(job["model_path"])),
+                                            mean_len, method)
         runs, failures = [], []
         for rnd in range(1, a.rounds + 1):
-            for label, kind, opt in runners_for(job):
-                if only and kind not in only:
+            for label, kind, opt in runners_for(job, precisions):
+                if not selected(a.only, kind, opt["precision"]):
                     continue
                 name = f"{label.replace(' ', '-')}-r{rnd}"
                 print(f"[compare] round {rnd}: {label} ...", flush=True)
@@ -450,25 +512,30 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[compare]   failed: {exc}", flush=True)
                     failures.append(f"{label} (round {rnd}): {str(exc).splitlines()[0]}")
                     continue
-                res.update(label=label, round=rnd)
+                res.update(label=label, round=rnd, kind=kind, opt=opt)
                 s = summarise_run(res)
                 print(f"[compare]   {s['useful_tokens_per_s']:,.0f} useful tokens/s, {s['s_per_step']:.2f} s/step, "
                       f"peak {res['peak_mb']} MiB, held-out loss {s['heldout_loss']:.4f} ({res['wall_s']:.0f} s; other "
                       f"processes took {res['foreign_cpu']:.0%} of the cores meanwhile)",
                       flush=True)
                 runs.append(res)
-        md, rows, extra = table(job, runs, peak_flops=peak, flops_tok=flops_tok, nproc=nproc)
-        head = (f"Job {key}: {job['title']}; {a.steps} steps, {nproc} processes x 1 thread, micro-batch 4, fp32, "
-                f"{a.rounds} round(s) alternating the runners. Medians over steps 3..{a.steps} and over rounds; "
-                f"ratios taken within each round. MFU against {peak / 1e9:.1f} GFLOP/s per process (fp32 matmul, "
-                f"measured now); {flops_tok / 1e6:.0f} MFLOP per token (PaLM, mean length {mean_len:.0f}).")
+        md, rows, extra = table(job, runs, peaks=peaks, flops_tok=flops_tok, nproc=nproc)
+        against = " and ".join(f"{v / 1e9:.1f} GFLOP/s per process for {k} runs" for k, v in peaks.items())
+        head = (f"Job {key}: {job['title']}; {a.steps} steps, {nproc} processes x 1 thread, micro-batch 4, "
+                f"{', '.join(precisions)}, {a.rounds} round(s) alternating the runners. Medians over steps "
+                f"3..{a.steps} and over rounds; ratios taken within each round. MFU against {against} (matmul in "
+                f"that dtype, measured now); {flops_tok / 1e6:.0f} MFLOP per token (the model FLOPs of the method: "
+                f"{'no weight gradients for the frozen base, ' if job['method'] == 'lora' else ''}"
+                f"telemetry/flops.py; mean length {mean_len:.0f}).")
         text = f"{head}\n\n{md}\n\nTargets:\n" + "\n".join(f"- {t}" for t in extra["targets"])
         if failures:
             text += "\n\nFailed runs:\n" + "\n".join(f"- {f}" for f in failures)
         print("\n" + text)
-        write_results(f"compare-{key}", f"dist_ft vs raw loop vs TRL, job {key}", "compare.py", argv, text,
+        name = f"compare-{key}" + ("" if precisions == ["fp32"] else "-precisions")
+        write_results(name, f"dist_ft vs raw loop vs TRL, job {key}", "compare.py", argv, text,
                       {"command": f"python benchmarks/compare.py {argv_text}", "job": key, "title": job["title"],
-                       "steps": a.steps, "rounds": a.rounds, "nproc": nproc, "matmul_flops_per_process": peak,
+                       "steps": a.steps, "rounds": a.rounds, "nproc": nproc, "matmul_flops_per_process": peaks,
+                       "precisions": precisions,
                        "flops_per_token": flops_tok, "rows": rows, **extra, "failures": failures, "runs": runs})
     return 0
 

@@ -17,6 +17,7 @@ Rank r of step s reads positions s*G + r*B .. s*G + (r+1)*B (G = B x world size)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
@@ -74,7 +75,16 @@ def count_targets(batch: dict[str, torch.Tensor]) -> int:
 
 
 @torch.no_grad()
-def heldout_loss(model: torch.nn.Module, examples: list[dict], *, pad_id: int, micro_batch: int) -> float:
+def precision_context(precision: str):
+    """bf16-mixed: autocast to bfloat16 over the stored weights, as dist_ft's DDP strategy runs it; else nothing
+    (fp32, and bf16-true, whose weights are bfloat16 already)."""
+    if precision == "bf16-mixed":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def heldout_loss(model: torch.nn.Module, examples: list[dict], *, pad_id: int, micro_batch: int,
+                 precision: str = "fp32") -> float:
     """Mean loss per target token over `examples`, split over ranks (r, r+W, ...); every rank runs the same number
     of forward passes (a sharded model needs all of them). The same sums and counts as dist_ft's evaluation, and
     the same forward: the head at target positions only (train_loss_sum)."""
@@ -87,7 +97,8 @@ def heldout_loss(model: torch.nn.Module, examples: list[dict], *, pad_id: int, m
     for b in range(n_batches):
         chunk = mine[b * micro_batch:(b + 1) * micro_batch]
         batch = collate(chunk or examples[:1], pad_id)
-        loss = train_loss_sum(model, batch)
+        with precision_context(precision):
+            loss = train_loss_sum(model, batch)
         if chunk:
             total[0] += float(loss)
             total[1] += count_targets(batch)

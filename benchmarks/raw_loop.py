@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_common import (collate, count_targets, gather, heldout_loss, lr_factor, peak_rss_mb,  # noqa: E402
-                            read_examples, read_job, train_loss_sum)
+                            precision_context, read_examples, read_job, train_loss_sum)
 
 
 def all_reduce(values: list[float]) -> list[float]:
@@ -38,10 +38,11 @@ def all_reduce(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def build_model(job: dict, strategy: str):
+def build_model(job: dict, strategy: str, precision: str = "fp32"):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(job["model_path"], dtype=torch.float32, attn_implementation="sdpa",
+    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(job["model_path"], dtype=dtype, attn_implementation="sdpa",
                                                  use_cache=False)
     if job["method"] == "lora":
         import peft
@@ -56,6 +57,13 @@ def build_model(job: dict, strategy: str):
         with torch.no_grad():
             for n, v in init.items():
                 params[n].copy_(v)
+        if precision == "bf16-mixed":
+            # What a careful hand-written loop does under autocast (and dist_ft's DDP strategy): a frozen Linear
+            # weight is only read as autocast's bf16 copy, so store that copy once; the tied embedding stays fp32.
+            tied = model.get_input_embeddings().weight
+            for m in model.modules():
+                if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad and m.weight is not tied:
+                    m.weight.data = m.weight.data.to(torch.bfloat16)
     else:
         model.requires_grad_(True)
     return model
@@ -87,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strategy", required=True, choices=["ddp", "fsdp", "zero3"])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--steps", type=int, default=None, help="default: the job's")
+    p.add_argument("--precision", choices=["fp32", "bf16-mixed", "bf16-true"], default="fp32")
     a = p.parse_args(argv)
+    if a.precision != "fp32" and a.strategy != "ddp":
+        raise SystemExit(f"--precision {a.precision}: the raw loop runs 16-bit precisions under ddp only")
     if "RANK" not in os.environ:  # one process started by hand
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     else:
@@ -117,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     config=cfg, dist_init_required=False)
         model, optimizer = engine, getattr(ds_opt, "optimizer", ds_opt)
     else:
-        module = build_model(job, a.strategy)
+        module = build_model(job, a.strategy, a.precision)
         if a.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
             model = DistributedDataParallel(module)
@@ -137,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer, lambda s: lr_factor(s, job["warmup_steps"], job["steps"]))
     model.train()
 
-    loss_before = heldout_loss(model, heldout, pad_id=job["pad_id"], micro_batch=B)
+    loss_before = heldout_loss(model, heldout, pad_id=job["pad_id"], micro_batch=B, precision=a.precision)
     records = []
     G = B * world
     for step in range(steps):
@@ -146,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         batch = collate(rows, job["pad_id"])
         useful = sum(len(r["input_ids"]) for r in rows)
         (targets,) = all_reduce([count_targets(batch)])
-        total = train_loss_sum(model, batch)
+        with precision_context(a.precision):
+            total = train_loss_sum(model, batch)
         scaled = total * (world / max(targets, 1.0))
         if engine is not None:
             engine.backward(scaled)
@@ -165,10 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"[raw] step {step + 1}: loss {records[-1]['loss']:.4f}, {dt:.2f} s, "
                   f"{useful_all / dt:.0f} useful tokens/s", flush=True)
-    loss = heldout_loss(model, heldout, pad_id=job["pad_id"], micro_batch=B)
+    loss = heldout_loss(model, heldout, pad_id=job["pad_id"], micro_batch=B, precision=a.precision)
     peaks = gather(round(peak_rss_mb(), 1))
     if rank == 0:
-        a.out.write_text(json.dumps({"runner": "raw", "strategy": a.strategy, "world_size": world,
+        a.out.write_text(json.dumps({"runner": "raw", "strategy": a.strategy, "precision": a.precision,
+                                     "world_size": world,
                                      "threads": torch.get_num_threads(), "steps": records, "heldout_loss": loss,
                                      "heldout_loss_before": loss_before,
                                      "peak_mb": peaks}, indent=1))

@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--output-dir", required=True, type=Path)
     p.add_argument("--packing", choices=["on", "off"], default="off")
+    p.add_argument("--precision", choices=["fp32", "bf16-mixed"], default="fp32",
+                   help="bf16-mixed: TrainingArguments(bf16=True), autocast over fp32 weights")
     p.add_argument("--steps", type=int, default=None, help="default: the job's")
     p.add_argument("--schedule", choices=["job", "transformers"], default="job",
                    help="job: dist_ft's warm-up and cosine; transformers: TRL's own (step 1 at learning rate 0)")
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         gradient_accumulation_steps=1, learning_rate=job["learning_rate"], lr_scheduler_type="cosine",
         warmup_steps=job["warmup_steps"], weight_decay=job["weight_decay"], adam_beta1=job["betas"][0],
         adam_beta2=job["betas"][1], adam_epsilon=job["eps"], max_grad_norm=job["max_grad_norm"],
-        bf16=False, fp16=False, gradient_checkpointing=False, max_length=job["max_length"], packing=packing,
+        bf16=a.precision == "bf16-mixed", fp16=False, gradient_checkpointing=False, max_length=job["max_length"], packing=packing,
         completion_only_loss=True, train_sampling_strategy="sequential", seed=job["seed"], use_cpu=True,
         ddp_backend="gloo", ddp_find_unused_parameters=False, dataloader_num_workers=0, logging_steps=1,
         save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True)
@@ -124,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             same += int(theirs["input_ids"] == ours["input_ids"] and theirs["labels"] == ours["labels"])
         same = {"identical": same, "checked": min(200, len(train))}
     trainer.train()
-    loss = heldout_loss(trainer.model, heldout, pad_id=job["pad_id"], micro_batch=job["micro_batch"])
+    loss = heldout_loss(trainer.model, heldout, pad_id=job["pad_id"], micro_batch=job["micro_batch"],
+                        precision=a.precision)
     useful = [sum(x) for x in zip(*gather(Timed.useful))]
     peaks = gather(round(peak_rss_mb(), 1))
     logged = {h["step"]: h for h in trainer.state.log_history if "loss" in h}
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         records = [{"step": i + 1, "step_time": t, "useful_tokens": u, "loss": logged[i + 1]["loss"],
                     "lr": logged[i + 1]["learning_rate"], "grad_norm": logged[i + 1].get("grad_norm")}
                    for i, (t, u) in enumerate(zip(clock.times, useful))]
-        a.out.write_text(json.dumps({"runner": "trl", "packing": packing, "schedule": a.schedule, "world_size": world,
+        a.out.write_text(json.dumps({"runner": "trl", "packing": packing, "precision": a.precision, "schedule": a.schedule, "world_size": world,
                                      "threads": torch.get_num_threads(), "steps": records, "heldout_loss": loss,
                                      "peak_mb": peaks, "tokenisation_matches": same}, indent=1))
         print(f"[trl] held-out loss {loss:.4f}; peak MiB per rank {peaks}; tokenisation {same}", flush=True)
