@@ -249,3 +249,42 @@ def test_ddp_bf16_mixed_lora_runs_on_two_ranks_with_the_frozen_base_in_bf16(tmp_
     assert frozen_linears_in_compute_dtype(model, precision_plan("bf16-mixed"), recipe.method) > 0
     stored = sum(p.numel() * p.element_size() for p in model.parameters())
     assert next(r for r in plan.rows if r.key == "parameters").device == stored
+
+
+@pytest.fixture
+def flash_flag():
+    before = torch.backends.cuda.flash_sdp_enabled()
+    yield
+    torch.backends.cuda.enable_flash_sdp(before)
+
+
+def _sdpa_ops(dtype) -> set[str]:
+    import torch.nn.functional as F
+    from torch.profiler import profile
+
+    q = torch.randn(2, 3, 16, 8, dtype=dtype, requires_grad=True)
+    mask = torch.ones(16, 16, dtype=torch.bool).tril()[None, None]
+    with profile() as p:
+        F.scaled_dot_product_attention(q, q, q, attn_mask=mask).sum().backward()
+    return {e.name for e in p.events() if "scaled_dot_product" in e.name}
+
+
+def test_short_rows_in_16_bits_on_a_cpu_take_sdpas_math_kernel(flash_flag):
+    """The trainer's kernel choice: math for bf16/fp16 rows of <= 128 tokens on a CPU (its flash backward is slower
+    there), the flash kernel otherwise; checked on the op torch actually runs."""
+    from dist_ft.model import CPU_MATH_SDPA_MAX_LENGTH, choose_cpu_sdpa_kernel
+
+    cpu = torch.device("cpu")
+    flash = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    assert flash in _sdpa_ops(torch.bfloat16)
+    for kwargs in [dict(compute_dtype=torch.float32, max_length=64),                    # fp32: flash is faster
+                   dict(compute_dtype=torch.bfloat16, max_length=CPU_MATH_SDPA_MAX_LENGTH + 1)]:  # long rows
+        assert choose_cpu_sdpa_kernel("sdpa", device=cpu, **kwargs) is None
+    assert choose_cpu_sdpa_kernel("eager", device=cpu, compute_dtype=torch.bfloat16, max_length=64) is None
+    assert choose_cpu_sdpa_kernel("sdpa", device=torch.device("cuda", 0), compute_dtype=torch.bfloat16,
+                                  max_length=64) is None
+    assert flash in _sdpa_ops(torch.bfloat16)  # nothing changed so far
+    why = choose_cpu_sdpa_kernel("sdpa", device=cpu, compute_dtype=torch.bfloat16, max_length=128)
+    assert why and "math" in why
+    ops = _sdpa_ops(torch.bfloat16)
+    assert flash not in ops and "aten::_scaled_dot_product_attention_math" in ops

@@ -34,7 +34,7 @@ from ..distributed.rendezvous import PatientWait
 from ..distributed.spec import make_strategy
 from ..distributed.topology import Topology
 from ..host_memory import release_freed, trim_before_blocks
-from ..model import ModelBuilder, count_parameters, resolve_attention
+from ..model import ModelBuilder, choose_cpu_sdpa_kernel, count_parameters, resolve_attention
 from ..preflight import LAUNCHER_FILES
 from ..telemetry.flops import device_peak, method_flops, mfu, step_flops_per_token
 from ..telemetry.progress import MemoryMeter, Progress
@@ -128,6 +128,10 @@ class Trainer:
         self.attn, why = resolve_attention(r.model.attn_implementation, precision=r.distributed.precision)
         self.log(f"[dist_ft] attention: {self.attn} ({why}); precision {self.precision.name}; strategy "
                  f"{r.distributed.strategy}; method {r.method.kind}")
+        kernel = choose_cpu_sdpa_kernel(self.attn, device=self.topo.device, compute_dtype=self.precision.compute_dtype,
+                                        max_length=r.data.max_length)
+        if kernel:
+            self.log(f"[dist_ft] {kernel}")
         self.builder = ModelBuilder(r, model_path, num_labels=data.num_labels, label_names=data.label_names,
                                     pad_token_id=data.pad_token_id, dtype=self.precision.param_dtype,
                                     attn_implementation=self.attn)
