@@ -70,11 +70,12 @@ def straight(tmp_path_factory, tiny_llama):
     return get
 
 
-# CI time: full fine-tuning's resume under DDP, FSDP2 and ZeRO-2, and ZeRO-2's LoRA one, in the slow suite (DDP's and
-# FSDP2's LoRA resumes and ZeRO-3's two stay in CI; ZeRO-2 saves and loads through the same DeepSpeed engine calls).
+# CI time: full fine-tuning's resume under DDP, FSDP2, ZeRO-2 and ZeRO-3, and the LoRA ones of DDP and ZeRO-2, in the
+# slow suite. FSDP2's and ZeRO-3's LoRA resumes stay in CI (ZeRO-2 saves and loads through the same DeepSpeed engine
+# calls, ZeRO-3's full one too); DDP's exact resume stays in CI through test_faults' SIGTERM and test_slurm's USR1.
 @pytest.mark.parametrize("strategy, method", [
     pytest.param(s, m, marks=pytest.mark.slow) if (s, m) in (("ddp", "full"), ("fsdp", "full"), ("zero2", "full"),
-                                                           ("zero2", "lora"))
+                                                           ("zero2", "lora"), ("zero3", "full"), ("ddp", "lora"))
     else (s, m)
     for s in ("ddp", "fsdp", "zero2", "zero3") for m in ("full", "lora")], ids=lambda v: v)
 def test_exact_resume(tmp_path, tiny_llama, straight, strategy, method):
@@ -95,9 +96,10 @@ def test_exact_resume(tmp_path, tiny_llama, straight, strategy, method):
 
 
 # CI time: ZeRO-3's 2-to-1 in the slow suite (its 1-to-2 converts through the same universal path and stays), DDP's
-# (replicated: its 1-to-2 stays) and FSDP2's (its 1-to-2 reshards through the same distributed checkpoint and stays).
+# both (it writes the same distributed checkpoint as FSDP2, whose 1-to-2 reshards it and stays) and FSDP2's 2-to-1.
 @pytest.mark.parametrize("strategy,direction", [
-    pytest.param(s, d, marks=pytest.mark.slow) if (s, d) in (("zero3", "2to1"), ("ddp", "2to1"), ("fsdp", "2to1"))
+    pytest.param(s, d, marks=pytest.mark.slow) if (s, d) in (("zero3", "2to1"), ("ddp", "2to1"), ("fsdp", "2to1"),
+                                                           ("ddp", "1to2"))
     else (s, d)
     for s in ("ddp", "fsdp", "zero3") for d in ("2to1", "1to2")]
     + [("zero2", "2to1")])  # ZeRO-2 converts through the same universal path as ZeRO-3

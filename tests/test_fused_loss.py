@@ -59,6 +59,32 @@ def test_bf16_is_within_rounding_and_a_frozen_head_gets_no_gradient():
     assert rel < 1e-2, rel  # one bf16 rounding of the logits' gradient and of the product
 
 
+@pytest.mark.parametrize("rows", [1, 8, 64])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_per_row_losses_equal_cross_entropy_rows_under_any_row_weights(rows, with_bias):
+    """The preference objectives' form: each row's cross-entropy, then a weighted sum with weights known only in
+    the backward. Values and every gradient against autograd through the whole logits."""
+    g = torch.Generator().manual_seed(2)
+    n, hdim, vocab = 29, 16, 97
+    hidden = torch.randn(n, hdim, generator=g, requires_grad=True)
+    weight = (torch.randn(vocab, hdim, generator=g) * 0.5).requires_grad_()
+    bias = torch.randn(vocab, generator=g).requires_grad_() if with_bias else None
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    targets[[0, 5]] = IGNORE
+    row_w = torch.randn(n, generator=g)  # a nonlinear objective's per-row weights, e.g. DPO's
+    ce = fused_loss.LinearCrossEntropyRows.apply(hidden, weight, bias, targets, rows)
+    (ce * row_w).sum().backward()
+    h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    b = bias.detach().clone().requires_grad_() if with_bias else None
+    ref = F.cross_entropy(F.linear(h, w, b), targets, ignore_index=IGNORE, reduction="none")
+    (ref * row_w).sum().backward()
+    assert torch.allclose(ce, ref.detach(), atol=1e-5) and ce[[0, 5]].abs().max() == 0
+    assert torch.allclose(hidden.grad, h.grad, atol=1e-6)
+    assert torch.allclose(weight.grad, w.grad, atol=1e-6)
+    if with_bias:
+        assert torch.allclose(bias.grad, b.grad, atol=1e-6)
+
+
 def _model_and_batch(tiny_llama, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=dtype)
@@ -104,8 +130,51 @@ def test_refuses_what_it_cannot_fuse(tiny_llama, tmp_path):
         assert needle in str(e.value)
     with pytest.raises(RecipeError) as e:
         recipe_from_dict(tiny_recipe(tiny_llama, tmp_path / "o", training={"fused_loss": True},
-                                     objective={"kind": "dpo"}))
+                                     model={"task": "sequence_classification"}))
     assert "training.fused_loss" in str(e.value)
+
+
+def test_sequence_log_probs_for_the_preference_losses_equal_the_unfused(tiny_llama):
+    """DPO's policy term through the fused head: each sequence's summed log-probabilities (rows and packed segments)
+    and every parameter's gradient of a DPO-like loss, fused against the logits path."""
+    from dist_ft.train.preference import dpo, sequence_logps
+
+    model, batch = _model_and_batch(tiny_llama)
+    packed = {**batch, "segments": torch.tensor([[0] * 10 + [1] * 10, [2] * 20, [3] * 12 + [4] * 8])}
+    for b in (batch, packed):
+        out = {}
+        for fused in (False, True):
+            model.zero_grad(set_to_none=True)
+            logps, counts = sequence_logps(model, b, fused=fused)
+            k = logps.size(0) // 2
+            dpo(logps[:k], logps[k:2 * k], torch.zeros(k), torch.zeros(k), beta=0.1).losses.sum().backward()
+            out[fused] = (logps.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters()
+                                                   if p.grad is not None})
+        assert torch.allclose(out[True][0], out[False][0], atol=1e-5) and torch.equal(out[True][1], out[False][1])
+        assert out[True][2].keys() == out[False][2].keys() and out[True][2]
+        for n in out[False][2]:
+            assert torch.allclose(out[True][2][n], out[False][2][n], atol=1e-6, rtol=1e-4), n
+
+
+def test_a_fused_dpo_run_on_two_ranks_trains_what_the_unfused_one_trains(tmp_path, tiny_llama):
+    """training.fused_loss with objective.kind dpo (LoRA, the reference: adapters off) under FSDP2, 2 ranks."""
+    from test_preference_training import _pairs
+
+    losses, pairs = {}, _pairs(tmp_path / "pairs.jsonl")
+    for fused in (False, True):
+        out = tmp_path / f"dpo-{fused}"
+        recipe = tiny_recipe(tiny_llama, out, training={"max_steps": 3, "micro_batch_size": 2, "fused_loss": fused},
+                             data={"train": str(pairs), "format": "preference", "max_length": 48,
+                                   "max_train_samples": None, "max_eval_samples": None, "eval_fraction": 0.2},
+                             objective={"kind": "dpo"},
+                             method={"kind": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+                             distributed={"strategy": "fsdp"})
+        r = run_cli("launch", str(write_recipe(tmp_path / f"dpo-{fused}.yaml", recipe)), "--nproc-per-node", "2",
+                    timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        losses[fused] = [x["loss"] for x in read_metrics(out)[0]]
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
 
 
 # CI time: ZeRO-3's run in the slow suite (FSDP2's stays: both gather the head around its forward)

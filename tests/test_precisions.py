@@ -187,11 +187,21 @@ def _lora_model(path, *, dora=False):
     return peft.get_peft_model(model, cfg)
 
 
-def _loss_and_grads(model):
+def _loss_and_grads(model, saved: list | None = None):
+    """Loss and adapter gradients under bf16 autocast; `saved` collects the distinct tensors kept for backward."""
     ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    model.zero_grad(set_to_none=True)
+    seen = {}
+
+    def pack(t):
+        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
+    if saved is not None:
+        saved.append(sum(seen.values()))
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -217,6 +227,25 @@ def test_frozen_linears_in_the_compute_dtype_compute_what_autocast_computes(tiny
     (loss_ref, g_ref), (loss, g) = _loss_and_grads(ref), _loss_and_grads(cast)
     assert torch.equal(loss, loss_ref) and g.keys() == g_ref.keys()
     assert all(torch.equal(g[k], g_ref[k]) for k in g), max((g[k] - g_ref[k]).abs().max().item() for k in g)
+    # The projections' inputs cast once per norm (and peft's fp32 round trip of LoRA inputs off): the same bits
+    # again, and fewer bytes kept for the backward than autocast's one copy per matmul.
+    from dist_ft.distributed.precision import autocast_inputs_cast_once
+    from peft.tuners.lora import LoraLayer
+    layers = cast.get_base_model().config.num_hidden_layers
+    lora_layers = sum(isinstance(m, LoraLayer) for m in cast.modules())
+    assert lora_layers == 3 * layers  # q, v, up
+    assert autocast_inputs_cast_once(cast, precision_plan("bf16-mixed")) == lora_layers + 2 * layers
+    before, after = [], []
+    _loss_and_grads(ref, before)
+    loss_once, g_once = _loss_and_grads(cast, after)
+    # The forward is the same to the bit; the gradient reaching each norm is now summed over its consumers in bf16
+    # (as everywhere under FSDP2's bf16 policy or bf16-true), not fp32: within bf16's rounding.
+    assert torch.equal(loss_once, loss_ref)
+    worst = max(float((g_once[k] - g_ref[k]).norm() / g_ref[k].norm()) for k in g)
+    print(f"adapter gradients, shared bf16 inputs against autocast's per-matmul copies: worst relative {worst:.1e}")
+    assert 0 < worst < 2e-2, worst
+    assert after[0] < before[0], (after, before)
+    assert autocast_inputs_cast_once(_lora_model(tiny_llama), precision_plan("fp32")) == 0
     # Where fp32 values are read (full and partial save the base; DoRA norms it) or there is no autocast: untouched.
     for method, precision in [(SimpleNamespace(kind="full"), "bf16-mixed"), (SimpleNamespace(kind="partial"),
                               "bf16-mixed"), (lora, "fp32"), (lora, "bf16-true"),

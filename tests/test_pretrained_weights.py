@@ -183,7 +183,9 @@ def test_every_build_path_equals_from_pretrained(tmp_path, strategy, tiny_qwen2,
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", pytest.param("zero3", marks=pytest.mark.slow)])
+# CI time: DDP's in the slow suite (it loads with from_pretrained itself; FSDP2's sharded load is what can go wrong)
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp",
+                                      pytest.param("zero3", marks=pytest.mark.slow)])
 def test_bundled_models_equal_from_pretrained(tmp_path, strategy):
     from dist_ft.assets import resolve_model_path
 

@@ -8,6 +8,7 @@ from conftest import read_metrics, run_cli, write_recipe
 pytestmark = pytest.mark.real_model
 
 
+@pytest.mark.slow  # CI time: the demo's test (test_the_demo_runs_end_to_end) trains the same LoRA on the same data
 def test_smollm2_lora_learns_definitions(tmp_path):
     out = tmp_path / "smol"
     path = write_recipe(tmp_path / "r.yaml", {

@@ -282,9 +282,6 @@ def _fused_loss_checks(r: Recipe) -> list[str]:
     if r.model.task != "causal_lm":
         p.append(f"training.fused_loss: fuses a causal LM's output head with its token loss; model.task "
                  f"{r.model.task} has none to fuse: set it to false")
-    if r.objective.kind != "sft":
-        p.append(f"training.fused_loss: objective.kind {r.objective.kind} scores whole sequences from the logits, "
-                 "which the fused loss never forms (SFT only for now): set it to false")
     if r.method.kind in ("prompt_tuning", "prefix_tuning"):
         p.append(f"training.fused_loss: method.kind {r.method.kind} shifts the positions the fused head is given: "
                  "set it to false")

@@ -238,7 +238,8 @@ class TrainingConfig:
     fused_loss: bool = _f(False, "Compute a causal LM's output head and cross-entropy together over chunks of "
                           "target rows, forward and backward, so the [targets x vocab] logits and their gradient "
                           "never exist whole (Liger Kernel's fused linear cross-entropy): the step's largest "
-                          "tensor on 128k+ vocabularies. SFT, plain linear heads.")
+                          "tensor on 128k+ vocabularies. SFT and the preference objectives' policy log-probs; plain linear "
+                          "heads.")
     compile: bool = _f(False, "torch.compile each transformer block before the backend wraps or shards the model "
                        "(ddp, fsdp); compile time is reported apart from step time.")
 

@@ -65,6 +65,48 @@ def frozen_linears_in_compute_dtype(model: torch.nn.Module, plan: PrecisionPlan,
     return n
 
 
+# Architectures whose blocks feed each pre-attention / pre-MLP norm's output to Linear projections only (q, k, v;
+# gate, up): casting it once gives those matmuls the same inputs autocast would give each of them.
+NORMS_FEEDING_LINEARS = {"llama": ("input_layernorm", "post_attention_layernorm"),
+                         "mistral": ("input_layernorm", "post_attention_layernorm"),
+                         "qwen2": ("input_layernorm", "post_attention_layernorm"),
+                         "qwen3": ("input_layernorm", "post_attention_layernorm")}
+
+
+def autocast_inputs_cast_once(model: torch.nn.Module, plan: PrecisionPlan) -> int:
+    """Under autocast, cast the 16-bit inputs of a block's projections once instead of once per projection; returns
+    how many places now do so.
+
+    Autocast casts an fp32 activation to bf16 separately for every matmul that reads it, and peft first casts a
+    LoRA layer's bf16 input back to its fp32 adapter's dtype (for autocast to cast it down again): on a LoRA block
+    the same values are held as ~6 separate 16-bit copies, each kept for the backward, so bf16-mixed used more
+    activation memory than fp32 (which shares one tensor) and spent its time copying. Here a Llama-like block's two
+    norms hand their consumers (Linear projections only) the 16-bit copy once, and peft's cast of LoRA inputs is
+    turned off: every matmul sees exactly the values it saw before (the same round-to-nearest, once), sharing one
+    tensor. Elsewhere (other architectures, no autocast) nothing changes."""
+    if not plan.autocast:
+        return 0
+    from peft.tuners.lora import LoraLayer
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.cast_input_dtype_enabled = False
+            n += 1
+    config = getattr(getattr(model, "get_base_model", lambda: model)(), "config", None)
+    names = NORMS_FEEDING_LINEARS.get(getattr(config, "model_type", None), ())
+    dtype = plan.compute_dtype
+
+    def to_compute(module, args, output):
+        return output.to(dtype) if torch.is_autocast_enabled(output.device.type) else output
+
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in names:
+            module.register_forward_hook(to_compute)
+            n += 1
+    return n
+
+
 PLANS = {
     "fp32": PrecisionPlan("fp32", torch.float32, torch.float32, False),
     "bf16-mixed": PrecisionPlan("bf16-mixed", torch.float32, torch.bfloat16, False),

@@ -70,6 +70,7 @@ def why_not_fusable(model: torch.nn.Module) -> str | None:
 
 def _fused_forward(self, hidden: torch.Tensor) -> torch.Tensor:
     targets = self._dist_ft_targets
+    fn = LinearCrossEntropyRows if getattr(self, "_dist_ft_per_row", False) else LinearCrossEntropySum
     if targets is None:
         return F.linear(hidden, self.weight, self.bias)
     hidden = hidden.reshape(-1, hidden.size(-1))
@@ -83,22 +84,73 @@ def _fused_forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if dtype is not None:
             hidden, weight = hidden.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-        return LinearCrossEntropySum.apply(hidden, weight, bias, targets, rows)
+        return fn.apply(hidden, weight, bias, targets, rows)
 
 
 @contextlib.contextmanager
-def head_loss(model: torch.nn.Module, targets: torch.Tensor):
+def head_loss(model: torch.nn.Module, targets: torch.Tensor, *, per_row: bool = False):
     """While open, the model's forward returns (as its `logits`) the summed cross-entropy of its head's output rows
-    against `targets` (one per row the head is given; loss.IGNORE rows count nothing)."""
+    against `targets` (one per row the head is given; loss.IGNORE rows count nothing), or with `per_row` each row's
+    cross-entropy ([rows])."""
     head = output_head(model)
     if not isinstance(getattr(head, "forward", None), types.MethodType) or head.forward.__func__ is not _fused_forward:
         head._dist_ft_targets = None
         head.forward = types.MethodType(_fused_forward, head)
-    head._dist_ft_targets = targets
+    head._dist_ft_targets, head._dist_ft_per_row = targets, per_row
     try:
         yield
     finally:
-        head._dist_ft_targets = None
+        head._dist_ft_targets, head._dist_ft_per_row = None, False
+
+
+def _row_pass(hidden, weight, bias, targets, rows: int, *, need_h: bool, need_lse: bool, per_row: bool):
+    """Pass 1, over chunks of rows: the loss (summed, or per row), each row's log-sum-exp, and the input's gradient
+    per unit of each row's loss, (softmax - onehot) @ weight."""
+    n = hidden.size(0)
+    losses = torch.zeros(n if per_row else (), dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device) if need_lse else None
+    for start in range(0, n, rows):
+        x = F.linear(hidden[start:start + rows], weight, bias)
+        t = targets[start:start + rows]
+        c = _chunk_loss(x, t)
+        if per_row:
+            losses[start:start + rows] = -(c.logp.gather(1, c.safe).squeeze(1) * c.keep)
+        else:
+            losses += c.loss
+        if lse is not None:  # log-sum-exp = x - log p, read at any column
+            lse[start:start + rows] = x[:, 0].float() - c.logp[:, 0]
+        if need_h:
+            # d(lse - x_t)/dx = softmax(x) - onehot(t), zero on ignored rows: made in place of the log-probs
+            g = c.logp.exp_()
+            g.scatter_add_(1, c.safe, torch.full_like(c.safe, -1, dtype=g.dtype))
+            g.mul_(c.keep.unsqueeze(1))
+            torch.matmul(g.to(weight.dtype), weight, out=grad_h[start:start + rows])
+    return losses, grad_h, lse
+
+
+def _weight_pass(hidden, weight, bias, targets, lse, rows: int, *, need_w: bool, need_b: bool,
+                 row_scale: torch.Tensor | None = None):
+    """Pass 2, over chunks of vocabulary columns: those columns' logits for every row again, and the weight's (and
+    bias's) gradient for those columns in one matmul over all rows; each row's share scaled by `row_scale`."""
+    n, vocab = hidden.size(0), weight.size(0)
+    keep = (targets != IGNORE).unsqueeze(1)
+    scale = keep if row_scale is None else keep * row_scale.float().unsqueeze(1)
+    grad_w = torch.empty_like(weight) if need_w else None
+    grad_b = torch.empty_like(bias) if need_b else None
+    cols = max(1, rows * vocab // max(n, 1))  # the same number of logits per chunk as pass 1
+    for v0 in range(0, vocab, cols):
+        v1 = min(vocab, v0 + cols)
+        x = F.linear(hidden, weight[v0:v1], bias[v0:v1] if bias is not None else None)
+        g = x.float().sub_(lse.unsqueeze(1)).exp_()
+        hit = (targets >= v0) & (targets < v1)
+        g[hit.nonzero().squeeze(1), targets[hit] - v0] -= 1.0
+        g.mul_(scale)
+        if need_b:
+            grad_b[v0:v1] = g.sum(0)
+        if need_w:
+            torch.matmul(g.t().to(weight.dtype), hidden, out=grad_w[v0:v1])
+    return grad_w, grad_b
 
 
 class LinearCrossEntropySum(torch.autograd.Function):
@@ -118,39 +170,11 @@ class LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, rows: int):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        n, vocab = hidden.size(0), weight.size(0)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device) if (need_w or need_b) else None
-        for start in range(0, n, rows):
-            x = F.linear(hidden[start:start + rows], weight, bias)
-            c = _chunk_loss(x, targets[start:start + rows])
-            total += c.loss
-            if lse is not None:  # log-sum-exp = x - log p, read at any column
-                lse[start:start + rows] = x[:, 0].float() - c.logp[:, 0]
-            if need_h:
-                # d(lse - x_t)/dx = softmax(x) - onehot(t), zero on ignored rows: made in place of the log-probs
-                g = c.logp.exp_()
-                g.scatter_add_(1, c.safe, torch.full_like(c.safe, -1, dtype=g.dtype))
-                g.mul_(c.keep.unsqueeze(1))
-                torch.matmul(g.to(weight.dtype), weight, out=grad_h[start:start + rows])
+        total, grad_h, lse = _row_pass(hidden, weight, bias, targets, rows, need_h=need_h,
+                                       need_lse=need_w or need_b, per_row=False)
         grad_w = grad_b = None
         if need_w or need_b:
-            keep = (targets != IGNORE).unsqueeze(1)
-            grad_w = torch.empty_like(weight) if need_w else None
-            grad_b = torch.empty_like(bias) if need_b else None
-            cols = max(1, rows * vocab // max(n, 1))  # the same number of logits per chunk as pass 1
-            for v0 in range(0, vocab, cols):
-                v1 = min(vocab, v0 + cols)
-                x = F.linear(hidden, weight[v0:v1], bias[v0:v1] if bias is not None else None)
-                g = x.float().sub_(lse.unsqueeze(1)).exp_()
-                hit = (targets >= v0) & (targets < v1)
-                g[hit.nonzero().squeeze(1), targets[hit] - v0] -= 1.0
-                g.mul_(keep)
-                if need_b:
-                    grad_b[v0:v1] = g.sum(0)
-                if need_w:
-                    torch.matmul(g.t().to(weight.dtype), hidden, out=grad_w[v0:v1])
+            grad_w, grad_b = _weight_pass(hidden, weight, bias, targets, lse, rows, need_w=need_w, need_b=need_b)
         ctx.grads = (grad_h, grad_w, grad_b)
         return total
 
@@ -159,3 +183,33 @@ class LinearCrossEntropySum(torch.autograd.Function):
         grads = ctx.grads
         ctx.grads = None  # used once: scaled in place
         return (*(g.mul_(grad_output.to(g.dtype)) if g is not None else None for g in grads), None, None)
+
+
+class LinearCrossEntropyRows(torch.autograd.Function):
+    """CE(hidden @ weight.T + bias, targets) of each row (0 where the target is IGNORE), for objectives that weigh
+    rows unequally: the preference losses, through each sequence's summed log-probabilities. Pass 1 as above, keeping
+    the input's gradient per unit of each row's loss (scaled by the row's incoming gradient in the backward); pass 2,
+    the head's own gradient when it trains, runs in the backward, where each row's weight is known."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows: int):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        losses, grad_h, lse = _row_pass(hidden, weight, bias, targets, rows, need_h=need_h,
+                                        need_lse=need_w or need_b, per_row=True)
+        ctx.grad_h, ctx.rows = grad_h, rows
+        if need_w or need_b:
+            ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h, ctx.grad_h = ctx.grad_h, None  # used once: scaled in place
+        if grad_h is not None:
+            grad_h.mul_(grad_output.to(grad_h.dtype).unsqueeze(1))
+        grad_w = grad_b = None
+        if need_w or need_b:
+            hidden, weight, bias, targets, lse = ctx.saved_tensors
+            grad_w, grad_b = _weight_pass(hidden, weight, bias, targets, lse, ctx.rows, need_w=need_w,
+                                          need_b=need_b, row_scale=grad_output)
+        return grad_h, grad_w, grad_b, None, None

@@ -33,8 +33,9 @@ class KTO:
 
     kind = "kto"
 
-    def __init__(self, cfg, method_kind: str):
+    def __init__(self, cfg, method_kind: str, fused_loss: bool = False):
         self.beta, self.reference = cfg.resolved_beta(), ReferencePolicy(cfg, method_kind)
+        self.fused_loss = fused_loss  # training.fused_loss: the policy's log-probs without whole logits
         self.desirable_weight, self.undesirable_weight = cfg.kto_desirable_weight, cfg.kto_undesirable_weight
 
     def _reference_point(self, strategy, batches: list[dict], table: str, indices, counted=None) -> tuple[float, list]:
@@ -45,7 +46,7 @@ class KTO:
             k = mb["input_ids"].size(0) // 2
             ref = self.reference.logps(strategy, mb, table, indices[i] if indices else None)
             with torch.no_grad(), strategy.forward_context():
-                mismatched, _ = P.sequence_logps(strategy.model, _rows(mb, k, 2 * k))
+                mismatched, _ = P.sequence_logps(strategy.model, _rows(mb, k, 2 * k), fused=self.fused_loss)
             if counted is None or counted[i]:
                 kl_sum, rows = kl_sum + float((mismatched - ref[k:]).sum()), rows + k
             refs.append(ref)
@@ -54,7 +55,7 @@ class KTO:
 
     def _losses(self, strategy, mb: dict, desirable: torch.Tensor, ref: torch.Tensor, z0: float) -> P.PairLosses:
         k = mb["input_ids"].size(0) // 2
-        pi, _ = P.sequence_logps(strategy.model, _rows(mb, 0, k))
+        pi, _ = P.sequence_logps(strategy.model, _rows(mb, 0, k), fused=self.fused_loss)
         return P.kto(pi, ref[:k], desirable.to(pi.device), torch.tensor(z0, dtype=pi.dtype, device=pi.device),
                      beta=self.beta, desirable_weight=self.desirable_weight,
                      undesirable_weight=self.undesirable_weight)

@@ -48,14 +48,15 @@ class SFT:
 class Preference:
     """dpo, ipo, simpo or orpo on preference pairs (preference.py holds the formulas)."""
 
-    def __init__(self, cfg, method_kind: str):
+    def __init__(self, cfg, method_kind: str, fused_loss: bool = False):
         self.kind, self.beta = cfg.kind, cfg.resolved_beta()
+        self.fused_loss = fused_loss  # training.fused_loss: the policy's log-probs without whole logits
         self.label_smoothing, self.gamma = cfg.label_smoothing, cfg.simpo_gamma
         self.reference = ReferencePolicy(cfg, method_kind)
 
     def losses(self, strategy, batch, ref: torch.Tensor | None) -> tuple[P.PairLosses, torch.Tensor]:
         """The pairs' losses and rewards, and the policy's answer log-probs ([2P]: chosen rows, then rejected)."""
-        logps, counts = P.sequence_logps(strategy.model, batch)
+        logps, counts = P.sequence_logps(strategy.model, batch, fused=self.fused_loss)
         n = counts.to(logps.dtype)
         k = logps.size(0) // 2
         pc, pr, nc, nr = logps[:k], logps[k:], n[:k], n[k:]
@@ -138,5 +139,9 @@ class Preference:
 
 def make_objective(recipe):
     kind = recipe.objective.kind
-    return SFT(recipe.training.fused_loss) if kind == "sft" else KTO(recipe.objective, recipe.method.kind) if kind == "kto" else \
-        Preference(recipe.objective, recipe.method.kind)
+    fused = recipe.training.fused_loss
+    if kind == "sft":
+        return SFT(fused)
+    if kind == "kto":
+        return KTO(recipe.objective, recipe.method.kind, fused)
+    return Preference(recipe.objective, recipe.method.kind, fused)

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data.formats import IGNORE
-from .loss import forward_logits
+from .fused_loss import head_loss
+from .loss import attention_implementation, attention_inputs, forward_logits, selects_positions
 
 OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -76,14 +77,26 @@ def kto(pi, ref, desirable, kl, *, beta: float, desirable_weight: float = 1.0,
                       torch.where(desirable, torch.zeros_like(reward), reward))
 
 
-def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
+                   fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the target tokens' log-probabilities, number of target tokens) per sequence of `batch`, from one
     forward whose head runs at target positions only (as the SFT loss does). A sequence is a row, or in packed pair
-    rows a segment (`segments`: batching._collate_packed_pairs), numbered as the rows of the unpacked batch."""
+    rows a segment (`segments`: batching._collate_packed_pairs), numbered as the rows of the unpacked batch.
+    `fused` (training.fused_loss): the head and each token's cross-entropy computed together over chunks of target
+    rows (fused_loss.py), so the [targets, vocab] logits never exist whole."""
     segments = batch.get("segments")
     batch = {k: v for k, v in batch.items() if k != "segments"}
-    logits, targets = forward_logits(model, batch)
     labels = batch["labels"]
+    if fused and selects_positions(model):
+        inputs = attention_inputs(batch, attn_implementation=attention_implementation(model))
+        targets = F.pad(inputs["labels"][:, 1:], (0, 1), value=IGNORE)
+        keep = targets != IGNORE
+        targets = targets[keep]
+        with head_loss(model, targets, per_row=True):
+            token_ce = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep).logits
+        logits = None
+    else:
+        logits, targets = forward_logits(model, batch)
     shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     if segments is None:
         B = labels.size(0)
@@ -96,7 +109,10 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
     else:
         rows = seq[shifted != IGNORE]
     keep = targets != IGNORE
-    token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1))[:, 0]
+    if logits is None:
+        token_logps = -token_ce
+    else:
+        token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1))[:, 0]
     token_logps = torch.where(keep, token_logps, torch.zeros_like(token_logps))
     sums = torch.zeros(B, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
     counts = torch.zeros(B, dtype=torch.long, device=labels.device).index_add(0, rows, keep.long())

@@ -6,7 +6,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ..activation_checkpointing import enable_activation_checkpointing
-from ..precision import frozen_linears_in_compute_dtype
+from ..precision import autocast_inputs_cast_once, frozen_linears_in_compute_dtype
 from ..spec import spec_for
 from ..strategy import OptimizerFactory, Strategy
 
@@ -22,6 +22,7 @@ class DDPStrategy(Strategy):
         self._cast = 0
         if self.recipe is not None and spec_for(self.name).memory.frozen_linears_in_compute_dtype:
             self._cast = frozen_linears_in_compute_dtype(model, self.precision, self.recipe.method)
+            autocast_inputs_cast_once(model, self.precision)
         if self.activation_checkpointing:
             enable_activation_checkpointing(model)
         self.compile_blocks(model)
