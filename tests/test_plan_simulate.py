@@ -88,8 +88,9 @@ def test_replicated_quantities_stay_constant_under_ddp(sims):
     for q in S.QUANTITIES:
         got = {sims["8b-lora-ddp"].row(w, q).simulated for w in WORLDS}
         assert len(got) == 1, (q, got)
-    # LoRA's state is tiny beside the base: the whole 8B model in fp32 on every rank
-    assert sims["8b-lora-ddp"].row(1024, "parameters").simulated > 30e9
+    # LoRA's state is tiny beside the base: the whole 8B model on every rank, its frozen Linear weights in bf16
+    # (autocast's copy, stored: distributed/precision.frozen_linears_in_compute_dtype), embeddings and norms in fp32
+    assert 16e9 < sims["8b-lora-ddp"].row(1024, "parameters").simulated < 18e9
 
 
 def test_render_and_json(sims):

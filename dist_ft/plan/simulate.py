@@ -239,6 +239,9 @@ def _measure(recipe, builder, world: int) -> dict:
             module, fn = spec.meta_shard.split(":")
             getattr(importlib.import_module(module), fn)(model, precision=precision_plan(d.precision),
                                                           offload=d.offload, pin_memory=False)
+        if spec.memory.frozen_linears_in_compute_dtype:  # as the backend's strategy treats the built model
+            from ..distributed.precision import frozen_linears_in_compute_dtype
+            frozen_linears_in_compute_dtype(model, precision_plan(d.precision), recipe.method)
         params = list(model.parameters())  # tied weights once
         trainable = [p for p in params if p.requires_grad]
         for p in trainable:
