@@ -151,7 +151,8 @@ MORE = [pytest.param("zero1", "full", {"kind": "dpo"}, "none", marks=SLOW),
 
 # Packed pairs: LoRA (reference: adapters off, over the packed rows) and full (precomputed: looked up by the pairs
 # each packed row holds).
-PACKED = [("ddp", "lora", {"kind": "dpo"}, "packed"), ("fsdp", "full", {"kind": "dpo"}, "packed"),
+PACKED = [("ddp", "lora", {"kind": "dpo"}, "packed"),
+          pytest.param("fsdp", "full", {"kind": "dpo"}, "packed", marks=SLOW),  # CI time
           pytest.param("zero3", "full", {"kind": "simpo"}, "packed", marks=SLOW)]
 
 
