@@ -23,16 +23,21 @@ def _reference(hidden, weight, bias, targets):
     return loss.detach(), h.grad, w.grad, b.grad if b is not None else None
 
 
-@pytest.mark.parametrize("rows", [1, 7, 64])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_fp32_equals_linear_then_cross_entropy(rows, with_bias):
-    g = torch.Generator().manual_seed(0)
-    n, hdim, vocab = 37, 16, 101
+def _head_inputs(seed, n, hdim, vocab, with_bias, ignored):
+    """Random fp32 head inputs that need gradients, and targets with `ignored` rows set to IGNORE."""
+    g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, hdim, generator=g, requires_grad=True)
     weight = (torch.randn(vocab, hdim, generator=g) * 0.5).requires_grad_()
     bias = torch.randn(vocab, generator=g).requires_grad_() if with_bias else None
     targets = torch.randint(0, vocab, (n,), generator=g)
-    targets[[3, 10, 11]] = IGNORE
+    targets[ignored] = IGNORE
+    return g, hidden, weight, bias, targets
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fp32_equals_linear_then_cross_entropy(rows, with_bias):
+    _, hidden, weight, bias, targets = _head_inputs(0, 37, 16, 101, with_bias, [3, 10, 11])
     loss = fused_loss.LinearCrossEntropySum.apply(hidden, weight, bias, targets, rows)
     (loss * 0.37).backward()  # the incoming gradient scales every gradient (train_step's 1/targets)
     ref_loss, ref_h, ref_w, ref_b = _reference(hidden, weight, bias, targets)
@@ -64,13 +69,8 @@ def test_bf16_is_within_rounding_and_a_frozen_head_gets_no_gradient():
 def test_per_row_losses_equal_cross_entropy_rows_under_any_row_weights(rows, with_bias):
     """The preference objectives' form: each row's cross-entropy, then a weighted sum with weights known only in
     the backward. Values and every gradient against autograd through the whole logits."""
-    g = torch.Generator().manual_seed(2)
-    n, hdim, vocab = 29, 16, 97
-    hidden = torch.randn(n, hdim, generator=g, requires_grad=True)
-    weight = (torch.randn(vocab, hdim, generator=g) * 0.5).requires_grad_()
-    bias = torch.randn(vocab, generator=g).requires_grad_() if with_bias else None
-    targets = torch.randint(0, vocab, (n,), generator=g)
-    targets[[0, 5]] = IGNORE
+    n = 29
+    g, hidden, weight, bias, targets = _head_inputs(2, n, 16, 97, with_bias, [0, 5])
     row_w = torch.randn(n, generator=g)  # a nonlinear objective's per-row weights, e.g. DPO's
     ce = fused_loss.LinearCrossEntropyRows.apply(hidden, weight, bias, targets, rows)
     (ce * row_w).sum().backward()

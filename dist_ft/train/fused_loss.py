@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.formats import IGNORE
-from .loss import _chunk_loss, _unwrapped
+from .loss import _chunk_loss, _unwrapped, attention_implementation, attention_inputs
 
 # A chunk's fp32 logits: ~16 MB on a CPU (large enough for the matmuls to run near peak, small beside the logits the
 # fusion removes), ~64 MB on an accelerator (130 rows at a 128k vocabulary: matmuls that fill a GPU, a few dozen
@@ -101,6 +101,18 @@ def head_loss(model: torch.nn.Module, targets: torch.Tensor, *, per_row: bool = 
         yield
     finally:
         head._dist_ft_targets, head._dist_ft_per_row = None, False
+
+
+def fused_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
+                  per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal LM's forward with its head fused to the cross-entropy, over the positions whose next token is a
+    target: (the summed loss, or with `per_row` each target's loss; those targets, in order)."""
+    batch = attention_inputs(batch, attn_implementation=attention_implementation(model))
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
+    keep = targets != IGNORE
+    with head_loss(model, targets[keep], per_row=per_row):
+        out = model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=keep).logits
+    return out, targets[keep]
 
 
 def _row_pass(hidden, weight, bias, targets, rows: int, *, need_h: bool, need_lse: bool, per_row: bool):

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data.formats import IGNORE
-from .fused_loss import head_loss
-from .loss import attention_implementation, attention_inputs, forward_logits, selects_positions
+from .fused_loss import fused_forward
+from .loss import forward_logits, selects_positions
 
 OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -88,12 +88,7 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
     batch = {k: v for k, v in batch.items() if k != "segments"}
     labels = batch["labels"]
     if fused and selects_positions(model):
-        inputs = attention_inputs(batch, attn_implementation=attention_implementation(model))
-        targets = F.pad(inputs["labels"][:, 1:], (0, 1), value=IGNORE)
-        keep = targets != IGNORE
-        targets = targets[keep]
-        with head_loss(model, targets, per_row=True):
-            token_ce = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep).logits
+        token_ce, targets = fused_forward(model, batch, per_row=True)
         logits = None
     else:
         logits, targets = forward_logits(model, batch)

@@ -6,13 +6,11 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..data.batching import count_targets
-from ..data.formats import IGNORE
 from ..distributed.strategy import Strategy
-from .fused_loss import head_loss
-from .loss import attention_implementation, attention_inputs, forward_logits, loss_sum
+from .fused_loss import fused_forward
+from .loss import forward_logits, loss_sum
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -29,11 +27,7 @@ def training_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     [targets, vocab] logits never exist whole; otherwise the logits at target positions, then `loss_sum` with the
     gradient written over them (they are not read again)."""
     if fused and batch["labels"].dim() == 2 and "decoder_attention_mask" not in batch:
-        batch = attention_inputs(batch, attn_implementation=attention_implementation(model))
-        targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
-        keep = targets != IGNORE
-        with head_loss(model, targets[keep]):
-            return model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=keep).logits
+        return fused_forward(model, batch)[0]
     logits, targets = forward_logits(model, batch)
     return loss_sum(logits, targets, class_weights, reuse_logits=True)
 
