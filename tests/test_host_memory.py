@@ -14,15 +14,16 @@ from conftest import read_metrics, run_cli, tiny_recipe, write_recipe
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
 
 # A load's pattern in miniature: per weight a transient buffer (freed) and a kept shard above it, both under the
-# mmap threshold (so from the heap), 64 times: ~380 MiB of holes. Prints the resident set before, after the frees, after release_freed (MiB), and the MiBs kept.
+# mmap threshold (so from the heap), 64 times: ~380 MiB of holes. Prints the memory held before, after the frees,
+# after release_freed (MiB), and the MiBs kept. Swapped pages count as held: CI once saw the holes leave RssAnon
+# before any trim, which only swapping (or a kernel that drops pages) explains.
 _FRAGMENT = textwrap.dedent("""
     import ctypes, torch
     from dist_ft.host_memory import release_freed
     ctypes.CDLL("libc.so.6").mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD fixed at 32 MiB: all from the heap
-    def rss():
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon"):
-                return int(line.split()[1]) / 1024
+    def rss():  # anonymous memory the process holds: resident, or swapped out (a loaded host swaps idle holes)
+        fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+        return sum(int(fields[k].split()[0]) for k in ("RssAnon", "VmSwap") if k in fields) / 1024
     base, kept = rss(), []
     for i in range(64):
         scratch = torch.ones(2**20 + i * 2**14)  # 4 MiB and up, freed: each larger than the last, fits no old hole
@@ -37,12 +38,17 @@ _FRAGMENT = textwrap.dedent("""
 
 
 def test_release_freed_returns_the_heaps_free_pages():
-    out = subprocess.run([sys.executable, "-c", _FRAGMENT], capture_output=True, text=True,
-                         check=True).stdout.split()
-    base, before, after, kept = map(float, out)
-    assert kept == 64  # MiB
-    assert before > base + kept + 250, out  # the holes stay resident between the kept MiBs
-    assert after < base + kept + 32, out  # until trimmed: what is left is the kept tensors
+    runs = []
+    for _ in range(3):  # a host under memory pressure may take the holes first; one clean run of three is asked
+        out = subprocess.run([sys.executable, "-c", _FRAGMENT], capture_output=True, text=True,
+                             check=True).stdout.split()
+        base, before, after, kept = map(float, out)
+        runs.append(out)
+        assert kept == 64  # MiB
+        assert after < base + kept + 32, out  # after the trim, what is left is the kept tensors
+        if before > base + kept + 250:  # the holes stayed resident between the kept MiBs until trimmed
+            return
+    raise AssertionError(f"the freed holes never stayed resident, nothing for the trim to return: {runs}")
 
 
 def test_the_loader_trims_every_256_mib_it_reads(monkeypatch, tiny_llama):
