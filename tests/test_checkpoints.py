@@ -216,7 +216,7 @@ def _logits(model, batch):
         return model(**batch).logits
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+@pytest.mark.parametrize("strategy", [pytest.param("fsdp", marks=pytest.mark.slow), "zero3"])  # CI time
 def test_export_round_trip(tmp_path, tiny_llama, strategy):
     """Full fine-tuning: the export of the last checkpoint gives the trained model's logits."""
     from transformers import AutoModelForCausalLM

@@ -52,8 +52,8 @@ STALLS = {"hang-checkpoint:3": "the checkpoint of step 3",  # every rank at once
           "hang-exit-gil:0:1": None}  # the same inside C code that keeps the GIL (a destructor joining a thread)
 
 
-@pytest.mark.parametrize("fault", [pytest.param(f, marks=pytest.mark.slow) if f == "hang-exit:0:1" else f
-                                   for f in STALLS])  # (hang-exit-gil covers the exit in CI)
+@pytest.mark.parametrize("fault", [pytest.param(f, marks=pytest.mark.slow) if f in ("hang-exit:0:1", "hang-final-save:6:0")
+                                   else f for f in STALLS])  # CI time: hang-exit-gil covers the exit, hang-checkpoint a save
 def test_a_stall_anywhere_ends_the_job_within_the_timeout(tmp_path, tiny_llama, fault):
     """A rank that stops making progress where nobody waits on it in a collective still ends the job within
     distributed.timeout_seconds (10) plus a bounded margin, saying where it was; before the progress watchdog, the
