@@ -100,7 +100,7 @@ def test_fp16_and_no_mixed_precision(tmp_path):
 def test_torch_compile_is_refused(tmp_path):
     env = _env(tmp_path, {"distributed_type": "MULTI_GPU",
                           "dynamo_config": {"dynamo_backend": "INDUCTOR", "dynamo_mode": "max-autotune"}})
-    _assert_all(_problems(env), ("dynamo_config.dynamo_backend: inductor", "dynamo_backend: 'no'"))
+    _assert_all(_problems(env), ("dynamo_config.dynamo_backend: inductor", "training.compile: true", "dynamo_backend: 'no'"))
 
 
 def test_what_dist_ft_has_no_backend_for_is_refused():

@@ -129,9 +129,10 @@ def _compile_problems(env: dict[str, str]) -> list[str]:
     backend = env.get("ACCELERATE_DYNAMO_BACKEND", "NO").strip().upper()
     if backend in ("NO", ""):
         return []
-    return [f"accelerate config dynamo_config.dynamo_backend: {backend.lower()} but dist_ft does not compile the "
-            "model (no recipe key turns torch.compile on); set dynamo_backend: 'no' (or remove dynamo_config) in "
-            "the accelerate config"]
+    # accelerate would compile the whole wrapped model; dist_ft compiles per block before wrapping (compile.py)
+    return [f"accelerate config dynamo_config.dynamo_backend: {backend.lower()}: dist_ft compiles from the recipe, "
+            "not the launcher; set training.compile: true in the recipe and dynamo_backend: 'no' (or remove "
+            "dynamo_config) in the accelerate config"]
 
 
 def _backend_problems(env: dict[str, str]) -> list[str]:
