@@ -4,12 +4,17 @@
     .venv/bin/python benchmarks/compare.py --job b --steps 10 # job b: full fine-tuning, FSDP2 and ZeRO-3
     .venv/bin/python benchmarks/compare.py --job a --steps 8 --profile   # where the time goes (py-spy)
     .venv/bin/python benchmarks/compare.py --job dpo --steps 20 --rounds 1  # DPO against TRL's DPOTrainer
+    .venv/bin/python benchmarks/compare.py --precisions fp32,bf16-mixed,bf16-true   # job a in each precision
+    .venv/bin/python benchmarks/compare.py --compile --only dist_ft --rounds 1      # job a compiled and eager
+    .venv/bin/python benchmarks/compare.py --job long   # the fused head-and-loss memory (benchmarks/fused_loss.py)
 
 Jobs, each on 2 processes x 1 thread, fp32, micro-batch 4, examples of <= 128 tokens:
   a  LoRA r16 (all linear layers) on the bundled SmolLM2-135M-Instruct, WordNet definitions, DDP
   b  full fine-tuning of a random ~130M Llama-shaped model on the same data, FSDP2 and DeepSpeed ZeRO-3
   dpo  DPO with LoRA on the bundled SmolLM2-135M-Instruct, WordNet preference pairs, DDP, against TRL's
        DPOTrainer and benchmarks/raw_dpo.py, in pairs/s (benchmarks/compare_dpo.py says how)
+  long one micro-step on 4,096-token rows with a 128k vocabulary: the head-and-loss memory with and without
+       training.fused_loss (benchmarks/fused_loss.py measures it; results in fused_loss.md)
 
 Runners, alternated within each round (the machine is noisy, so every ratio is taken within a round and the
 median over rounds is reported):
@@ -64,9 +69,9 @@ JOBS = {
 
 
 def job_recipe(job: dict, *, model: str, strategy: str, steps: int, out: Path, packing: bool = False,
-               precision: str = "fp32") -> dict:
-    """The demo recipe with the job's model, method, strategy, precision and steps; evaluation reduced to the
-    held-out loss."""
+               precision: str = "fp32", compile: bool = False) -> dict:
+    """The demo recipe with the job's model, method, strategy, precision, steps and training.compile; evaluation
+    reduced to the held-out loss."""
     r = yaml.safe_load((REPO / "dist_ft" / "recipes" / "demo.yaml").read_text())
     r.update(output_dir=str(out), overwrite_output_dir=True, eval={"metrics": []})
     r["model"]["path"] = model
@@ -74,7 +79,7 @@ def job_recipe(job: dict, *, model: str, strategy: str, steps: int, out: Path, p
     r["data"]["packing"] = packing
     if job["method"] == "full":
         r["method"] = {"kind": "full"}
-    r["training"].update(max_steps=steps, learning_rate=job["lr"], warmup_steps=min(5, steps // 4))
+    r["training"].update(max_steps=steps, learning_rate=job["lr"], warmup_steps=min(5, steps // 4), compile=compile)
     r["distributed"]["strategy"] = strategy
     r["distributed"]["precision"] = precision
     return r
@@ -203,7 +208,7 @@ def run_dist_ft(recipe: dict, work: Path, nproc: int, prefix: list[str] = ()) ->
     run = _run(cmd, work / f"{out.name}.log")
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [{"step": r["step"], "loss": r["loss"], "step_time": r["step_time"], "useful_tokens": r["useful_tokens"],
-              "tokens": r["tokens"]} for r in records if "loss" in r]
+              "tokens": r["tokens"], "compile_s": r.get("compile_s", 0.0)} for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     end = next(r for r in records if r.get("event") == "end")
     return {"steps": steps, "heldout_loss": evals[-1]["eval_loss"], "heldout_loss_before": evals[0]["eval_loss"],
@@ -238,7 +243,7 @@ def run_kind(kind: str, opt: dict, job: dict, job_dir: Path, work: Path, nproc: 
     if kind == "dist_ft":
         return run_dist_ft(job_recipe(job, model=job["model_path"], strategy=opt["strategy"], steps=steps,
                                       out=work / name, packing=opt.get("packing", False),
-                                      precision=opt["precision"]), work, nproc)
+                                      precision=opt["precision"], compile=opt.get("compile", False)), work, nproc)
     if kind == "raw":
         return run_raw(job_dir, opt["strategy"], work, nproc, name, precision=opt["precision"])
     return run_trl(job_dir, opt["packing"], work, nproc, name, precision=opt["precision"])
@@ -248,19 +253,24 @@ def summarise_run(run: dict, skip: int = 2) -> dict:
     timed = run["steps"][skip:] or run["steps"]
     return {"useful_tokens_per_s": sum(s["useful_tokens"] for s in timed) / sum(s["step_time"] for s in timed),
             "s_per_step": statistics.median(s["step_time"] for s in timed), "peak_mb": max(run["peak_mb"]),
+            "compile_s": sum(s.get("compile_s", 0.0) for s in run["steps"]),  # all steps: compiling is in the first
             "heldout_loss": run["heldout_loss"], "heldout_loss_before": run.get("heldout_loss_before")}
 
 
-def runners_for(job: dict, precisions: list[str] = ("fp32",)) -> list[tuple[str, str, dict]]:
+def runners_for(job: dict, precisions: list[str] = ("fp32",), compile: bool = False) -> list[tuple[str, str, dict]]:
     """(label, kind, options) in the order each round runs them: dist_ft and the raw loop for every strategy and
-    precision, TRL in fp32 and bf16-mixed (TrainingArguments' bf16), the packed pair with one precision only."""
+    precision (with `compile`, dist_ft compiled after each eager dist_ft), TRL in fp32 and bf16-mixed
+    (TrainingArguments' bf16), the packed pair with one precision only."""
     out = []
     for prec in precisions:
         p = f" {prec}" if len(precisions) > 1 else ""
         for s in job["strategies"]:
             suffix = (f" {s}" if len(job["strategies"]) > 1 else "") + p
-            out += [(f"dist_ft{suffix}", "dist_ft", {"strategy": s, "precision": prec, "packing": False}),
-                    (f"raw{suffix}", "raw", {"strategy": s, "precision": prec, "packing": False})]
+            out.append((f"dist_ft{suffix}", "dist_ft", {"strategy": s, "precision": prec, "packing": False}))
+            if compile:
+                out.append((f"dist_ft compiled{suffix}", "dist_ft",
+                            {"strategy": s, "precision": prec, "packing": False, "compile": True}))
+            out.append((f"raw{suffix}", "raw", {"strategy": s, "precision": prec, "packing": False}))
         if job["trl"] and prec in ("fp32", "bf16-mixed"):
             out.append((f"trl{p}", "trl", {"strategy": job["strategies"][0], "precision": prec, "packing": False}))
     if job["trl"] and len(precisions) == 1:
@@ -300,8 +310,9 @@ def table(job: dict, runs: list[dict], *, peaks: dict, flops_tok: float, nproc: 
         return statistics.median(vals) if vals else None
 
     def find(kind, **want):
+        want.setdefault("compile", False)  # an eager runner unless asked
         return next((lab for lab, m in meta.items() if m["kind"] == kind
-                     and all(m.get(k) == v for k, v in want.items())), None)
+                     and all(m.get(k, False if k == "compile" else None) == v for k, v in want.items())), None)
 
     rows = []
     for label in labels:
@@ -319,18 +330,25 @@ def table(job: dict, runs: list[dict], *, peaks: dict, flops_tok: float, nproc: 
             row["raw_like"], row["x_raw"] = (raw, ratio(label, raw)) if raw else (None, None)
             row["trl_like"], row["x_trl"] = (trl, ratio(label, trl)) if trl else (None, None)
             fp32 = None if m["precision"] == "fp32" or m["packing"] else \
-                find("dist_ft", strategy=m["strategy"], precision="fp32", packing=False)
+                find("dist_ft", strategy=m["strategy"], precision="fp32", packing=False, compile=m.get("compile", False))
             row["fp32_like"], row["x_fp32"] = (fp32, ratio(label, fp32)) if fp32 else (None, None)
+            if m.get("compile"):  # against the same run in eager; its compile time apart from the step times
+                eager = find("dist_ft", strategy=m["strategy"], precision=m["precision"], packing=False)
+                row["eager_like"], row["x_eager"] = (eager, ratio(label, eager)) if eager else (None, None)
+                row["compile_s"] = med(label, "compile_s")
         rows.append(row)
     f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     several = len({r["precision"] for r in rows}) > 1
+    compiled = any(r.get("compile") for r in rows)
     lines = ["| runner | useful tokens/s | s / step | peak MiB / rank | held-out loss | MFU | dist_ft ÷ raw | "
-             "dist_ft ÷ TRL (same packing) |" + (" dist_ft ÷ its fp32 |" if several else ""),
-             "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if several else "")]
+             "dist_ft ÷ TRL (same packing) |" + (" dist_ft ÷ its fp32 |" if several else "")
+             + (" compiled ÷ eager | compile s (steps 1-2) |" if compiled else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if several else "") + ("---:|---:|" if compiled else "")]
     for r in rows:
         lines.append(f"| {r['runner']} | {r['useful_tokens_per_s']:,.0f} | {r['s_per_step']:.2f} | {r['peak_mb']:,.0f} | "
                      f"{r['heldout_loss']:.4f} | {r['mfu']:.1%} | {f(r.get('x_raw'), '.3f')} | "
-                     f"{f(r.get('x_trl'), '.2f')} |" + (f" {f(r.get('x_fp32'), '.2f')} |" if several else ""))
+                     f"{f(r.get('x_trl'), '.2f')} |" + (f" {f(r.get('x_fp32'), '.2f')} |" if several else "")
+                     + (f" {f(r.get('x_eager'), '.2f')} | {f(r.get('compile_s'), '.0f')} |" if compiled else ""))
     # Targets.
     targets = []
     row = {r["runner"]: r for r in rows}
@@ -354,6 +372,13 @@ def table(job: dict, runs: list[dict], *, peaks: dict, flops_tok: float, nproc: 
             targets.append(f"{r['runner']} ÷ {t} >= {want} useful tokens/s, held-out loss no worse (+0.02), lower "
                            f"peak memory: {x:.2f}x, loss {dloss:+.4f}, {r['peak_mb']:,.0f} vs "
                            f"{row[t]['peak_mb']:,.0f} MiB -> {'met' if ok else 'NOT met'}")
+        eager, x = r.get("eager_like"), r.get("x_eager")
+        if eager is not None and x is not None:  # no target in the issue: the figures, and eager's loss kept
+            rel = abs(r["heldout_loss"] - row[eager]["heldout_loss"]) / row[eager]["heldout_loss"]
+            targets.append(f"{r['runner']} against {eager}: {x:.2f}x useful tokens/s after {r['compile_s']:.0f} s "
+                           f"compiling (not in the step times), held-out loss {rel:.2%} off, peak "
+                           f"{r['peak_mb']:,.0f} vs {row[eager]['peak_mb']:,.0f} MiB -> "
+                           f"{'same loss (within 1%)' if rel <= 0.01 else 'LOSS DIFFERS'}")
         base, x = r.get("fp32_like"), r.get("x_fp32")
         if base is not None and x is not None:
             want = 2.5 if r["precision"] == "bf16-true" else 2.2
@@ -434,7 +459,7 @@ def profile(job: dict, job_dir: Path, work: Path, steps: int, nproc: int) -> str
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--job", default="a", choices=["a", "b", "dpo", "all"])
+    p.add_argument("--job", default="a", choices=["a", "b", "dpo", "long", "all"])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--nproc", type=int, default=2)
@@ -442,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
                    "optionally for one precision only (trl@bf16-mixed)")
     p.add_argument("--precisions", default="fp32", help="comma-separated: fp32, bf16-mixed, bf16-true (job a and b; "
                    "TRL runs fp32 and bf16-mixed; the packed runners only when one precision is asked)")
+    p.add_argument("--compile", action="store_true", help="also run dist_ft with training.compile: true beside "
+                   "each eager dist_ft runner (job a and b)")
     p.add_argument("--profile", action="store_true", help="profile dist_ft and the raw loop with py-spy instead")
     p.add_argument("--quiet-wait", type=float, default=300.0, help="seconds to wait, before each run, for other "
                    "work on the machine to stop (it would slow one runner and not the others)")
@@ -449,7 +476,11 @@ def main(argv: list[str] | None = None) -> int:
     QUIET_WAIT[0] = a.quiet_wait
     argv_text = " ".join(argv if argv is not None else sys.argv[1:])
     work_root = Path(os.environ.get("TMPDIR", "/tmp")) / "dist_ft_compare"
-    for key in (["a", "b", "dpo"] if a.job == "all" else [a.job]):
+    for key in (["a", "b", "dpo", "long"] if a.job == "all" else [a.job]):
+        if key == "long":  # one micro-step's memory, not a throughput race: fused_loss.py measures it
+            import fused_loss
+            fused_loss.main([])
+            continue
         if key == "dpo":
             import compare_dpo
             compare_dpo.run_job(steps=a.steps, rounds=a.rounds, nproc=a.nproc, work=work_root / key, argv=argv,
@@ -502,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
                                             mean_len, method)
         runs, failures = [], []
         for rnd in range(1, a.rounds + 1):
-            for label, kind, opt in runners_for(job, precisions):
+            for label, kind, opt in runners_for(job, precisions, compile=a.compile):
                 if not selected(a.only, kind, opt["precision"]):
                     continue
                 name = f"{label.replace(' ', '-')}-r{rnd}"
@@ -532,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         if failures:
             text += "\n\nFailed runs:\n" + "\n".join(f"- {f}" for f in failures)
         print("\n" + text)
-        name = f"compare-{key}" + ("" if precisions == ["fp32"] else "-precisions")
+        name = f"compare-{key}" + ("" if precisions == ["fp32"] else "-precisions") + ("-compile" if a.compile else "")
         write_results(name, f"dist_ft vs raw loop vs TRL, job {key}", "compare.py", argv, text,
                       {"command": f"python benchmarks/compare.py {argv_text}", "job": key, "title": job["title"],
                        "steps": a.steps, "rounds": a.rounds, "nproc": nproc, "matmul_flops_per_process": peaks,

@@ -133,3 +133,32 @@ def test_precision_runs_are_set_against_their_own_kind_and_fp32():
     assert "NOT met" in t["dist_ft bf16-mixed ÷ raw"]  # 0.958 < 0.97
     assert "-> met" in t["dist_ft bf16-mixed ÷ trl"]
     assert "dist_ft ÷ its fp32" in md
+
+
+def test_compiled_runs_are_set_against_eager_with_compile_time_apart():
+    """--compile: dist_ft compiled after each eager dist_ft; its row against eager (not against fp32 or as the
+    eager row of another), compile seconds summed over all steps, the steps after the first two timed."""
+    job = compare.JOBS["a"]
+    labels = [(label, opt.get("compile", False)) for label, _, opt in compare.runners_for(job, ["fp32"], compile=True)]
+    assert labels[:3] == [("dist_ft", False), ("dist_ft compiled", True), ("raw", False)]
+    runs = []
+    for rnd, scale in [(1, 1.0), (2, 2.0)]:
+        eager, comp = _run("dist_ft", rnd, 100 * scale), _run("dist_ft compiled", rnd, 125 * scale, loss=2.001)
+        comp["opt"]["compile"] = True
+        comp["steps"][0].update(step_time=40.0, compile_s=39.0)  # the compiling steps are not timed (skip 2)
+        comp["steps"][1].update(compile_s=0.5)
+        runs += [comp, eager, _run("raw", rnd, 100 * scale)]
+    md, rows, extra = compare.table(job, runs, peaks={"fp32": 1e9}, flops_tok=1e6, nproc=2)
+    row = {r["runner"]: r for r in rows}
+    c = row["dist_ft compiled"]
+    assert c["eager_like"] == "dist_ft" and c["x_eager"] == pytest.approx(1.25) and c["compile_s"] == 39.5
+    assert c["x_raw"] == pytest.approx(1.25) and c["fp32_like"] is None  # it is fp32
+    bf16 = compare.table(job, runs + [{**_run("dist_ft compiled bf16", 1, 250, precision="bf16-mixed"),
+                                       "opt": {"strategy": "ddp", "precision": "bf16-mixed", "packing": False,
+                                               "compile": True}}],
+                         peaks={"fp32": 1e9, "bf16": 2e9}, flops_tok=1e6, nproc=2)[1][-1]
+    assert bf16["fp32_like"] == "dist_ft compiled" and bf16["x_fp32"] == pytest.approx(2.0)  # compiled against compiled
+    assert row["dist_ft"]["x_raw"] == pytest.approx(1.0) and "eager_like" not in row["dist_ft"]
+    assert any(t.startswith("dist_ft compiled against dist_ft: 1.25x") and "40 s compiling" in t
+               and "same loss" in t for t in extra["targets"])
+    assert "compiled ÷ eager" in md and "| 1.25 | 40 |" in md
