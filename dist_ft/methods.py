@@ -83,7 +83,26 @@ def apply_method(model: torch.nn.Module, recipe: Recipe, *, model_path: str | No
         cfg = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=m.prompt.num_virtual_tokens)
     else:
         raise ValueError(f"method.kind: {m.kind!r} is not supported")
-    return peft.get_peft_model(model, cfg)
+    return _peft_model(model, cfg, recipe)
+
+
+def _peft_model(model: torch.nn.Module, cfg, recipe: Recipe) -> torch.nn.Module:
+    """peft's model, its trainable weights in the recipe's storage dtype. peft creates adapters in fp32 beside a
+    16-bit base (autocast_adapter_dtype), right for mixed precision, whose masters are fp32. Under bf16-true it made
+    the adapters, their gradients and optimizer state fp32 under DDP and FSDP2, where DeepSpeed (which casts its
+    module to bf16) had them in bf16, and cost two casts per adapted Linear per pass: bf16-true is 16 bits
+    throughout, as the plan counts it and as litgpt and torchtune train LoRA."""
+    import peft
+
+    true16 = recipe.distributed.precision.endswith("-true")
+    model = peft.get_peft_model(model, cfg, autocast_adapter_dtype=not true16)
+    if true16:
+        from .distributed.precision import precision_plan
+        dtype = precision_plan(recipe.distributed.precision).param_dtype
+        for p in model.parameters():  # what peft left fp32 (an adapter beside a 4-bit base, a prompt encoder)
+            if p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+    return model
 
 
 def image_head_modules(model: torch.nn.Module) -> list[str]:
@@ -123,7 +142,7 @@ def _image_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     cfg = peft.LoraConfig(r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
                           target_modules=image_lora_targets(model, m.lora.target_modules),
                           use_rslora=m.lora.use_rslora, use_dora=m.lora.use_dora, modules_to_save=save)
-    return peft.get_peft_model(model, cfg)
+    return _peft_model(model, cfg, recipe)
 
 
 def add_neftune(model: torch.nn.Module, alpha: float):

@@ -317,3 +317,23 @@ def test_short_rows_in_16_bits_on_a_cpu_take_sdpas_math_kernel(flash_flag):
     assert why and "math" in why
     ops = _sdpa_ops(torch.bfloat16)
     assert flash not in ops and "aten::_scaled_dot_product_attention_math" in ops
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", pytest.param("zero2", marks=slow)])
+def test_bf16_true_lora_trains_16_bit_adapters_on_every_strategy(tmp_path, tiny_llama, strategy):
+    """bf16-true is 16 bits throughout, the adapters too: peft makes them fp32 beside a bf16 base, which DDP and
+    FSDP2 kept (fp32 adapters, gradients and optimizer state) while DeepSpeed casts its module to bf16. Now the same
+    recipe trains bf16 adapters on every backend: 2 ranks of `strategy` against 1 DDP process, within bf16's
+    rounding, and both adapters saved in bf16 (as the plan counts them)."""
+    lora = {"kind": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}}
+    out1, p1 = _recipe(tmp_path, "one", tiny_llama, precision="bf16-true", micro=4, method=lora)
+    res = run_cli("train", str(p1))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out2, p2 = _recipe(tmp_path, "two", tiny_llama, strategy=strategy, precision="bf16-true", method=lora)
+    _launch(p2)
+    one, two = ([r["loss"] for r in read_metrics(o)[0]] for o in (out1, out2))
+    assert _worst(two, one) < 2e-2, (two, one)
+    assert one[-1] < one[0]
+    for out in (out1, out2):
+        final = read_final(out)
+        assert final and all("lora_" in k for k in final) and {t.dtype for t in final.values()} == {torch.bfloat16}
