@@ -44,6 +44,7 @@ import argparse
 import collections
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -205,7 +206,12 @@ def run_dist_ft(recipe: dict, work: Path, nproc: int, prefix: list[str] = ()) ->
     path = work / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     cmd = [*prefix, sys.executable, "-m", "dist_ft", "launch", str(path), "--nproc-per-node", str(nproc)]
-    run = _run(cmd, work / f"{out.name}.log")
+    env = {}
+    if recipe["training"].get("compile"):  # a cold compile each time, as a user's first run has: its own empty cache
+        cache = work / f"inductor-cache-{out.name}"
+        shutil.rmtree(cache, ignore_errors=True)
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    run = _run(cmd, work / f"{out.name}.log", env=env)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [{"step": r["step"], "loss": r["loss"], "step_time": r["step_time"], "useful_tokens": r["useful_tokens"],
               "tokens": r["tokens"], "compile_s": r.get("compile_s", 0.0)} for r in records if "loss" in r]
@@ -324,9 +330,11 @@ def table(job: dict, runs: list[dict], *, peaks: dict, flops_tok: float, nproc: 
                "mfu": flops_tok * tps / (peak * nproc), "mfu_peak": peak,
                "tokens_per_s_rounds": [by[label][k]["useful_tokens_per_s"] for k in sorted(by[label])],
                "others_cpu_max": max(r.get("foreign_cpu", 0.0) for r in runs if r["label"] == label)}
-        if m["kind"] == "dist_ft":  # each against its like: the raw loop (unpacked only), TRL packed or not
-            raw = None if m["packing"] else find("raw", strategy=m["strategy"], precision=m["precision"])
-            trl = find("trl", precision=m["precision"], packing=m["packing"])
+        if m["kind"] == "dist_ft":  # each against its like: the raw loop (unpacked only), TRL packed or not; a
+            # compiled run against eager dist_ft and compiled fp32 only (the raw loop and TRL run eager)
+            raw = None if m["packing"] or m.get("compile") else \
+                find("raw", strategy=m["strategy"], precision=m["precision"])
+            trl = None if m.get("compile") else find("trl", precision=m["precision"], packing=m["packing"])
             row["raw_like"], row["x_raw"] = (raw, ratio(label, raw)) if raw else (None, None)
             row["trl_like"], row["x_trl"] = (trl, ratio(label, trl)) if trl else (None, None)
             fp32 = None if m["precision"] == "fp32" or m["packing"] else \

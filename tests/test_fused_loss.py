@@ -156,6 +156,28 @@ def test_sequence_log_probs_for_the_preference_losses_equal_the_unfused(tiny_lla
             assert torch.allclose(out[True][2][n], out[False][2][n], atol=1e-6, rtol=1e-4), n
 
 
+def test_the_reference_policy_runs_the_fused_head_too(tiny_llama, monkeypatch):
+    """With training.fused_loss the reference's forward (adapters off, a frozen copy, the precomputed pass) holds no
+    whole logits either: it used to run the logits path, whose [targets x vocab] logits and their fp32 log-softmax
+    made it the step's largest tensor. Equal to the unfused reference, and the logits path is never taken."""
+    from types import SimpleNamespace
+    from contextlib import nullcontext
+    from dist_ft.train import preference
+    from dist_ft.train.reference import ReferencePolicy
+
+    model, batch = _model_and_batch(tiny_llama)
+    strategy = SimpleNamespace(forward_context=nullcontext)
+    cfg = SimpleNamespace(kind="dpo", reference="copy")
+    out = {}
+    for fused in (False, True):
+        ref = ReferencePolicy(cfg, "full", fused)
+        ref.copy = model
+        if fused:
+            monkeypatch.setattr(preference, "forward_logits", lambda *a, **k: pytest.fail("whole logits"))
+        out[fused] = ref.logps(strategy, batch)
+    assert not out[True].requires_grad and torch.allclose(out[True], out[False], atol=1e-5)
+
+
 def test_a_fused_dpo_run_on_two_ranks_trains_what_the_unfused_one_trains(tmp_path, tiny_llama):
     """training.fused_loss with objective.kind dpo (LoRA, the reference: adapters off) under FSDP2, 2 ranks."""
     from test_preference_training import _pairs

@@ -253,6 +253,35 @@ def test_activation_formula_by_hand():
     assert eager["no_ac"] - acts["no_ac"] == 2048 * 32 * (4 + e) * a * 1024
 
 
+def test_ddp_autocast_counts_the_projection_inputs_cast_once():
+    """DDP under bf16-mixed casts a Llama-like block's norm outputs to bf16 once for its projections
+    (precision.autocast_inputs_cast_once): the q/k/v and gate/up inputs are counted in 2 bytes, not in the fp32
+    residual stream's 4; FSDP2 (whose residual stream is bf16 already), fp32 and other architectures unchanged."""
+    base = ["model.path=builtin:llama-3-8b", "method.kind=lora", "data.max_length=1024"]
+
+    def per_token_layer(*extra):
+        return P.make_plan(load_recipe(None, base + list(extra)), cluster(8), find_max=False,
+                           timed=False).activations["per_token_layer_h"]
+
+    ddp = per_token_layer("distributed.strategy=ddp", "distributed.precision=bf16-mixed")
+    fsdp = per_token_layer("distributed.strategy=fsdp", "distributed.precision=bf16-mixed")
+    ddp32 = per_token_layer("distributed.strategy=ddp", "distributed.precision=fp32")
+    # r = 4 (fp32 residual under autocast), e = 2: before, 2 x 4 h for the two inputs; now 2 x 2 h, as FSDP2's
+    assert ddp == pytest.approx(fsdp) and ddp32 - fsdp > 40
+    facts = P.analyze_model(load_recipe(None, ["model.path=builtin:llama-3-8b"]))
+    kw = dict(seq=16, micro_batch=1, e=2, r=4, eager=False, layers_with_grad=32)
+    assert (P.activation_bytes(facts, **kw)["no_ac"] - P.activation_bytes(facts, proj_in=2, **kw)["no_ac"]
+            == 16 * 32 * 2 * (4 - 2) * 4096)
+    from types import SimpleNamespace
+    from dist_ft.distributed.spec import spec_for
+    from dist_ft.plan.verdict import projections_cast_once
+    rules = SimpleNamespace(residual=4, compute=2)
+    assert projections_cast_once(spec_for("ddp"), facts, rules)
+    assert not projections_cast_once(spec_for("ddp"), SimpleNamespace(config=SimpleNamespace(model_type="gpt2")),
+                                     rules)
+    assert not projections_cast_once(spec_for("fsdp"), facts, rules)
+
+
 def test_larger_micro_batch_never_fits_when_smaller_does_not():
     recipe = load_recipe(None, ["model.path=builtin:llama-3-8b", "method.kind=lora", "distributed.strategy=fsdp",
                                 "distributed.precision=bf16-mixed", "data.max_length=4096"])

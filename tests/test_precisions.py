@@ -30,7 +30,8 @@ CASES = [
     ("ddp", "fp16-mixed"), ("fsdp", "fp16-mixed"), ("fsdp", "bf16-true"), ("zero2", "bf16-true"),
     pytest.param("ddp", "bf16-true", marks=slow), pytest.param("zero3", "bf16-true", marks=slow),
     pytest.param("fsdp", "bf16-mixed", marks=slow), pytest.param("zero2", "bf16-mixed", marks=slow),
-    pytest.param("zero3", "bf16-mixed", marks=slow),
+    pytest.param("zero3", "bf16-mixed", marks=slow), pytest.param("zero1", "bf16-mixed", marks=slow),
+    pytest.param("zero1", "bf16-true", marks=slow), pytest.param("ddp", "bf16-mixed", marks=slow),
 ]
 WEIGHTS_DTYPE = {"fp16-mixed": torch.float32, "bf16-mixed": torch.float32, "bf16-true": torch.bfloat16}
 

@@ -46,6 +46,10 @@ class MemoryRules:
     # Under autocast, an adapter method's frozen Linear weights are stored in the compute dtype, the copy autocast
     # would make of them every step made once (precision.frozen_linears_in_compute_dtype; DDP).
     frozen_linears_in_compute_dtype: bool = False
+    # Under autocast, a Llama-like block's norms hand their projections one 16-bit copy of their output instead of
+    # autocast's copy per matmul (precision.autocast_inputs_cast_once; DDP): the projections' saved inputs are in
+    # the compute dtype, not the residual stream's.
+    projection_inputs_cast_once: bool = False
     # When the gradients are counted with the optimizer step rather than on top of the activations, because they
     # exist only from the backward to the step and grow as the backward frees activations: "always" (DDP and
     # FSDP2 set them to None after each step), "cpu" (on CPU only: ZeRO-3's released partitions count once

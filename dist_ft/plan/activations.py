@@ -8,6 +8,7 @@ stream (fp32 under DDP autocast, whose embedding output stays fp32; the compute 
     attn   r h + e (h + 2 kv) + e h + 4 a    q/k/v input; q, k, v for SDPA; its output (o_proj input); logsumexp
     mlp    r h + 4 e i   (gated)        gate/up input; gate, SiLU(gate), up, their product (down_proj input)
            r h + 2 e i   (not gated)    fc1 input, GELU input and output
+    (the q/k/v and gate/up inputs in e instead of r where DDP casts the norms' outputs once for autocast)
     dropout masks 1 B per element where the config has dropout (BERT); eager attention adds (4 + e) a s (fp32
     softmax output and its cast); SDPA / flash attention do not store the s x s scores.
   Llama-3-8B in bf16 (FSDP): 45 h bytes per token per block. LoRA adds per targeted Linear its dropped input and mask
@@ -26,13 +27,17 @@ from .model import LM_TASKS, ModelFacts
 
 
 def activation_bytes(facts: ModelFacts, *, seq: int, micro_batch: int, e: float, r: float, eager: bool,
-                     layers_with_grad: int, lora_dropped: float = 0.0, lora_rank: float = 0.0) -> dict:
-    """Saved activations per rank, without and with activation checkpointing (the formula in the docstring)."""
+                     layers_with_grad: int, lora_dropped: float = 0.0, lora_rank: float = 0.0,
+                     proj_in: float | None = None) -> dict:
+    """Saved activations per rank, without and with activation checkpointing (the formula in the docstring).
+    `proj_in`: bytes per element of the norm outputs the q/k/v and gate/up projections save (default `r`; the
+    compute dtype where the backend casts them once, precision.autocast_inputs_cast_once)."""
     h, i, a, kv = facts.hidden, facts.intermediate, facts.heads, facts.kv_dim
+    p = r if proj_in is None else proj_in
     tokens = seq * micro_batch
     norm_in = 4 * h if facts.rms_fp32 else e * h
-    attn = r * h + e * (h + 2 * kv) + e * h + 4 * a
-    mlp = r * h + (4 if facts.gated else 2) * e * i
+    attn = p * h + e * (h + 2 * kv) + e * h + 4 * a
+    mlp = p * h + (4 if facts.gated else 2) * e * i
     masks = (2 * h if facts.dropout_hidden > 0 else 0)
     scores = ((4 + e) * a * seq + (a * seq if facts.dropout_attn > 0 else 0)) if eager else 0
     lora = (e + 1) * lora_dropped + e * lora_rank                    # dropped input + mask, rank-r intermediate

@@ -117,6 +117,15 @@ def _plan(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, mb: int
                 load=load)
 
 
+def projections_cast_once(spec: BackendSpec, facts: ModelFacts, rules: ByteRules) -> bool:
+    """Whether the backend hands the projections one compute-dtype copy of each norm's output
+    (MemoryRules.projection_inputs_cast_once): under autocast (a residual stream in the parameters' dtype), on the
+    architectures precision.autocast_inputs_cast_once knows."""
+    from ..distributed.precision import NORMS_FEEDING_LINEARS
+    return (spec.memory.projection_inputs_cast_once and rules.residual != rules.compute
+            and getattr(facts.config, "model_type", None) in NORMS_FEEDING_LINEARS)
+
+
 def _rows(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, rules: ByteRules, spec: BackendSpec,
           seq: int, mb: int) -> tuple[list[Row], dict]:
     """Every row of the memory table, and the activations with and without checkpointing."""
@@ -141,7 +150,8 @@ def _rows(recipe, cluster: Cluster, facts: ModelFacts, mc: MethodCounts, rules: 
                 row.phase = "step"
     acts = activation_bytes(facts, seq=seq, micro_batch=mb, e=rules.compute, r=rules.residual,
                             eager=_attention_is_eager(recipe), layers_with_grad=mc.layers_with_grad,
-                            lora_dropped=mc.lora_dropped, lora_rank=mc.lora_rank)
+                            lora_dropped=mc.lora_dropped, lora_rank=mc.lora_rank,
+                            proj_in=rules.compute if projections_cast_once(spec, facts, rules) else None)
     use = acts["ac"] if d.activation_checkpointing else acts["no_ac"]
     other = acts["no_ac"] if d.activation_checkpointing else acts["ac"]
     ac_detail = (f"{acts['per_token_layer_h']:.1f}h B/token/block; "

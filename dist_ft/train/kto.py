@@ -34,7 +34,7 @@ class KTO:
     kind = "kto"
 
     def __init__(self, cfg, method_kind: str, fused_loss: bool = False):
-        self.beta, self.reference = cfg.resolved_beta(), ReferencePolicy(cfg, method_kind)
+        self.beta, self.reference = cfg.resolved_beta(), ReferencePolicy(cfg, method_kind, fused_loss)
         self.fused_loss = fused_loss  # training.fused_loss: the policy's log-probs without whole logits
         self.desirable_weight, self.undesirable_weight = cfg.kto_desirable_weight, cfg.kto_undesirable_weight
 

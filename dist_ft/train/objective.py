@@ -52,7 +52,7 @@ class Preference:
         self.kind, self.beta = cfg.kind, cfg.resolved_beta()
         self.fused_loss = fused_loss  # training.fused_loss: the policy's log-probs without whole logits
         self.label_smoothing, self.gamma = cfg.label_smoothing, cfg.simpo_gamma
-        self.reference = ReferencePolicy(cfg, method_kind)
+        self.reference = ReferencePolicy(cfg, method_kind, fused_loss)
 
     def losses(self, strategy, batch, ref: torch.Tensor | None) -> tuple[P.PairLosses, torch.Tensor]:
         """The pairs' losses and rewards, and the policy's answer log-probs ([2P]: chosen rows, then rejected)."""

@@ -33,7 +33,8 @@ class ReferencePolicy:
     Trainer sets the precomputed numbers or the frozen copy (Strategy.frozen_copy) before the first step, before a
     checkpoint replaces the starting weights."""
 
-    def __init__(self, cfg, method_kind: str):
+    def __init__(self, cfg, method_kind: str, fused: bool = False):
+        self.fused = fused  # training.fused_loss: the reference's forward holds no whole logits either
         adapter = cfg.reference == "adapter_off" or (cfg.reference == "auto" and method_kind in ADAPTER_OFF_METHODS)
         self.mode = (None if cfg.kind in REFERENCE_FREE else "copy" if cfg.reference == "copy" else
                      "adapter_off" if adapter else "precomputed")
@@ -48,10 +49,10 @@ class ReferencePolicy:
             return self.precomputed.rows(table, indices, strategy.topo.device)
         if self.mode == "copy":
             with torch.no_grad(), strategy.forward_context():
-                logps, _ = sequence_logps(self.copy, batch)
+                logps, _ = sequence_logps(self.copy, batch, fused=self.fused)
             return logps.detach()
         with torch.no_grad(), strategy.unwrap().disable_adapter(), strategy.forward_context():
-            logps, _ = sequence_logps(strategy.model, batch)
+            logps, _ = sequence_logps(strategy.model, batch, fused=self.fused)
         return logps.detach()
 
 
@@ -67,7 +68,7 @@ class PrecomputedReference:
 
     @classmethod
     def load_or_compute(cls, strategy, *, train, eval_, cache_dir: Path | None, key: dict, micro_batch: int,
-                        pad_id: int, log) -> "PrecomputedReference":
+                        pad_id: int, log, fused: bool = False) -> "PrecomputedReference":
         path = None
         if cache_dir is not None:
             digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -79,7 +80,7 @@ class PrecomputedReference:
                     return cls(z["train"], z["eval"])
         log(f"[objective] computing the reference log-probs of {len(train):,} training and {len(eval_):,} held-out "
             "pairs with the starting weights (once; cached)")
-        ref = cls(_compute(strategy, train, micro_batch, pad_id), _compute(strategy, eval_, micro_batch, pad_id))
+        ref = cls(_compute(strategy, train, micro_batch, pad_id, fused), _compute(strategy, eval_, micro_batch, pad_id, fused))
         if path is not None and strategy.topo.is_main:
             tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
             np.savez(tmp, train=ref.train, eval=ref.eval)
@@ -88,7 +89,7 @@ class PrecomputedReference:
 
 
 @torch.no_grad()
-def _compute(strategy, pairs, micro_batch: int, pad_id: int) -> np.ndarray:
+def _compute(strategy, pairs, micro_batch: int, pad_id: int, fused: bool) -> np.ndarray:
     topo = strategy.topo
     n = len(pairs)
     mine = list(range(topo.rank, n, topo.world_size))
@@ -102,7 +103,7 @@ def _compute(strategy, pairs, micro_batch: int, pad_id: int) -> np.ndarray:
         batch.pop("desirable", None)  # (KTO's labels: not a model input)
         batch = {k: v.to(topo.device) for k, v in batch.items()}
         with strategy.forward_context():
-            logps, _ = sequence_logps(strategy.model, batch)
+            logps, _ = sequence_logps(strategy.model, batch, fused=fused)
         if idx:  # (a rank that ran out ran a dummy batch to keep sharded collectives in step)
             values = logps.double().cpu().numpy()
             out[idx, 0], out[idx, 1] = values[:len(idx)], values[len(idx):]

@@ -171,10 +171,12 @@ class Trainer:
         """A full fine-tune's reference policy: the starting weights' log-probs of every pair (reference.py)."""
         r = self.recipe
         key = {"model": str(model_path), "config": self.checkpoints.meta["model_config_sha"], "method": r.method.kind,
-               "precision": r.distributed.precision, "attention": self.attn, "data": str(self.data.cache_dir)}
+               "precision": r.distributed.precision, "attention": self.attn, "data": str(self.data.cache_dir),
+               **({"fused_loss": True} if r.training.fused_loss else {})}  # (the unfused key as before: caches stay)
         return PrecomputedReference.load_or_compute(
             self.strategy, train=memory_table(self.data), eval_=self.data.eval, cache_dir=self.data.cache_dir,
-            key=key, micro_batch=self.t.micro_batch_size, pad_id=self.data.pad_token_id, log=self.log)
+            key=key, micro_batch=self.t.micro_batch_size, pad_id=self.data.pad_token_id, log=self.log,
+            fused=r.training.fused_loss)
 
     def _build_data(self) -> None:
         r, topo, s = self.recipe, self.topo, self.state

@@ -13,6 +13,6 @@ SPECS = (
                                 "use fsdp (or zero3) for hybrid sharding, or remove it"},
         launch_config="ddp.yaml",
         memory=MemoryRules(buffers="ddp_buckets", builds_whole_model_on_host=True, residual_in_param_dtype=True,
-                           frozen_linears_in_compute_dtype=True,
+                           frozen_linears_in_compute_dtype=True, projection_inputs_cast_once=True,
                            grads_with_step="always")),
 )

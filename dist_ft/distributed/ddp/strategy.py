@@ -20,8 +20,10 @@ class DDPStrategy(Strategy):
         if not is_quantized(model):  # a bitsandbytes base is placed by from_pretrained and refuses .to()
             model = model.to(self.topo.device)
         self._cast = 0
-        if self.recipe is not None and spec_for(self.name).memory.frozen_linears_in_compute_dtype:
+        rules = spec_for(self.name).memory
+        if self.recipe is not None and rules.frozen_linears_in_compute_dtype:
             self._cast = frozen_linears_in_compute_dtype(model, self.precision, self.recipe.method)
+        if rules.projection_inputs_cast_once:
             autocast_inputs_cast_once(model, self.precision)
         if self.activation_checkpointing:
             enable_activation_checkpointing(model)
