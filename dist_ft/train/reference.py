@@ -80,7 +80,7 @@ class PrecomputedReference:
                     return cls(z["train"], z["eval"])
         log(f"[objective] computing the reference log-probs of {len(train):,} training and {len(eval_):,} held-out "
             "pairs with the starting weights (once; cached)")
-        ref = cls(_compute(strategy, train, micro_batch, pad_id, fused), _compute(strategy, eval_, micro_batch, pad_id, fused))
+        ref = cls(*(_compute(strategy, pairs, micro_batch, pad_id, fused) for pairs in (train, eval_)))
         if path is not None and strategy.topo.is_main:
             tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
             np.savez(tmp, train=ref.train, eval=ref.eval)
