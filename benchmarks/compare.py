@@ -305,7 +305,7 @@ def table(job: dict, runs: list[dict], *, peaks: dict, flops_tok: float, nproc: 
     meta = {}
     for r in runs:
         by[r["label"]][r["round"]] = summarise_run(r)
-        meta[r["label"]] = {"kind": r["kind"], **r["opt"]}
+        meta[r["label"]] = {"kind": r["kind"], "compile": False, **r["opt"]}  # eager unless the runner compiles
     rounds = sorted({r["round"] for r in runs})
 
     def med(label, key):
@@ -318,7 +318,7 @@ def table(job: dict, runs: list[dict], *, peaks: dict, flops_tok: float, nproc: 
     def find(kind, **want):
         want.setdefault("compile", False)  # an eager runner unless asked
         return next((lab for lab, m in meta.items() if m["kind"] == kind
-                     and all(m.get(k, False if k == "compile" else None) == v for k, v in want.items())), None)
+                     and all(m.get(k) == v for k, v in want.items())), None)
 
     rows = []
     for label in labels:

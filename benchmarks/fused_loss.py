@@ -83,13 +83,17 @@ def measure(**args) -> dict:
     return {**args, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vocab", type=int, default=128_256)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--dtypes", default="bf16,fp32")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     rows = []
     for part, dtype, head_trains in itertools.product(("head", "step"), a.dtypes.split(","), (False, True)):
         pair = {fused: measure(vocab=a.vocab, seq=a.seq, hidden=a.hidden, dtype=dtype, fused=fused,

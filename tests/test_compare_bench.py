@@ -167,21 +167,9 @@ def test_compiled_runs_are_set_against_eager_with_compile_time_apart():
 def test_the_long_context_job_runs_the_fused_loss_benchmark(monkeypatch):
     """--job long is benchmarks/fused_loss.py's measurement (one micro-step's head-and-loss memory) with its
     defaults: 4,096 tokens, Llama-3's 128k vocabulary."""
-    import argparse
-
     import fused_loss
     calls = []
     monkeypatch.setattr(fused_loss, "main", lambda argv=None: calls.append(argv) or 0)
     assert compare.main(["--job", "long"]) == 0 and calls == [[]]
-    monkeypatch.undo()
-
-    class Stop(Exception):
-        pass
-
-    parsers = []
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
-                        lambda self, argv=None: parsers.append(self) or (_ for _ in ()).throw(Stop()))
-    with pytest.raises(Stop):
-        fused_loss.main([])
-    defaults = {a.dest: a.default for a in parsers[0]._actions}
-    assert defaults["seq"] == 4096 and defaults["vocab"] == 128_256
+    defaults = fused_loss.parser().parse_args([])
+    assert defaults.seq == 4096 and defaults.vocab == 128_256
